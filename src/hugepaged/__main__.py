@@ -1,0 +1,5 @@
+"""`python -m hugepaged`."""
+
+from hugepaged.cli import main
+
+raise SystemExit(main())

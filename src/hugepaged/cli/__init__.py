@@ -1,0 +1,37 @@
+"""The `hugepaged` command: one module per subcommand, one place that turns errors into exits."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hugepaged import __version__
+from hugepaged.cli import collapse, scan
+from hugepaged.errors import HugepagedError
+
+COMMANDS = [scan, collapse]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hugepaged",
+        description="khugepaged in userspace: collapse anonymous memory into transparent "
+                    "huge pages with process_madvise(MADV_COLLAPSE).")
+    parser.add_argument("--version", action="version", version=f"hugepaged {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except HugepagedError as err:
+        print(f"hugepaged: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

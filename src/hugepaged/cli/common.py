@@ -1,0 +1,39 @@
+"""Options and set-up every subcommand shares: kernel roots, --set, preconditions."""
+
+import argparse
+import os
+
+from hugepaged.errors import AccessDenied
+from hugepaged.kernel import Kernel
+from hugepaged.tunables import SPECS, Tunables, parse_assignments, resolve
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="assignments", action="append", default=[],
+                   metavar="KEY=VALUE", help="set a tunable for this run (repeatable); "
+                   f"keys: {', '.join(SPECS)}")
+    p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+    p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
+
+
+def kernel_of(args: argparse.Namespace) -> Kernel:
+    return Kernel(proc_root=args.proc_root, sys_root=args.sys_root)
+
+
+def kernel_tunables(kernel: Kernel) -> dict[str, int | str]:
+    """The kernel's current values of the tunables it shares with hugepaged."""
+    values: dict[str, int | str] = {"enabled": kernel.thp.enabled()}
+    values.update({k: v for k, v in kernel.thp.khugepaged().items() if k in SPECS})
+    return values
+
+
+def tunables_of(args: argparse.Namespace, kernel: Kernel, *layers: dict) -> Tunables:
+    """Defaults < the kernel's current values < config layers < --set; checked first."""
+    assigned = parse_assignments(args.assignments)
+    return resolve(kernel_tunables(kernel), *layers, assigned)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise AccessDenied("hugepaged needs root: PFNs and /proc/kpageflags need "
+                           "CAP_SYS_ADMIN, MADV_COLLAPSE on another process CAP_SYS_NICE")

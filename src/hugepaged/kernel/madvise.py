@@ -1,0 +1,62 @@
+"""pidfds and process_madvise(MADV_COLLAPSE) through ctypes."""
+
+import ctypes
+import os
+import platform
+import select
+
+from hugepaged.errors import Unsupported
+from hugepaged.kernel.errors import process_errors
+
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+MADV_COLLAPSE = 25
+_SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440, "arm64": 440, "riscv64": 440,
+                        "ppc64le": 440, "s390x": 440}
+MIN_KERNEL = (6, 1)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def kernel_release() -> tuple[int, int]:
+    """The running kernel's (major, minor)."""
+    parts = platform.release().split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def require_collapse_support() -> None:
+    """MADV_COLLAPSE came in 6.1; process_madvise needs a known syscall number."""
+    release = kernel_release()
+    if release < MIN_KERNEL:
+        raise Unsupported(f"Linux {release[0]}.{release[1]} has no MADV_COLLAPSE "
+                          f"(needs {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later)")
+    if platform.machine() not in _SYS_PROCESS_MADVISE:
+        raise Unsupported(f"process_madvise syscall number unknown on {platform.machine()}")
+
+
+def pidfd_open(pid: int) -> int:
+    with process_errors(pid):
+        return os.pidfd_open(pid)
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def process_madvise(pidfd: int, start: int, length: int, advice: int = MADV_COLLAPSE) -> int:
+    """One iovec; returns bytes advised, or -errno (the caller maps errno to meaning)."""
+    iov = _IoVec(start, length)
+    nr = _SYS_PROCESS_MADVISE.get(platform.machine(), 440)
+    ret = _libc.syscall(nr, pidfd, ctypes.byref(iov), 1, advice, 0)
+    if ret < 0:
+        return -ctypes.get_errno()
+    return ret

@@ -1,0 +1,164 @@
+"""/proc readers: the process list, maps/smaps, status, stat. The root is a parameter."""
+
+import os
+from dataclasses import dataclass, field
+
+from hugepaged.kernel.errors import process_errors
+
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/PID/smaps with the fields hugepaged decides on."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+    flags: frozenset[str] = field(default_factory=frozenset)
+    rss_kb: int = 0
+    anonymous_kb: int = 0
+    anon_huge_kb: int = 0
+    thp_eligible: bool | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat hugepaged uses (times in clock ticks)."""
+
+    pid: int
+    comm: str
+    state: str
+    flags: int
+    minflt: int
+    majflt: int
+    utime: int
+    stime: int
+    starttime: int
+    rss_pages: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    """The fields of /proc/PID/status hugepaged uses."""
+
+    name: str
+    tgid: int
+    thp_enabled: bool
+    vm_rss_kb: int
+    rss_anon_kb: int
+
+
+class ProcFS:
+    """Reads /proc (or a fixture tree laid out like it)."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    def path(self, pid: int | str, name: str) -> str:
+        return f"{self.root}/{pid}/{name}"
+
+    def pids(self) -> list[int]:
+        """Every thread-group leader's pid, ascending."""
+        return sorted(int(d) for d in os.listdir(self.root) if d.isdigit())
+
+    def read_text(self, pid: int, name: str) -> str:
+        with process_errors(pid), open(self.path(pid, name), encoding="utf-8",
+                                       errors="replace") as f:
+            return f.read()
+
+    def stat(self, pid: int) -> ProcStat:
+        """Parse /proc/PID/stat; the comm may hold spaces and parentheses."""
+        text = self.read_text(pid, "stat")
+        lpar, rpar = text.index("("), text.rindex(")")
+        rest = text[rpar + 2:].split()
+        return ProcStat(
+            pid=int(text[:lpar]), comm=text[lpar + 1:rpar], state=rest[0],
+            flags=int(rest[6]), minflt=int(rest[7]), majflt=int(rest[9]),
+            utime=int(rest[11]), stime=int(rest[12]), starttime=int(rest[19]),
+            rss_pages=int(rest[21]),
+        )
+
+    def status(self, pid: int) -> ProcStatus:
+        fields: dict[str, str] = {}
+        for line in self.read_text(pid, "status").splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+
+        def kb(key: str) -> int:
+            return int(fields.get(key, "0 kB").split()[0])
+
+        return ProcStatus(
+            name=fields.get("Name", "?"), tgid=int(fields.get("Tgid", "0")),
+            # Absent on kernels before THP_enabled was added: assume enabled.
+            thp_enabled=fields.get("THP_enabled", "1") != "0",
+            vm_rss_kb=kb("VmRSS"), rss_anon_kb=kb("RssAnon"),
+        )
+
+    def maps_text(self, pid: int) -> str:
+        return self.read_text(pid, "maps")
+
+    def smaps(self, pid: int) -> list[Vma]:
+        return parse_smaps(self.read_text(pid, "smaps"))
+
+    def self_stat_ticks(self) -> int:
+        """Clock ticks per second, for converting utime/stime."""
+        return os.sysconf("SC_CLK_TCK")
+
+
+_SMAPS_KEYS = {"Rss": "rss_kb", "Anonymous": "anonymous_kb", "AnonHugePages": "anon_huge_kb"}
+
+
+def _parse_header(line: str) -> dict:
+    parts = line.split(None, 5)
+    start, _, end = parts[0].partition("-")
+    return {
+        "start": int(start, 16), "end": int(end, 16), "perms": parts[1],
+        "offset": int(parts[2], 16), "inode": int(parts[4]),
+        "path": parts[5].strip() if len(parts) > 5 else "",
+    }
+
+
+def parse_smaps(text: str) -> list[Vma]:
+    """Parse smaps text into Vma records (header line, then 'Key: value' lines)."""
+    vmas: list[Vma] = []
+    current: dict | None = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and " " not in key and "-" not in key:
+            if current is None:
+                continue
+            if key in _SMAPS_KEYS:
+                current[_SMAPS_KEYS[key]] = int(value.split()[0])
+            elif key == "VmFlags":
+                current["flags"] = frozenset(value.split())
+            elif key == "THPeligible":
+                current["thp_eligible"] = value.strip() == "1"
+            continue
+        if current is not None:
+            vmas.append(Vma(**current))
+        current = _parse_header(line)
+    if current is not None:
+        vmas.append(Vma(**current))
+    return vmas
+
+
+def mapped_at(maps_text: str, address: int) -> bool:
+    """Whether `address` lies inside any VMA of a /proc/PID/maps text."""
+    for line in maps_text.splitlines():
+        span = line.split(None, 1)[0]
+        lo, _, hi = span.partition("-")
+        if int(lo, 16) <= address < int(hi, 16):
+            return True
+    return False

@@ -1,0 +1,124 @@
+"""THP settings under /sys/kernel/mm/transparent_hugepage, /proc/buddyinfo, /proc/vmstat."""
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hugepaged.errors import Unsupported
+from hugepaged.kernel.errors import process_errors
+
+THP_DIR = "kernel/mm/transparent_hugepage"
+KHUGEPAGED_KNOBS = ("pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs",
+                    "max_ptes_none", "max_ptes_swap", "max_ptes_shared", "defrag")
+KHUGEPAGED_COUNTERS = ("pages_collapsed", "full_scans")
+HUGE_ORDER = 9
+
+
+def _bracketed(text: str) -> str:
+    m = re.search(r"\[(\w[\w+]*)\]", text)
+    return m.group(1) if m else text.strip()
+
+
+class ThpSysfs:
+    """The kernel's THP and khugepaged knobs; paths relative to a sysfs root."""
+
+    def __init__(self, sys_root: str = "/sys") -> None:
+        self.dir = f"{sys_root}/{THP_DIR}"
+
+    def available(self) -> bool:
+        return os.path.isdir(self.dir)
+
+    def require(self) -> None:
+        if not self.available():
+            raise Unsupported(f"{self.dir} is missing: this kernel has no transparent huge pages")
+
+    def _path(self, name: str) -> str:
+        sub = "khugepaged/" if name in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS else ""
+        return f"{self.dir}/{sub}{name}"
+
+    def read_raw(self, name: str) -> str:
+        with process_errors(None, self._path(name)), open(self._path(name)) as f:
+            return f.read().strip()
+
+    def read(self, name: str) -> str | int:
+        """`enabled`/`defrag_mode` as the selected word, khugepaged knobs as ints."""
+        raw = self.read_raw(name)
+        if name in ("enabled", "defrag_mode", "shmem_enabled"):
+            return _bracketed(raw)
+        return int(raw)
+
+    def enabled(self) -> str:
+        return str(self.read("enabled"))
+
+    def hpage_pmd_size(self) -> int:
+        try:
+            return int(self.read_raw("hpage_pmd_size"))
+        except OSError:
+            return 2 << 20
+
+    def khugepaged(self) -> dict[str, int]:
+        return {n: int(self.read_raw(n)) for n in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS}
+
+    def write(self, name: str, value: str | int) -> None:
+        with process_errors(None, self._path(name)), open(self._path(name), "w") as f:
+            f.write(f"{value}\n")
+
+    def snapshot(self, names: tuple[str, ...] = ("enabled",) + KHUGEPAGED_KNOBS) -> dict:
+        return {n: self.read(n) for n in names}
+
+    def restore(self, saved: dict) -> None:
+        # enabled last: going back to madvise/always restarts the kernel thread with the
+        # knobs already in place.
+        for name in sorted(saved, key=lambda n: n == "enabled"):
+            if self.read(name) != saved[name]:
+                self.write(name, saved[name])
+
+    @contextmanager
+    def changed(self, **values: str | int) -> Iterator[dict]:
+        """Set knobs for a block and put every one back afterwards, also on error."""
+        saved = self.snapshot(tuple(values) + (() if "enabled" in values else ("enabled",)))
+        try:
+            for name, value in values.items():
+                self.write(name, value)
+            yield saved
+        finally:
+            self.restore(saved)
+
+
+def free_huge_blocks(text: str, order: int = HUGE_ORDER) -> int:
+    """Free blocks of `order` or larger in /proc/buddyinfo text, counted in order-`order` units."""
+    total = 0
+    for line in text.splitlines():
+        counts = line.split()[4:]
+        for o, c in enumerate(counts):
+            if o >= order:
+                total += int(c) << (o - order)
+    return total
+
+
+def thp_vmstat(text: str) -> dict[str, int]:
+    """The thp_* counters of /proc/vmstat text."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key.startswith("thp_"):
+            out[key] = int(value)
+    return out
+
+
+class MmStats:
+    """/proc/buddyinfo and /proc/vmstat."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self.proc_root = proc_root
+
+    def _read(self, name: str) -> str:
+        with open(f"{self.proc_root}/{name}") as f:
+            return f.read()
+
+    def free_huge_blocks(self) -> int:
+        return free_huge_blocks(self._read("buddyinfo"))
+
+    def thp_vmstat(self) -> dict[str, int]:
+        return thp_vmstat(self._read("vmstat"))

@@ -1,0 +1,129 @@
+"""Human tables and JSON for scan and collapse results. JSON shapes are versioned."""
+
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hugepaged.collapse import CollapseOutcome
+from hugepaged.results import ScanResult
+from hugepaged.scan.mm import ProcessScan
+
+JSON_VERSION = 1
+REFERENCED_UNKNOWN = ("referenced: unknown (no per-page access source on this machine: "
+                      "LACK_REFERENCED_PAGE is not applied)")
+
+
+def console() -> Console:
+    """Wide when piped, so tables are not cut for scripts that grep them."""
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def human_kb(kb: int) -> str:
+    for unit, div in (("G", 1 << 20), ("M", 1 << 10)):
+        if kb >= div:
+            return f"{kb / div:.1f}{unit}"
+    return f"{kb}K"
+
+
+def results_text(counts: Counter) -> str:
+    return " ".join(f"{r.name}:{n}" for r, n in sorted(counts.items(), key=lambda i: -i[1]))
+
+
+def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str]) -> dict[str, Any]:
+    procs = [scan_record(s) for s in scans]
+    total = Counter()
+    for s in scans:
+        total.update(s.results())
+    return {
+        "version": JSON_VERSION, "tunables": tunables, "referenced_known": False,
+        "processes": procs,
+        "total": {
+            "processes": len(procs),
+            "anon_kb": sum(p["anon_kb"] for p in procs),
+            "anon_huge_kb": sum(p["anon_huge_kb"] for p in procs),
+            "eligible_windows": sum(p["eligible_windows"] for p in procs),
+            "collapsible": total[ScanResult.SUCCEED],
+            "results": {r.name: n for r, n in sorted(total.items())},
+        },
+        "skipped": skipped,
+    }
+
+
+def scan_record(s: ProcessScan) -> dict[str, Any]:
+    counts = s.results()
+    return {
+        "pid": s.pid, "comm": s.comm, "anon_kb": s.anon_kb, "anon_huge_kb": s.anon_huge_kb,
+        "coverage_pct": round(s.coverage, 1), "eligible_windows": s.eligible_windows,
+        "collapsible": counts[ScanResult.SUCCEED],
+        "results": {r.name: n for r, n in sorted(counts.items())},
+    }
+
+
+def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col, just in (("PID", "right"), ("COMMAND", "left"), ("ANON", "right"),
+                      ("THP", "right"), ("COVER", "right"), ("WINDOWS", "right"),
+                      ("COLLAPSIBLE", "right"), ("RESULTS", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "RESULTS")
+    total = Counter()
+    for s in scans:
+        counts = s.results()
+        total.update(counts)
+        table.add_row(str(s.pid), s.comm, human_kb(s.anon_kb), human_kb(s.anon_huge_kb),
+                      f"{s.coverage:.1f}%", str(s.eligible_windows),
+                      str(counts[ScanResult.SUCCEED]), results_text(counts))
+    anon = sum(s.anon_kb for s in scans)
+    huge = sum(s.anon_huge_kb for s in scans)
+    table.add_row("", f"TOTAL ({len(scans)})", human_kb(anon), human_kb(huge),
+                  f"{100.0 * huge / anon if anon else 0:.1f}%",
+                  str(sum(s.eligible_windows for s in scans)),
+                  str(total[ScanResult.SUCCEED]), results_text(total))
+    out = console()
+    out.print(table)
+    out.print(REFERENCED_UNKNOWN)
+    for line in skipped:
+        out.print(line)
+
+
+def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run: bool,
+                  force: bool, seconds: float, rss_growth_kb: int) -> dict[str, Any]:
+    failed = Counter(o.result.name for o in outcomes if o.result != ScanResult.SUCCEED)
+    skipped = {r.name: n for r, n in scan.results().items() if r != ScanResult.SUCCEED}
+    if force:
+        tried = {o.address for o in outcomes}
+        skipped = Counter(r.name for a, r in scan.windows() if a not in tried)
+    return {
+        "version": JSON_VERSION, "pid": scan.pid, "comm": scan.comm,
+        "dry_run": dry_run, "force": force, "referenced_known": False,
+        "windows": [{"address": hex(o.address), "result": o.result.name,
+                     "errno": o.errno_name or None, "ms": round(o.seconds * 1000, 3)}
+                    for o in outcomes],
+        "collapsed": sum(o.result == ScanResult.SUCCEED for o in outcomes),
+        "failed": dict(failed), "skipped": dict(skipped),
+        "seconds": round(seconds, 4), "rss_growth_kb": rss_growth_kb,
+    }
+
+
+def print_collapse(doc: dict[str, Any], verbose: bool) -> None:
+    out = console()
+    if verbose:
+        for w in doc["windows"]:
+            err = f" ({w['errno']})" if w["errno"] else ""
+            out.print(f"  {w['address']}  {w['result']}{err}  {w['ms']:.2f} ms")
+    verb = "would collapse" if doc["dry_run"] else "collapsed"
+    n = len(doc["windows"]) if doc["dry_run"] else doc["collapsed"]
+    out.print(f"pid {doc['pid']} ({doc['comm']}): {verb} {n} window(s) in "
+              f"{doc['seconds']:.3f} s, RSS +{doc['rss_growth_kb']} kB")
+    if doc["failed"]:
+        out.print("  failed:  " + " ".join(f"{k}:{v}" for k, v in doc["failed"].items()))
+    if doc["skipped"]:
+        out.print("  skipped: " + " ".join(f"{k}:{v}" for k, v in doc["skipped"].items()))
+
+
+def print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")

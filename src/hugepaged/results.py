@@ -1,0 +1,43 @@
+"""Result codes with the kernel's names and numbers (enum scan_result, 6.18 tracepoint order)."""
+
+from enum import IntEnum
+
+
+class ScanResult(IntEnum):
+    """One per window, so a hugepaged log line and a mm_khugepaged_scan_pmd trace line compare."""
+
+    FAIL = 0
+    SUCCEED = 1
+    PMD_NULL = 2
+    PMD_NONE = 3
+    PMD_MAPPED = 4
+    EXCEED_NONE_PTE = 5
+    EXCEED_SWAP_PTE = 6
+    EXCEED_SHARED_PTE = 7
+    PTE_NON_PRESENT = 8
+    PTE_UFFD_WP = 9
+    PTE_MAPPED_HUGEPAGE = 10
+    LACK_REFERENCED_PAGE = 11
+    PAGE_NULL = 12
+    SCAN_ABORT = 13
+    PAGE_COUNT = 14
+    PAGE_LRU = 15
+    PAGE_LOCK = 16
+    PAGE_ANON = 17
+    PAGE_COMPOUND = 18
+    ANY_PROCESS = 19
+    VMA_NULL = 20
+    VMA_CHECK = 21
+    ADDRESS_RANGE = 22
+    DEL_PAGE_LRU = 23
+    ALLOC_HUGE_PAGE_FAIL = 24
+    CGROUP_CHARGE_FAIL = 25
+    TRUNCATED = 26
+    PAGE_HAS_PRIVATE = 27
+    STORE_FAILED = 28
+    COPY_MC = 29
+    PAGE_FILLED = 30
+
+
+# Windows the kernel would not even try: nothing to do, not a failure.
+NOTHING_TO_DO = frozenset({ScanResult.PMD_NULL, ScanResult.PMD_NONE, ScanResult.PMD_MAPPED})

@@ -1,0 +1,139 @@
+"""The per-window decision of hpage_collapse_scan_pmd, vectorised over (windows, 512) arrays.
+
+The kernel walks a window's PTEs in address order and stops at the first PTE that fails a
+check, so the result is the failure met first, not a global priority. Here every check
+yields the index of its first failing PTE; the smallest (index, check order) wins.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hugepaged.kernel.kpageflags import (
+    KPF_ANON,
+    KPF_COMPOUND_HEAD,
+    KPF_LOCKED,
+    KPF_LRU,
+    KPF_NOPAGE,
+    KPF_THP,
+    KPF_ZERO_PAGE,
+)
+from hugepaged.kernel.pagemap import (
+    PM_FILE,
+    PM_MMAP_EXCLUSIVE,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    PM_SWAP,
+    PM_UFFD_WP,
+)
+from hugepaged.results import ScanResult as R
+
+HPAGE_PMD_NR = 512
+_NONE = HPAGE_PMD_NR  # "no failing PTE" sentinel index
+_U = np.uint64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The max_ptes_* of the kernel; `khugepaged=False` is MADV_COLLAPSE's semantics."""
+
+    max_ptes_none: int = 511
+    max_ptes_swap: int = 64
+    max_ptes_shared: int = 256
+    khugepaged: bool = True
+
+
+@dataclass
+class Verdicts:
+    """One result code per window, with the counts an operator wants to see."""
+
+    codes: np.ndarray  # int8 ScanResult per window
+    present: np.ndarray  # normal pages mapped (zero page excluded)
+    none: np.ndarray  # empty PTEs plus zero-page PTEs
+    swap: np.ndarray
+    shared: np.ndarray
+
+
+def _bit(a: np.ndarray, mask: int) -> np.ndarray:
+    return (a & _U(mask)) != 0
+
+
+def _first(mask: np.ndarray) -> np.ndarray:
+    """Index of the first True per row, or _NONE."""
+    return np.where(mask.any(axis=1), mask.argmax(axis=1), _NONE)
+
+
+def _first_over(mask: np.ndarray, limit: np.ndarray | int) -> np.ndarray:
+    """Index of the PTE at which the running count of `mask` first exceeds `limit`."""
+    over = np.cumsum(mask, axis=1, dtype=np.int16) > np.reshape(limit, (-1, 1))
+    return _first(over)
+
+
+def pmd_mapped_from_pages(pagemap: np.ndarray, head_flags: np.ndarray) -> np.ndarray:
+    """Without PAGEMAP_SCAN: 512 present PTEs of one order-9 folio read as PMD-mapped.
+
+    `head_flags` are the kpageflags of each window's first frame. A PTE-mapped order-9
+    folio looks the same from userspace; the kernel would copy it again.
+    """
+    present = _bit(pagemap, PM_PRESENT).all(axis=1)
+    pfn = (pagemap & _U(PM_PFN_MASK)).astype(np.int64)
+    consecutive = (np.diff(pfn, axis=1) == 1).all(axis=1)
+    aligned = (pfn[:, 0] % HPAGE_PMD_NR) == 0
+    head = _bit(head_flags, KPF_COMPOUND_HEAD) & _bit(head_flags, KPF_THP)
+    return present & consecutive & aligned & head
+
+
+def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
+           pmd_mapped: np.ndarray | None = None, referenced: np.ndarray | None = None,
+           uffd_armed: np.ndarray | bool = False) -> Verdicts:
+    """Result code per window from pagemap entries and kpageflags, both (n, 512) uint64.
+
+    `referenced` (n, 512) bool is the young/referenced state where an access source
+    exists; None means unknown and the LACK_REFERENCED_PAGE rule is not applied.
+    """
+    n = pagemap.shape[0]
+    present = _bit(pagemap, PM_PRESENT)
+    swapped = _bit(pagemap, PM_SWAP) & ~present
+    zero = present & _bit(kflags, KPF_ZERO_PAGE)
+    none = (~present & ~swapped) | zero
+    normal = present & ~zero
+    shared = normal & ~_bit(pagemap, PM_MMAP_EXCLUSIVE)
+    uffd_wp = _bit(pagemap, PM_UFFD_WP)
+    big = np.iinfo(np.int16).max
+    armed = np.broadcast_to(np.asarray(uffd_armed, dtype=bool), (n,))
+
+    if limits.khugepaged:
+        none_limit = np.where(armed, -1, limits.max_ptes_none)
+        swap_limit, shared_limit = limits.max_ptes_swap, limits.max_ptes_shared
+    else:
+        none_limit, swap_limit, shared_limit = np.where(armed, -1, big), big, big
+
+    # (first failing PTE index, code) in the kernel's check order within one PTE.
+    checks = [
+        (_first_over(swapped, swap_limit), R.EXCEED_SWAP_PTE),
+        (_first(swapped & uffd_wp), R.PTE_UFFD_WP),
+        (_first_over(none, none_limit), R.EXCEED_NONE_PTE),
+        (_first(normal & uffd_wp), R.PTE_UFFD_WP),
+        (_first(normal & _bit(kflags, KPF_NOPAGE)), R.PAGE_NULL),
+        (_first(normal & (_bit(pagemap, PM_FILE) | ~_bit(kflags, KPF_ANON))), R.PAGE_ANON),
+        (_first_over(shared, shared_limit), R.EXCEED_SHARED_PTE),
+        (_first(normal & ~_bit(kflags, KPF_LRU)), R.PAGE_LRU),
+        (_first(normal & _bit(kflags, KPF_LOCKED)), R.PAGE_LOCK),
+    ]
+    keys = np.stack([idx * 16 + rank for rank, (idx, _) in enumerate(checks)])
+    codes_by_rank = np.array([int(code) for _, code in checks], dtype=np.int8)
+    best = keys.argmin(axis=0)
+    failed = keys.min(axis=0) < _NONE * 16
+
+    codes = np.full(n, int(R.SUCCEED), dtype=np.int8)
+    codes[failed] = codes_by_rank[best[failed]]
+    if referenced is not None and limits.khugepaged:
+        nref = (normal & referenced).sum(axis=1)
+        unmapped = swapped.sum(axis=1)
+        lack = (nref == 0) | ((unmapped > 0) & (nref < HPAGE_PMD_NR // 2))
+        codes[~failed & lack] = int(R.LACK_REFERENCED_PAGE)
+    codes[~(present | swapped).any(axis=1)] = int(R.PMD_NONE)
+    if pmd_mapped is not None:
+        codes[pmd_mapped] = int(R.PMD_MAPPED)
+    return Verdicts(codes=codes, present=normal.sum(axis=1), none=none.sum(axis=1),
+                    swap=swapped.sum(axis=1), shared=shared.sum(axis=1))
