@@ -127,3 +127,27 @@ def print_collapse(doc: dict[str, Any], verbose: bool) -> None:
 def print_json(doc: Any) -> None:
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def print_status(st: dict[str, Any]) -> None:
+    out = console()
+    c = st["counters"]
+    out.print(f"hugepaged {st['version']} pid {st['pid']}: {st['state']}, up "
+              f"{st['uptime_seconds']:.0f} s, {st['cpu_seconds']:.2f} s CPU, "
+              f"{st['registered']} processes registered, "
+              f"{st['free_huge_blocks']} free huge pages")
+    out.print(f"cursor: pid {st['cursor']['pid']} at {st['cursor']['address']}")
+    out.print(f"pages_collapsed {c['pages_collapsed']}  full_scans {c['full_scans']}  "
+              f"passes {c['passes']}  collapse_attempts {c['collapse_attempts']}  "
+              f"alloc_backoffs {c['alloc_backoffs']}")
+    if st["results"]:
+        out.print("results: " + " ".join(f"{k}:{v}" for k, v in st["results"].items()))
+    if st["collapse_failures"]:
+        out.print("collapse failures: "
+                  + " ".join(f"{k}:{v}" for k, v in st["collapse_failures"].items()))
+    table = Table(box=None, pad_edge=False, title=None)
+    table.add_column("TUNABLE")
+    table.add_column("VALUE", justify="right")
+    for k, v in st["tunables"].items():
+        table.add_row(k, str(v))
+    out.print(table)

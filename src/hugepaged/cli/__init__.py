@@ -5,10 +5,10 @@ import sys
 from collections.abc import Sequence
 
 from hugepaged import __version__
-from hugepaged.cli import collapse, scan
+from hugepaged.cli import collapse, get, restore_kernel, run, scan, set, status
 from hugepaged.errors import HugepagedError
 
-COMMANDS = [scan, collapse]
+COMMANDS = [scan, collapse, run, status, get, set, restore_kernel]
 
 
 def build_parser() -> argparse.ArgumentParser:

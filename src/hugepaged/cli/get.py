@@ -1,0 +1,18 @@
+"""`hugepaged get KEY`: the value alone, as reading the sysfs file gives it."""
+
+import argparse
+
+from hugepaged.cli.status import add_socket
+from hugepaged.control.client import request
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("get", help="print one tunable or counter of the running daemon")
+    p.add_argument("key")
+    add_socket(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(request(args.socket, {"cmd": "get", "key": args.key})["value"])
+    return 0

@@ -1,0 +1,23 @@
+"""`hugepaged restore-kernel`: put back kernel khugepaged values a killed daemon left quiet."""
+
+import argparse
+
+from hugepaged.cli.common import kernel_of, require_root
+from hugepaged.daemon.kernel_quiet import STATE_FILE, KernelQuieter
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("restore-kernel",
+                       help="restore the kernel's khugepaged settings saved by a daemon "
+                            "that could not restore them (e.g. after SIGKILL)")
+    p.add_argument("--state-file", default=STATE_FILE, help="(default %(default)s)")
+    p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+    p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_root()
+    restored = KernelQuieter(kernel_of(args).thp, args.state_file).recover()
+    print("restored" if restored else "nothing to restore")
+    return 0

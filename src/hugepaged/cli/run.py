@@ -1,0 +1,42 @@
+"""`hugepaged run`: the daemon."""
+
+import argparse
+
+from hugepaged.cli.common import add_common, kernel_of
+from hugepaged.config import DEFAULT_PATH
+from hugepaged.control.server import ControlServer
+from hugepaged.daemon.service import Service, require_daemon_support
+from hugepaged.logs import setup_logging
+from hugepaged.tunables import parse_assignments
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the daemon (khugepaged's scan loop)",
+                       description="Scan registered processes pass by pass, as khugepaged "
+                                   "does, and collapse what its checks allow.")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML configuration (default {DEFAULT_PATH}, may be absent)")
+    p.add_argument("--socket", metavar="PATH", help="control socket path")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (a bare PORT binds 127.0.0.1)")
+    p.add_argument("--log-format", choices=("text", "json"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--pid", type=int, action="append", default=[],
+                   help="targeted mode: only these processes (repeatable); default: all")
+    add_common(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    kernel = kernel_of(args)
+    overrides = parse_assignments(args.assignments)
+    options = {"socket": args.socket, "metrics": args.metrics,
+               "log_format": args.log_format, "log_level": args.log_level}
+    service = Service(kernel, args.config, overrides, options, pids=args.pid)
+    require_daemon_support(kernel)
+    setup_logging(service.options.log_format, service.options.log_level)
+    control = ControlServer(service.options.socket, service, service.options.socket_group)
+    try:
+        return service.run(control)
+    finally:
+        control.close()

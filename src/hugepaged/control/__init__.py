@@ -1,0 +1,1 @@
+"""The control socket: the seed's sysfs directory, as a Unix socket speaking JSON lines."""

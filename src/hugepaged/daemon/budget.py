@@ -1,0 +1,39 @@
+"""A cap on the CPU spent in collapses: a token bucket refilled at max_cpu_percent of a core."""
+
+WINDOW_SECONDS = 5.0
+
+
+class CpuBudget:
+    """Tokens are CPU-seconds; a collapse may start while the bucket is not empty."""
+
+    def __init__(self, percent: int, now: float, window: float = WINDOW_SECONDS) -> None:
+        self.window = window
+        self.tokens = 0.0
+        self.stamp = now
+        self.set_percent(percent)
+        self.tokens = self.capacity
+
+    def set_percent(self, percent: int) -> None:
+        self.percent = percent
+        self.rate = percent / 100.0
+        self.capacity = self.rate * self.window
+        self.tokens = min(self.tokens, self.capacity)
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def allows(self, now: float) -> bool:
+        if self.percent == 0:
+            return True
+        self._refill(now)
+        return self.tokens > 0
+
+    def charge(self, cpu_seconds: float) -> None:
+        self.tokens -= cpu_seconds
+
+    def wait(self, now: float) -> float:
+        """Seconds until a collapse may start again."""
+        if self.allows(now):
+            return 0.0
+        return -self.tokens / self.rate

@@ -1,0 +1,120 @@
+"""The seed's mm_slot list: one slot per process, each holding a pidfd, and the scan cursor.
+
+A pidfd pins the identity: once its process exits the pidfd polls readable, so a reused
+pid is never taken for the old process.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from hugepaged.errors import HugepagedError
+from hugepaged.kernel.madvise import pidfd_exited, pidfd_open
+
+# A slot whose last visit found nothing to do is checked again after this many seconds,
+# doubling up to SETTLE_MAX while its fault counters stay put; a full rescan is forced
+# every RESCAN_MAX seconds even so (MADV_HUGEPAGE changes no counter).
+SETTLE_MIN = 1.0
+SETTLE_MAX = 64.0
+RESCAN_MAX = 300.0
+
+
+@dataclass
+class MmSlot:
+    """One registered process."""
+
+    pid: int
+    pidfd: int
+    comm: str = "?"
+    registered: float = field(default_factory=time.monotonic)
+    fingerprint: tuple = ()
+    settled_for: float = 0.0  # current back-off, 0 while the slot has work
+    due: float = 0.0  # monotonic time of the next visit
+    last_full: float = 0.0
+    last_result: str = ""
+
+    def exited(self) -> bool:
+        return pidfd_exited(self.pidfd)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def settle(self, now: float) -> None:
+        """Nothing to do here: look again later, and later still if nothing changes."""
+        self.settled_for = min(SETTLE_MAX, max(SETTLE_MIN, self.settled_for * 2))
+        self.due = now + self.settled_for
+
+    def wake(self) -> None:
+        self.settled_for, self.due = 0.0, 0.0
+
+
+@dataclass
+class Cursor:
+    """khugepaged_scan: the slot being scanned and the next address in it."""
+
+    pid: int | None = None
+    address: int = 0
+
+
+class Registry:
+    """Slots in scan order; new ones enter at the tail, behind the cursor."""
+
+    def __init__(self, own_pid: int | None = None) -> None:
+        self.slots: dict[int, MmSlot] = {}  # insertion order is the scan order
+        self.cursor = Cursor()
+        self.own_pid = os.getpid() if own_pid is None else own_pid
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __contains__(self, pid: int) -> bool:
+        return pid in self.slots
+
+    def enter(self, pid: int, comm: str = "?") -> MmSlot | None:
+        """__khugepaged_enter: register once; None if it cannot be (gone, ourselves)."""
+        if pid == self.own_pid or pid in self.slots:
+            return self.slots.get(pid)
+        try:
+            pidfd = pidfd_open(pid)
+        except (HugepagedError, OSError):
+            return None
+        slot = MmSlot(pid, pidfd, comm)
+        self.slots[pid] = slot
+        return slot
+
+    def exit(self, pid: int) -> bool:
+        """khugepaged_exit/collect_mm_slot: the slot goes; the cursor moves past it."""
+        slot = self.slots.get(pid)
+        if slot is None:
+            return False
+        if self.cursor.pid == pid:
+            self.cursor.pid, self.cursor.address = self.next_pid(pid), 0
+        del self.slots[pid]
+        slot.close()
+        return True
+
+    def next_pid(self, pid: int) -> int | None:
+        """The pid after `pid` in scan order, or None at the end of the list."""
+        pids = list(self.slots)
+        i = pids.index(pid)
+        return pids[i + 1] if i + 1 < len(pids) else None
+
+    def first_pid(self) -> int | None:
+        return next(iter(self.slots), None)
+
+    def reap(self) -> list[int]:
+        """Drop slots whose process has exited; returns their pids."""
+        gone = [pid for pid, s in self.slots.items() if s.exited()]
+        for pid in gone:
+            self.exit(pid)
+        return gone
+
+    def next_due(self) -> float | None:
+        return min((s.due for s in self.slots.values()), default=None)
+
+    def close(self) -> None:
+        for slot in list(self.slots.values()):
+            slot.close()
+        self.slots.clear()

@@ -1,0 +1,293 @@
+"""`hugepaged run`: the khugepaged() thread as a system daemon.
+
+One thread, one selector: the control socket, the process connector and signals all wake
+the same sleep, so a valid change of either sleep takes effect at once (wakeup_khugepaged).
+"""
+
+import logging
+import os
+import re
+import resource
+import selectors
+import signal
+import time
+from typing import Any
+
+from hugepaged import __version__
+from hugepaged.config import Config, ConfigError, DaemonOptions, load_config
+from hugepaged.errors import HugepagedError, InvalidTunable, Unsupported
+from hugepaged.kernel import Kernel
+from hugepaged.kernel.connector import ProcConnector
+from hugepaged.tunables import NAMES, Tunables, parse, resolve
+
+from .kernel_quiet import KernelQuieter
+from .khugepaged import Khugepaged
+
+log = logging.getLogger("hugepaged")
+DISCOVER_INTERVAL = 10.0  # /proc walk without the connector
+DISCOVER_INTERVAL_CONNECTED = 60.0  # with it: only for missed events
+IDLE_MIN = 5.0  # an idle pass (nothing due, nothing done) is not repeated sooner
+BUDDY_POLL = 1.0  # during an allocation back-off
+NEW_PROCESS_SETTLE = 1.0  # "insert behind the cursor, to let the area settle down"
+COUNTERS = ("pages_collapsed", "full_scans")
+
+
+def kernel_tunables(kernel: Kernel) -> dict[str, int | str]:
+    values: dict[str, int | str] = {"enabled": kernel.thp.enabled()}
+    values.update({k: v for k, v in kernel.thp.khugepaged().items() if k in NAMES})
+    return values
+
+
+class Service:
+    """Owns the loop, the sockets and the rollback of what it changed in the kernel."""
+
+    def __init__(self, kernel: Kernel, config_path: str | None, overrides: dict[str, str],
+                 options: dict[str, Any] | None = None, notify=None,
+                 pids: list[int] | None = None) -> None:
+        self.kernel, self.config_path, self.overrides = kernel, config_path, overrides
+        self.cli_options = options or {}
+        self.notify = notify or (lambda **kw: None)
+        self.config = self._load()
+        self.core = Khugepaged(kernel, self.tunables_from(self.config))
+        self.core.only_pids = set(pids) if pids else None
+        self._set_exclude()
+        self.started = time.monotonic()
+        self.stop_requested = self.reload_requested = False
+        self.next_pass = 0.0
+        self.connector: ProcConnector | None = None
+        self.hooks: list = []  # called after each pass (metrics, watchdog)
+
+    # --- configuration ---------------------------------------------------------------
+    def _load(self) -> Config:
+        cfg = load_config(self.config_path)
+        for key, value in self.cli_options.items():
+            if value is not None:
+                setattr(cfg.options, key, value)
+        return cfg
+
+    def tunables_from(self, cfg: Config) -> Tunables:
+        return resolve(kernel_tunables(self.kernel), cfg.tunables, self.overrides)
+
+    def _set_exclude(self) -> None:
+        pattern = self.config.options.exclude_comm
+        try:
+            self.core.exclude_comm = re.compile(pattern) if pattern else None
+        except re.error as err:
+            raise ConfigError(f"exclude_comm: invalid regular expression: {err}") from err
+
+    @property
+    def options(self) -> DaemonOptions:
+        return self.config.options
+
+    @property
+    def tunables(self) -> Tunables:
+        return self.core.tunables
+
+    def reload(self) -> None:
+        """SIGHUP: a file that does not parse is refused and the running settings kept."""
+        try:
+            cfg = self._load()
+            tunables = self.tunables_from(cfg)
+        except HugepagedError as err:
+            log.error("reload refused, configuration kept: %s", err,
+                      extra={"event": "reload_refused", "error": str(err)})
+            return
+        old = self.config
+        self.config = cfg
+        try:
+            self._set_exclude()
+        except HugepagedError as err:
+            self.config = old
+            log.error("reload refused, configuration kept: %s", err,
+                      extra={"event": "reload_refused", "error": str(err)})
+            return
+        self._apply(tunables, source="reload")
+
+    def _apply(self, new: Tunables, source: str) -> None:
+        old = self.core.tunables
+        for key in NAMES:
+            if getattr(old, key) != getattr(new, key):
+                log.info("%s: %s -> %s (%s)", key, getattr(old, key), getattr(new, key), source,
+                         extra={"event": "tunable", "key": key, "old": getattr(old, key),
+                                "value": getattr(new, key), "source": source})
+        self.core.set_tunables(new)
+        if (old.scan_sleep_millisecs, old.alloc_sleep_millisecs) != \
+           (new.scan_sleep_millisecs, new.alloc_sleep_millisecs):
+            self.wakeup()
+
+    # --- the control interface -------------------------------------------------------
+    def get(self, key: str) -> int | str:
+        if key in COUNTERS:
+            return getattr(self.core.counters, key)
+        if key not in NAMES:
+            raise InvalidTunable(f"unknown key '{key}' (known: {', '.join(NAMES + COUNTERS)})")
+        return getattr(self.core.tunables, key)
+
+    def set(self, key: str, value: str) -> None:
+        if key in COUNTERS:
+            raise InvalidTunable(f"{key}: read-only counter")
+        parse(key, value)  # refused exactly like sysfs, before anything changes
+        self._apply(self.core.tunables.with_values({key: value}), source="control socket")
+
+    def wakeup(self) -> None:
+        """wakeup_khugepaged: the next pass starts now; a sleep change ends a back-off."""
+        self.next_pass = 0.0
+        self.core.backoff_until = 0.0
+        self.core.cpu_wait_until = 0.0
+
+    def state(self) -> str:
+        now = time.monotonic()
+        if self.stop_requested:
+            return "stopping"
+        if now < self.core.backoff_until:
+            return "alloc-backoff"
+        if now < self.core.cpu_wait_until:
+            return "cpu-capped"
+        return "scanning" if self.next_pass <= now + self.tunables.scan_sleep_millisecs / 1e3 \
+            else "idle"
+
+    def status(self) -> dict[str, Any]:
+        c, reg = self.core.counters, self.core.registry
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "version": __version__, "pid": os.getpid(), "state": self.state(),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+            "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3),
+            "tunables": self.tunables.as_dict(),
+            "counters": {"pages_collapsed": c.pages_collapsed, "full_scans": c.full_scans,
+                         "passes": c.passes, "collapse_attempts": c.collapse_attempts,
+                         "collapse_cpu_seconds": round(c.collapse_cpu_seconds, 4),
+                         "alloc_backoffs": c.alloc_backoffs},
+            "results": dict(sorted(c.results.items())),
+            "collapse_failures": dict(c.collapse_failures),
+            "registered": len(reg),
+            "processes": [{"pid": s.pid, "comm": s.comm, "last_result": s.last_result,
+                           "settled_seconds": s.settled_for} for s in reg.slots.values()],
+            "cursor": {"pid": reg.cursor.pid, "address": hex(reg.cursor.address)},
+            "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
+            "connector": self.connector is not None,
+        }
+
+    # --- the loop ----------------------------------------------------------------------
+    def _signals(self, wake_fd: int) -> None:
+        def stop(signum, frame):  # noqa: ARG001
+            self.stop_requested = self.core.stopping = True
+
+        def hup(signum, frame):  # noqa: ARG001
+            self.reload_requested = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+        signal.set_wakeup_fd(wake_fd)
+
+    def _open_connector(self) -> None:
+        try:
+            self.connector = ProcConnector()
+        except OSError as err:
+            log.warning("process connector unavailable (%s): relying on the /proc walk", err,
+                        extra={"event": "connector_unavailable"})
+
+    def _on_events(self) -> None:
+        now = time.monotonic()
+        for ev in self.connector.events():
+            if ev.what == "exit":
+                self.core.exit(ev.pid)
+            elif ev.what == "exec" and ev.pid in self.core.registry:
+                slot = self.core.registry.slots[ev.pid]
+                slot.wake()
+                slot.due = now + NEW_PROCESS_SETTLE
+            elif self.core.enter(ev.pid, settle=NEW_PROCESS_SETTLE):
+                self.next_pass = min(self.next_pass, now + NEW_PROCESS_SETTLE)
+
+    def run(self, control=None) -> int:
+        """Serve until SIGTERM/SIGINT; everything changed in the kernel is put back."""
+        quieter = KernelQuieter(self.kernel.thp)
+        quieter.recover()
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        sel = selectors.DefaultSelector()
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)  # set_user_nice(current, 19)
+            self._signals(wfd)
+            sel.register(rfd, selectors.EVENT_READ, "signal")
+            if control is not None:
+                sel.register(control, selectors.EVENT_READ, "control")
+            self._open_connector()
+            if self.connector is not None:
+                sel.register(self.connector, selectors.EVENT_READ, "connector")
+            if self.tunables.kernel_khugepaged == "quiet":
+                quieter.quiet()
+            self.notify(ready=True, status="scanning")
+            self._loop(sel, rfd, control)
+        finally:
+            signal.set_wakeup_fd(-1)
+            quieter.restore()
+            if self.connector is not None:
+                self.connector.close()
+            sel.close()
+            os.close(rfd)
+            os.close(wfd)
+            self.core.close()
+        log.info("stopped", extra={"event": "stop"})
+        return 0
+
+    def _loop(self, sel: selectors.BaseSelector, rfd: int, control) -> None:
+        interval = DISCOVER_INTERVAL_CONNECTED if self.connector else DISCOVER_INTERVAL
+        next_discover = 0.0
+        core = self.core
+        while not self.stop_requested:
+            now = time.monotonic()
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            if now >= next_discover:
+                core.discover()
+                next_discover = now + interval
+            if now < core.backoff_until and core.end_backoff_if_free():
+                self.next_pass = 0.0
+            if now >= self.next_pass and now >= core.backoff_until \
+                    and now >= core.cpu_wait_until:
+                worked = core.do_scan()
+                self.next_pass = self._after_pass(worked, time.monotonic())
+                for hook in self.hooks:
+                    hook(self)
+            wake = min(self.next_pass, next_discover)
+            if now < core.backoff_until:
+                wake = min(wake, now + BUDDY_POLL)
+            timeout = max(0.0, wake - time.monotonic())
+            for key, _ in sel.select(timeout):
+                if key.data == "signal":
+                    while True:
+                        try:
+                            if not os.read(rfd, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                elif key.data == "control":
+                    control.handle_ready()
+                elif key.data == "connector":
+                    self._on_events()
+
+    def _after_pass(self, worked: bool, now: float) -> float:
+        core = self.core
+        if now < core.backoff_until:
+            return core.backoff_until
+        if now < core.cpu_wait_until:
+            return core.cpu_wait_until
+        sleep = self.tunables.scan_sleep_millisecs / 1000.0
+        if worked:
+            return now + sleep
+        due = core.registry.next_due()
+        return max(now + max(sleep, IDLE_MIN), due if due is not None else now + IDLE_MIN)
+
+
+def require_daemon_support(kernel: Kernel) -> None:
+    """Start-up checks: root, THP compiled in, MADV_COLLAPSE."""
+    from hugepaged.cli.common import require_root
+    from hugepaged.kernel.madvise import require_collapse_support
+
+    require_root()
+    kernel.thp.require()
+    require_collapse_support()
+    if not os.path.exists(f"{kernel.proc_root}/kpageflags"):
+        raise Unsupported(f"{kernel.proc_root}/kpageflags is missing (CONFIG_PROC_PAGE_MONITOR)")
