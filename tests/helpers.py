@@ -1,0 +1,434 @@
+"""Helpers for hugepaged's tests: real workload processes, kernel THP knobs, independent checks.
+
+Never imports hugepaged: the checks here (pagemap + kpageflags, smaps) are written separately
+from the product code on purpose, so that the tests do not share its mistakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+WORKLOAD = Path(__file__).resolve().parent / "workload.py"
+
+PAGE = 4096
+HPAGE = 2 * 1024 * 1024
+PAGES_PER_WINDOW = HPAGE // PAGE
+
+THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
+KHUGEPAGED_DIR = THP_DIR / "khugepaged"
+
+
+# --------------------------------------------------------------------------------------------
+# Workload processes
+
+
+@dataclass
+class Region:
+    name: str
+    start: int
+    end: int
+    windows: int
+    touched: list[int] = field(default_factory=list)
+    zero: list[int] = field(default_factory=list)
+
+    def window_start(self, i: int) -> int:
+        return self.start + i * HPAGE
+
+    def page_addr(self, window: int, page: int) -> int:
+        return self.start + window * HPAGE + page * PAGE
+
+
+class Workload:
+    """A running ``tests/workload.py``; see that file for the spec.
+
+    ``Workload({"regions": [...], "fork_child": True})`` or ``Workload(regions=[...])``.
+    Use as a context manager; the process (and its forked child) are gone after the block.
+    """
+
+    def __init__(self, spec: dict | None = None, *, timeout: float = 120.0, **kwargs):
+        spec = dict(spec or {})
+        spec.update(kwargs)
+        self.spec = spec
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.pid: int = 0
+        self.child_pid: int | None = None
+        self.regions: dict[str, Region] = {}
+        self.setup_seconds: float | None = None
+        self._child_pidfd: int | None = None
+        self._stderr = None
+        self._buf = b""
+
+    # -- lifecycle
+
+    def start(self) -> Workload:
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKLOAD), json.dumps(self.spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+        )
+        try:
+            info = self._read_json(self.timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.pid = info["pid"]
+        self.child_pid = info.get("child_pid")
+        self.setup_seconds = info.get("setup_seconds")
+        if self.child_pid:
+            # The child waits for its parent to die, so it is alive here: a pidfd taken now
+            # can never signal a recycled pid later.
+            with contextlib.suppress(ProcessLookupError):
+                self._child_pidfd = os.pidfd_open(self.child_pid)
+        self.regions = {
+            name: Region(name=name, start=r["start"], end=r["end"],
+                         windows=(r["end"] - r["start"]) // HPAGE,
+                         touched=list(r["touched"]), zero=list(r["zero"]))
+            for name, r in info["regions"].items()
+        }
+        return self
+
+    def __enter__(self) -> Workload:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.write(b"exit\n")
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None:
+            for f in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    if f is not None:
+                        f.close()
+        self._kill_child()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def _kill_child(self) -> None:
+        fd = self._child_pidfd
+        if fd is None:
+            return
+        self._child_pidfd = None
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            # Readable once the child has exited (it dies with its parent anyway).
+            select.select([fd], [], [], 5)
+        finally:
+            os.close(fd)
+
+    # -- commands
+
+    def stderr_text(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def _read_json(self, timeout: float) -> dict:
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"workload {self.proc.pid}: no answer in {timeout} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                self.proc.wait(timeout=5)
+                raise RuntimeError(
+                    f"workload exited with status {self.proc.returncode}: {self.stderr_text()}")
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def command(self, line: str, timeout: float | None = None) -> dict:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self._read_json(self.timeout if timeout is None else timeout)
+
+    def verify(self) -> None:
+        """Raise AssertionError unless every written page and every zero page is intact."""
+        answer = self.command("verify")
+        if not answer.get("ok"):
+            raise AssertionError(
+                f"workload {self.pid} memory differs; first (region, window, page): "
+                f"{answer.get('bad')}")
+
+    def touch(self, name: str) -> None:
+        answer = self.command(f"touch {name}")
+        if not answer.get("ok"):
+            raise RuntimeError(f"touch {name}: {answer}")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel THP knobs
+
+
+def _knob_path(name: str) -> Path:
+    if name == "enabled":
+        return THP_DIR / "enabled"
+    if name == "thp_defrag":  # the global one; "defrag" is khugepaged's
+        return THP_DIR / "defrag"
+    if name in {"pages_collapsed", "full_scans"}:
+        raise ValueError(f"{name} is a read-only counter")
+    path = KHUGEPAGED_DIR / name
+    if "/" in name or not path.exists():
+        raise ValueError(f"unknown THP knob {name!r}")
+    return path
+
+
+def _read_knob(path: Path) -> str:
+    text = path.read_text().strip()
+    m = re.search(r"\[(\w[\w+]*)\]", text)
+    return m.group(1) if m else text
+
+
+def _write_knob(path: Path, value) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+def read_enabled() -> str:
+    """The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled."""
+    return _read_knob(THP_DIR / "enabled")
+
+
+def read_knob(name: str) -> str:
+    return _read_knob(_knob_path(name))
+
+
+_LOCK_PATH = "/run/lock/hugepaged-tests.lock"
+_lock_state = {"depth": 0, "fd": -1}
+
+
+@contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    """Serialise everything that changes or depends on the kernel's THP state.
+
+    Reentrant within a process; across processes (parallel test runs, benchmarks) an flock.
+    """
+    if _lock_state["depth"] == 0:
+        os.makedirs(os.path.dirname(_LOCK_PATH), exist_ok=True)
+        fd = os.open(_LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock_state["fd"] = fd
+    _lock_state["depth"] += 1
+    try:
+        yield
+    finally:
+        _lock_state["depth"] -= 1
+        if _lock_state["depth"] == 0:
+            os.close(_lock_state["fd"])  # closing drops the flock
+            _lock_state["fd"] = -1
+
+
+@contextlib.contextmanager
+def saved_thp(**values) -> Iterator[dict[str, str]]:
+    """Like _saved_thp, holding the machine lock throughout."""
+    with machine_lock(), _saved_thp(**values) as saved:
+        yield saved
+
+
+@contextlib.contextmanager
+def _saved_thp(**values) -> Iterator[dict[str, str]]:
+    """Set THP knobs for the block and restore them afterwards, whatever happens.
+
+    Keys: ``enabled``, ``thp_defrag`` (the global defrag) and any knob name under
+    khugepaged/ (``pages_to_scan``, ``max_ptes_none``, ``defrag``, ...). Yields the saved values.
+    """
+    paths = {name: _knob_path(name) for name in values}  # every name checked before any write
+    saved: dict[str, str] = {}
+    try:
+        for name, value in values.items():
+            saved[name] = _read_knob(paths[name])
+            _write_knob(paths[name], value)
+        yield dict(saved)
+    finally:
+        # Restore with SIGINT held off, so that a second Ctrl-C cannot cut it short.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        errors = []
+        try:
+            for name in reversed(list(saved)):
+                try:
+                    _write_knob(paths[name], saved[name])
+                except OSError as e:
+                    errors.append(f"{name}={saved[name]}: {e}")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if errors:
+            raise RuntimeError(f"could not restore THP knobs: {errors}")
+
+
+# --------------------------------------------------------------------------------------------
+# Independent checks: pagemap, kpageflags, smaps
+
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_FILE = 1 << 61
+PM_EXCLUSIVE = 1 << 56
+PM_PFN_MASK = (1 << 55) - 1
+
+KPF_ANON = 1 << 12
+KPF_COMPOUND_HEAD = 1 << 15
+KPF_COMPOUND_TAIL = 1 << 16
+KPF_THP = 1 << 22
+KPF_ZERO_PAGE = 1 << 24
+
+
+def pagemap(pid: int, start: int, end: int) -> np.ndarray:
+    """The raw pagemap entries (uint64) of [start, end), one per 4 KiB page."""
+    n = (end - start) // PAGE
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        data = os.pread(fd, n * 8, (start // PAGE) * 8)
+    finally:
+        os.close(fd)
+    if len(data) != n * 8:
+        raise OSError(f"short pagemap read for {pid}: {len(data)} of {n * 8} bytes")
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+def kpageflags(pfns) -> np.ndarray:
+    """/proc/kpageflags words for the given PFNs."""
+    pfns = [int(p) for p in np.atleast_1d(pfns)]
+    out = np.zeros(len(pfns), dtype=np.uint64)
+    fd = os.open("/proc/kpageflags", os.O_RDONLY)
+    try:
+        for i, pfn in enumerate(pfns):
+            out[i] = int.from_bytes(os.pread(fd, 8, pfn * 8), "little")
+    finally:
+        os.close(fd)
+    return out
+
+
+def _per_window(entries: np.ndarray) -> np.ndarray:
+    if entries.size % PAGES_PER_WINDOW:
+        raise ValueError("range is not a whole number of 2 MiB windows")
+    return entries.reshape(-1, PAGES_PER_WINDOW)
+
+
+def present_per_window(pid: int, start: int, end: int) -> list[int]:
+    e = _per_window(pagemap(pid, start, end))
+    return [int(c) for c in ((e & np.uint64(PM_PRESENT)) != 0).sum(axis=1)]
+
+
+def exclusive_per_window(pid: int, start: int, end: int) -> list[int]:
+    """Present pages with the exclusively-mapped bit (56) set, per 2 MiB window."""
+    e = _per_window(pagemap(pid, start, end))
+    present = (e & np.uint64(PM_PRESENT)) != 0
+    excl = (e & np.uint64(PM_EXCLUSIVE)) != 0
+    return [int(c) for c in (present & excl).sum(axis=1)]
+
+
+def pmd_mapped_windows(pid: int, start: int, end: int) -> list[bool]:
+    """Per 2 MiB window of [start, end): is it mapped by one PMD-sized anonymous THP?
+
+    All 512 entries present, PFNs consecutive from a 512-aligned first PFN, and that first frame
+    has KPF_COMPOUND_HEAD and KPF_THP (and is not the huge zero page). Needs root (PFNs).
+    """
+    if start % HPAGE or end % HPAGE:
+        raise ValueError("start and end must be 2 MiB-aligned")
+    e = _per_window(pagemap(pid, start, end))
+    present = ((e & np.uint64(PM_PRESENT)) != 0).all(axis=1)
+    pfn = e & np.uint64(PM_PFN_MASK)
+    if present.any() and not pfn[present].any():
+        raise PermissionError("pagemap shows no PFNs: CAP_SYS_ADMIN needed")
+    steps = np.arange(PAGES_PER_WINDOW, dtype=np.uint64)
+    consecutive = (pfn == pfn[:, :1] + steps).all(axis=1)
+    aligned = (pfn[:, 0] % np.uint64(PAGES_PER_WINDOW)) == 0
+    candidate = present & consecutive & aligned
+    result = [False] * len(candidate)
+    idx = np.flatnonzero(candidate)
+    if idx.size:
+        flags = kpageflags(pfn[idx, 0])
+        for i, f in zip(idx, flags, strict=True):
+            f = int(f)
+            result[int(i)] = bool(f & KPF_COMPOUND_HEAD and f & KPF_THP
+                                  and not f & KPF_ZERO_PAGE)
+    return result
+
+
+_VMA_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+)\s")
+
+
+def smaps_vma(pid: int, addr: int) -> dict:
+    """The /proc/PID/smaps entry of the VMA containing addr.
+
+    Returns {"start", "end", "header", "VmFlags": set of flags, and every "Key": int kB (or str)}.
+    """
+    vma: dict | None = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            m = _VMA_HEADER.match(line)
+            if m:
+                if vma is not None:
+                    break
+                lo, hi = int(m.group(1), 16), int(m.group(2), 16)
+                if lo <= addr < hi:
+                    vma = {"start": lo, "end": hi, "header": line.rstrip("\n")}
+                continue
+            if vma is None:
+                continue
+            key, _, value = line.partition(":")
+            value = value.strip()
+            if key == "VmFlags":
+                vma["VmFlags"] = set(value.split())
+            elif value.endswith(" kB"):
+                vma[key] = int(value[:-3])
+            else:
+                vma[key] = value
+    if vma is None:
+        raise LookupError(f"no VMA of {pid} contains {addr:#x}")
+    return vma
+
+
+def anon_huge_kb(pid: int, start: int) -> int:
+    """AnonHugePages (kB) of the VMA containing start, from /proc/PID/smaps."""
+    return int(smaps_vma(pid, start).get("AnonHugePages", 0))
+
+
+def vm_flags(pid: int, addr: int) -> set[str]:
+    return smaps_vma(pid, addr).get("VmFlags", set())
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
