@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     explicit = bool(args.pid)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     for pid in args.pid:
-        if not os.path.isdir(kernel.procfs.path(pid, "")):
+        if not kernel.procfs.exists(pid):
             raise ProcessGone(f"pid {pid}: no such process")
     scans, skipped = scan_many(kernel, pids, tunables, explicit=explicit)
     if args.json:

@@ -69,6 +69,9 @@ class ProcFS:
     def path(self, pid: int | str, name: str) -> str:
         return f"{self.root}/{pid}/{name}"
 
+    def exists(self, pid: int) -> bool:
+        return os.path.isdir(f"{self.root}/{pid}")
+
     def pids(self) -> list[int]:
         """Every thread-group leader's pid, ascending."""
         return sorted(int(d) for d in os.listdir(self.root) if d.isdigit())
