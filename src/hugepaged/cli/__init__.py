@@ -5,10 +5,21 @@ import sys
 from collections.abc import Sequence
 
 from hugepaged import __version__
-from hugepaged.cli import collapse, get, restore_kernel, run, scan, set, status
+from hugepaged.cli import (
+    collapse,
+    completion,
+    get,
+    manpage,
+    restore_kernel,
+    run,
+    scan,
+    set,
+    status,
+    top,
+)
 from hugepaged.errors import HugepagedError
 
-COMMANDS = [scan, collapse, run, status, get, set, restore_kernel]
+COMMANDS = [scan, collapse, run, status, top, get, set, restore_kernel, completion, manpage]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ from hugepaged.config import DEFAULT_PATH
 from hugepaged.control.server import ControlServer
 from hugepaged.daemon.service import Service, require_daemon_support
 from hugepaged.logs import setup_logging
+from hugepaged.metrics import MetricsServer
+from hugepaged.sdnotify import SdNotify, attach
 from hugepaged.tunables import parse_assignments
 
 
@@ -18,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"TOML configuration (default {DEFAULT_PATH}, may be absent)")
     p.add_argument("--socket", metavar="PATH", help="control socket path")
     p.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics (a bare PORT binds 127.0.0.1)")
+                   help="serve Prometheus metrics (a bare PORT or :PORT binds 127.0.0.1)")
+    p.add_argument("--metrics-top-processes", type=int, metavar="N",
+                   help="per-process coverage metrics for the N largest registered "
+                        "processes (default 20; 0: none)")
     p.add_argument("--log-format", choices=("text", "json"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--pid", type=int, action="append", default=[],
@@ -31,12 +36,21 @@ def run(args: argparse.Namespace) -> int:
     kernel = kernel_of(args)
     overrides = parse_assignments(args.assignments)
     options = {"socket": args.socket, "metrics": args.metrics,
+               "metrics_top_processes": args.metrics_top_processes,
                "log_format": args.log_format, "log_level": args.log_level}
     service = Service(kernel, args.config, overrides, options, pids=args.pid)
     require_daemon_support(kernel)
     setup_logging(service.options.log_format, service.options.log_level)
     control = ControlServer(service.options.socket, service, service.options.socket_group)
+    metrics = None
+    notifier = SdNotify.from_environ()
     try:
+        if service.options.metrics:
+            metrics = MetricsServer(service, service.options.metrics)
+        attach(service, notifier)  # READY=1 once the loop starts; WATCHDOG=1; STOPPING=1
         return service.run(control)
     finally:
+        if metrics is not None:
+            metrics.close()
         control.close()
+        notifier.close()

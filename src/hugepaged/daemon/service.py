@@ -55,7 +55,9 @@ class Service:
         self.stop_requested = self.reload_requested = False
         self.next_pass = 0.0
         self.connector: ProcConnector | None = None
-        self.hooks: list = []  # called after each pass (metrics, watchdog)
+        self.hooks: list = []  # called after each pass
+        self.ticks: list = []  # called on every wake-up of the loop (sd_notify watchdog)
+        self.max_sleep: float | None = None  # cap on the loop's sleep (watchdog interval)
 
     # --- configuration ---------------------------------------------------------------
     def _load(self) -> Config:
@@ -220,6 +222,7 @@ class Service:
             self.notify(ready=True, status="scanning")
             self._loop(sel, rfd, control)
         finally:
+            self.notify(stopping=True, status="stopping")
             signal.set_wakeup_fd(-1)
             quieter.restore()
             if self.connector is not None:
@@ -239,7 +242,9 @@ class Service:
             now = time.monotonic()
             if self.reload_requested:
                 self.reload_requested = False
+                self.notify(reloading=True)
                 self.reload()
+                self.notify(ready=True)
             if now >= next_discover:
                 core.discover()
                 next_discover = now + interval
@@ -251,10 +256,14 @@ class Service:
                 self.next_pass = self._after_pass(worked, time.monotonic())
                 for hook in self.hooks:
                     hook(self)
+            for tick in self.ticks:
+                tick(self)
             wake = min(self.next_pass, next_discover)
             if now < core.backoff_until:
                 wake = min(wake, now + BUDDY_POLL)
             timeout = max(0.0, wake - time.monotonic())
+            if self.max_sleep is not None:
+                timeout = min(timeout, self.max_sleep)
             for key, _ in sel.select(timeout):
                 if key.data == "signal":
                     while True:

@@ -1,0 +1,100 @@
+"""`hugepaged manpage`: hugepaged(1) in roff, generated from the argparse definitions."""
+
+import argparse
+import re
+import sys
+
+from hugepaged import errors
+from hugepaged.config import DEFAULT_PATH, DEFAULT_SOCKET
+from hugepaged.daemon.kernel_quiet import STATE_FILE
+from hugepaged.tunables import SPECS
+
+SUMMARY = "collapse anonymous memory into transparent huge pages (khugepaged in userspace)"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("manpage", help="print the hugepaged(1) manual page (roff)",
+                       description="Print the manual page, generated from hugepaged's own "
+                                   "command definitions. View it with "
+                                   "hugepaged manpage | man -l -")
+    p.set_defaults(run=run)
+
+
+def _esc(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("-", "\\-")
+
+
+def _tp(term: str, body: str) -> str:
+    return f".TP\n\\fB{_esc(term)}\\fR\n{_esc(body)}\n"
+
+
+def _words(name: str) -> str:
+    """ConfigError -> 'config error'."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
+
+
+def _error_classes(base: type = errors.HugepagedError) -> list[type]:
+    out = [base]
+    for sub in base.__subclasses__():
+        out.extend(_error_classes(sub))
+    return out
+
+
+def _exit_statuses() -> str:
+    """One entry per exit status, from the error classes themselves."""
+    by_status: dict[int, list[str]] = {}
+    for c in _error_classes():
+        doc = "any other error" if c is errors.HugepagedError \
+            else (c.__doc__ or _words(c.__name__)).strip().splitlines()[0].rstrip(".")
+        docs = by_status.setdefault(c.exit_status, [])
+        if doc not in docs:
+            docs.append(doc)
+    out = _tp("0", "success")
+    for status, docs in sorted(by_status.items()):
+        out += _tp(str(status), "; ".join(docs))
+    return out + _tp("130", "interrupted (SIGINT)")
+
+
+def sections() -> list[tuple[str, str]]:
+    tunables = "".join(_tp(s.name, f"{s.doc} ({s.describe()})"
+                           + ("" if s.kernel else "; hugepaged only"))
+                       for s in SPECS.values())
+    return [
+        ("tunables", ".PP\nSet in the configuration file, with \\fB\\-\\-set KEY=VALUE\\fR, or "
+                     "live with \\fBhugepaged set\\fR. Names and refusals are the kernel's "
+                     "(/sys/kernel/mm/transparent_hugepage/khugepaged).\n" + tunables),
+        ("files", _tp(DEFAULT_PATH, "configuration (TOML): tunables and daemon options")
+         + _tp(DEFAULT_SOCKET, "control socket of the daemon (status, get, set, top)")
+         + _tp(STATE_FILE, "kernel khugepaged values saved while kernel_khugepaged=quiet; "
+                           "restored by the next start or by hugepaged restore-kernel")),
+        ("signals", _tp("SIGTERM, SIGINT", "stop; what was changed in the kernel is put back")
+         + _tp("SIGHUP", "reload the configuration file; a file that does not parse is "
+                         "refused and the running settings are kept")),
+        ("environment", _tp("NOTIFY_SOCKET", "set by systemd (Type=notify): READY=1, STATUS=, "
+                                             "STOPPING=1 are sent there")
+         + _tp("WATCHDOG_USEC", "set by systemd (WatchdogSec=): WATCHDOG=1 is sent at half "
+                                "of it")),
+        ("exit status", _exit_statuses()),
+        ("see also", "\\fBprocess_madvise\\fR(2), \\fBmadvise\\fR(2), "
+                     "\\fBsystemd.service\\fR(5), \\fBproc\\fR(5)"),
+    ]
+
+
+def page() -> str:
+    from argparse_manpage.manpage import Manpage
+
+    from hugepaged import __version__
+    from hugepaged.cli import build_parser
+
+    man = Manpage(build_parser())
+    man.description = SUMMARY
+    man.source = f"hugepaged {__version__}"
+    man.manual = "hugepaged manual"
+    for heading, content in sections():
+        man.add_section(heading, "=", content.rstrip("\n"))
+    return str(man)
+
+
+def run(args: argparse.Namespace) -> int:
+    sys.stdout.write(page())
+    return 0

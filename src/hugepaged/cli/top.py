@@ -1,0 +1,107 @@
+"""`hugepaged top`: processes ordered by how much memory hugepaged could still collapse."""
+
+import argparse
+import os
+import time
+
+from rich.console import Console
+from rich.live import Live
+
+from hugepaged.cli.common import add_common, kernel_of, kernel_tunables, require_root
+from hugepaged.cli.scan import scan_many
+from hugepaged.cli.status import add_socket
+from hugepaged.control.client import request
+from hugepaged.errors import DaemonUnreachable, UsageError
+from hugepaged.report import console as make_console
+from hugepaged.topview import HEADER_LINES, Frame, render, rows_of
+from hugepaged.tunables import parse_assignments, resolve
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("top", help="live view of processes by memory still collapsible",
+                       description="Scan every (or the given) process each refresh and list "
+                                   "them by collapsible windows, with the daemon's counters "
+                                   "when it answers on --socket. Collapses nothing.")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between refreshes (default %(default)s)")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--once", action="store_true", help="print one frame and exit")
+    count.add_argument("--iterations", type=int, metavar="N", help="N frames, then exit")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="rows shown (default: what fits the terminal; all when piped)")
+    p.add_argument("--pid", type=int, action="append", default=[],
+                   help="only this process (repeatable); default: every process")
+    add_socket(p)
+    add_common(p)
+    p.set_defaults(run=run)
+
+
+def daemon_status(path: str) -> tuple[dict | None, str | None]:
+    try:
+        return request(path, {"cmd": "status"})["status"], None
+    except DaemonUnreachable as err:
+        return None, str(err)
+
+
+def take_frame(args: argparse.Namespace, kernel) -> Frame:
+    """One refresh: the daemon's status first (its tunables decide), then the scan."""
+    status, error = daemon_status(args.socket)
+    layers = [status["tunables"]] if status else []
+    tunables = resolve(kernel_tunables(kernel), *layers, parse_assignments(args.assignments))
+    pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
+    t0 = time.monotonic()
+    scans, skipped = scan_many(kernel, pids, tunables, explicit=False)
+    return Frame(rows=rows_of(scans, status), status=status, daemon_error=error,
+                 skipped=skipped, interval=None if args.once else args.interval,
+                 scan_seconds=time.monotonic() - t0)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    if args.iterations is not None and args.iterations < 1:
+        raise UsageError("--iterations must be at least 1")
+    kernel = kernel_of(args)
+    parse_assignments(args.assignments)  # refused before anything else
+    require_root()
+    kernel.thp.require()
+    console = make_console()
+    frames = 1 if args.once else args.iterations
+    try:
+        if console.is_terminal and not args.once:
+            _live(args, kernel, console, frames)
+        else:
+            _printed(args, kernel, console, frames)
+    except KeyboardInterrupt:
+        pass  # q for top is Ctrl-C here
+    return 0
+
+
+def _limit(args: argparse.Namespace, console: Console, live: bool) -> int | None:
+    if args.limit is not None:
+        return args.limit
+    return max(1, console.size.height - HEADER_LINES - 3) if live else None
+
+
+def _live(args, kernel, console: Console, frames: int | None) -> None:
+    with Live(console=console, auto_refresh=False, screen=True) as live:
+        n = 0
+        while frames is None or n < frames:
+            t0 = time.monotonic()
+            live.update(render(take_frame(args, kernel), _limit(args, console, True)),
+                        refresh=True)
+            n += 1
+            if frames is None or n < frames:
+                time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))
+
+
+def _printed(args, kernel, console: Console, frames: int | None) -> None:
+    n = 0
+    while frames is None or n < frames:
+        t0 = time.monotonic()
+        if n:
+            console.print()
+        console.print(render(take_frame(args, kernel), _limit(args, console, False)))
+        n += 1
+        if frames is None or n < frames:
+            time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))

@@ -1,0 +1,264 @@
+"""Prometheus metrics: a collector that reads the daemon's own state at scrape time.
+
+Nothing is counted twice: every value comes from the Service (its Counters, registry and
+tunables) or from the kernel when Prometheus asks, on the HTTP server's thread. Per-process
+coverage is read for at most `metrics_top_processes` registered processes, the largest by
+RSS, so the label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import start_http_server
+
+from hugepaged import __version__
+from hugepaged.daemon.khugepaged import LATENCY_BUCKETS
+from hugepaged.errors import HugepagedError, UsageError
+from hugepaged.kernel.procfs import parse_smaps
+
+log = logging.getLogger("hugepaged")
+DEFAULT_HOST = "127.0.0.1"
+PAGE_SIZE = resource.getpagesize()
+HPAGE_PMD_SIZE = 2 << 20
+STATES = ("scanning", "idle", "alloc-backoff", "cpu-capped", "stopping")
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """'PORT', ':PORT' -> 127.0.0.1; 'HOST:PORT'; '[v6]:PORT'. Raises UsageError."""
+    text = spec.strip()
+    host, port = DEFAULT_HOST, text
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1:].startswith(":"):
+            raise UsageError(f"--metrics {spec!r}: expected [ADDRESS]:PORT")
+        host, port = text[1:end], text[end + 2:]
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        host = host or DEFAULT_HOST
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--metrics {spec!r}: expected PORT, :PORT or HOST:PORT "
+                         "(port 0..65535; 0 picks a free one)")
+    return host, int(port)
+
+
+def _snapshot(mapping: Any) -> dict:
+    """A copy of a dict the daemon thread may be growing (copying holds the GIL)."""
+    for _ in range(5):
+        try:
+            return dict(mapping)
+        except RuntimeError:  # pragma: no cover - changed size during iteration
+            continue
+    return {}
+
+
+class HugepagedCollector:
+    """Everything under hugepaged_*; registered on a private CollectorRegistry."""
+
+    def __init__(self, service, top_processes: int | None = None) -> None:
+        self.service = service
+        self.top_processes = top_processes
+        self._rollup: bool | None = None  # /proc/PID/smaps_rollup exists (Linux 4.14+)
+
+    @property
+    def kernel(self):
+        return self.service.kernel
+
+    def describe(self) -> list[Metric]:
+        return []  # collected only at scrape time (no read at registration)
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        core = svc.core
+        c = core.counters
+
+        info = InfoMetricFamily("hugepaged_build", "hugepaged version")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+        yield CounterMetricFamily(
+            "hugepaged_pages_collapsed", "Windows collapsed into a huge page "
+            "(as khugepaged/pages_collapsed)", value=c.pages_collapsed)
+        yield CounterMetricFamily(
+            "hugepaged_full_scans", "Passes through the whole process list "
+            "(as khugepaged/full_scans)", value=c.full_scans)
+        yield CounterMetricFamily("hugepaged_passes", "Scan passes (khugepaged_do_scan)",
+                                  value=c.passes)
+
+        windows = CounterMetricFamily(
+            "hugepaged_scan_windows", "2 MiB windows examined, by result code",
+            labels=["result"])
+        for result, n in sorted(_snapshot(c.results).items()):
+            windows.add_metric([str(result)], n)
+        yield windows
+
+        yield CounterMetricFamily("hugepaged_collapse_attempts",
+                                  "process_madvise(MADV_COLLAPSE) calls", value=c.collapse_attempts)
+        failures = CounterMetricFamily(
+            "hugepaged_collapse_failures",
+            "Failed collapses, by errno (or result code where there was none)",
+            labels=["errno"])
+        for name, n in sorted(_snapshot(c.collapse_failures).items()):
+            failures.add_metric([str(name)], n)
+        yield failures
+        yield CounterMetricFamily("hugepaged_collapse_cpu_seconds",
+                                  "CPU time spent in collapses (charged to the CPU cap)",
+                                  value=c.collapse_cpu_seconds)
+        yield CounterMetricFamily("hugepaged_alloc_backoffs",
+                                  "Back-offs after a huge page could not be allocated",
+                                  value=c.alloc_backoffs)
+
+        counts = list(c.collapse_seconds)
+        total = c.collapse_seconds_sum
+        buckets, acc = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+            acc += n
+            buckets.append((_le(bound), acc))
+        yield HistogramMetricFamily("hugepaged_collapse_duration_seconds",
+                                    "Wall time of one collapse (MADV_COLLAPSE, with its retry)",
+                                    buckets=buckets, sum_value=total)
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        yield CounterMetricFamily("hugepaged_cpu_seconds",
+                                  "CPU time of the daemon process (user + system)",
+                                  value=ru.ru_utime + ru.ru_stime)
+
+        slots = list(core.registry.slots.values())
+        yield GaugeMetricFamily("hugepaged_registered_processes",
+                                "Processes in the scan list", value=len(slots))
+        try:
+            free = self.kernel.mm.free_huge_blocks()
+        except OSError:
+            free = None
+        if free is not None:
+            yield GaugeMetricFamily(
+                "hugepaged_free_huge_blocks",
+                "Free order-9 (2 MiB) blocks in /proc/buddyinfo, larger orders counted in "
+                "order-9 units", value=free)
+
+        state = GaugeMetricFamily("hugepaged_state", "1 for the daemon's current state",
+                                  labels=["state"])
+        current = svc.state()
+        for name in STATES:
+            state.add_metric([name], 1 if name == current else 0)
+        yield state
+
+        numeric = GaugeMetricFamily("hugepaged_tunable", "Numeric tunables in effect",
+                                    labels=["name"])
+        words = {}
+        for name, value in svc.tunables.as_dict().items():
+            if isinstance(value, int):
+                numeric.add_metric([name], value)
+            else:
+                words[name] = str(value)
+        yield numeric
+        settings = InfoMetricFamily("hugepaged_settings", "Word-valued tunables in effect")
+        settings.add_metric([], words)
+        yield settings
+
+        yield from self._processes(slots)
+
+    def _top(self, slots: list) -> list[tuple[int, str, int]]:
+        """(pid, comm, rss_pages) of the largest registered processes by RSS."""
+        limit = self.top_processes if self.top_processes is not None \
+            else self.service.options.metrics_top_processes
+        if limit <= 0:
+            return []
+        sized = []
+        for slot in slots:
+            try:
+                st = self.kernel.procfs.stat(slot.pid)
+            except (HugepagedError, OSError, ValueError):
+                continue
+            sized.append((st.rss_pages, slot.pid, st.comm))
+        sized.sort(reverse=True)
+        return [(pid, comm, rss) for rss, pid, comm in sized[:limit]]
+
+    def _memory(self, pid: int) -> tuple[int, int] | None:
+        """(Anonymous, AnonHugePages) in kB: smaps_rollup, or summed smaps where it lacks."""
+        procfs = self.kernel.procfs
+        if self._rollup is None:
+            self._rollup = os.path.exists(procfs.path("self", "smaps_rollup"))
+        try:
+            if self._rollup:
+                vmas = parse_smaps(procfs.read_text(pid, "smaps_rollup"))
+            else:
+                vmas = procfs.smaps(pid)
+        except (HugepagedError, OSError, ValueError):
+            return None
+        return sum(v.anonymous_kb for v in vmas), sum(v.anon_huge_kb for v in vmas)
+
+    def _processes(self, slots: list) -> Iterator[Metric]:
+        labels = ["pid", "comm"]
+        anon = GaugeMetricFamily("hugepaged_process_anon_bytes",
+                                 "Anonymous memory of a top process (smaps Anonymous)",
+                                 labels=labels)
+        huge = GaugeMetricFamily("hugepaged_process_anon_huge_bytes",
+                                 "Anonymous memory mapped by huge pages (smaps AnonHugePages)",
+                                 labels=labels)
+        cover = GaugeMetricFamily("hugepaged_process_thp_coverage_ratio",
+                                  "AnonHugePages / Anonymous of a top process (0..1)",
+                                  labels=labels)
+        for pid, comm, _ in self._top(slots):
+            mem = self._memory(pid)
+            if mem is None:
+                continue
+            anon_kb, huge_kb = mem
+            key = [str(pid), comm]
+            anon.add_metric(key, anon_kb * 1024)
+            huge.add_metric(key, huge_kb * 1024)
+            cover.add_metric(key, huge_kb / anon_kb if anon_kb else 0.0)
+        yield anon
+        yield huge
+        yield cover
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def build_registry(service, top_processes: int | None = None) -> CollectorRegistry:
+    """A private registry: hugepaged_* plus the standard process_* metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HugepagedCollector(service, top_processes))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server on its own thread; `close()` stops it."""
+
+    def __init__(self, service, listen: str) -> None:
+        self.host, self.port = parse_listen(listen)
+        self.registry = build_registry(service)
+        try:
+            self.httpd, self.thread = start_http_server(self.port, self.host,
+                                                        registry=self.registry)
+        except (OSError, socket.gaierror) as err:
+            raise UsageError(f"--metrics {listen}: cannot listen on "
+                             f"{self.host}:{self.port}: {err.strerror or err}") from err
+        self.port = self.httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", _url_host(self.host), self.port,
+                 extra={"event": "metrics_listen", "host": self.host, "port": self.port})
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,137 @@
+"""Shell completion and the man page, generated from build_parser(): nothing can drift."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+
+import pytest
+from ops_daemon import hugepaged_cli, require_tool
+
+from hugepaged.cli import COMMANDS, build_parser
+from hugepaged.cli.completion import script, subparsers
+from hugepaged.cli.manpage import page
+from hugepaged.tunables import SPECS
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    return dict(subparsers(build_parser()))
+
+
+def options(p: argparse.ArgumentParser) -> list[str]:
+    """Every option but the built-in -h/--help."""
+    return [o for a in p._actions if a.help != argparse.SUPPRESS
+            and not isinstance(a, argparse._HelpAction) for o in a.option_strings]
+
+
+def test_every_module_is_a_command():
+    assert len(commands()) == len(COMMANDS)
+    assert {"top", "completion", "manpage"} <= commands().keys()
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "tcsh"])
+def test_script_names_every_command_and_option(shell):
+    text = script(shell)
+    for name, sub in commands().items():
+        assert name in text, name
+        for opt in options(sub):
+            # tcsh's complete lists them without dashes: c/--/(config dry-run ...)/
+            assert (opt.lstrip("-") if shell == "tcsh" else opt) in text, f"{shell}: {opt}"
+    assert "version" in text
+
+
+def test_cli_prints_the_script():
+    r = hugepaged_cli("completion", "bash")
+    assert r.returncode == 0 and r.stdout == script("bash")
+    assert hugepaged_cli("completion", "fish").returncode == 2
+
+
+def complete_bash(tmp_path, words: list[str]) -> list[str]:
+    """What bash offers after typing `words` (the last one may be partial)."""
+    bash = require_tool("bash", "apt-get install bash")
+    (tmp_path / "hugepaged.bash").write_text(script("bash"))
+    line = " ".join(words)
+    program = f"""
+source {tmp_path / 'hugepaged.bash'}
+COMP_WORDS=({' '.join(repr(w) for w in words)})
+COMP_CWORD={len(words) - 1}
+COMP_LINE={line!r}
+COMP_POINT={len(line)}
+_shtab_hugepaged hugepaged "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
+printf '%s\\n' "${{COMPREPLY[@]}}"
+"""
+    r = subprocess.run([bash, "--norc", "--noprofile", "-c", program], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return [w.strip() for w in r.stdout.splitlines() if w.strip()]
+
+
+def test_bash_completes_for_real(tmp_path):
+    assert set(complete_bash(tmp_path, ["hugepaged", ""])) >= set(commands())
+    assert complete_bash(tmp_path, ["hugepaged", "res"]) == ["restore-kernel"]
+    assert set(complete_bash(tmp_path, ["hugepaged", "run", "--metr"])) == {
+        "--metrics", "--metrics-top-processes"}
+    assert set(complete_bash(tmp_path, ["hugepaged", "run", "--log-format", ""])) == {
+        "text", "json"}
+    assert set(complete_bash(tmp_path, ["hugepaged", "completion", ""])) == {
+        "bash", "zsh", "tcsh"}
+    pids = complete_bash(tmp_path, ["hugepaged", "scan", "--pid", ""])
+    assert "1" in pids and all(p.isdigit() for p in pids)
+    (tmp_path / "conf.toml").write_text("")
+    got = complete_bash(tmp_path, ["hugepaged", "run", "--config", str(tmp_path / "co")])
+    assert str(tmp_path / "conf.toml") in got
+
+
+def test_zsh_script_loads(tmp_path):
+    zsh = require_tool("zsh", "apt-get install zsh")
+    (tmp_path / "_hugepaged").write_text(script("zsh"))
+    r = subprocess.run([zsh, "-n", str(tmp_path / "_hugepaged")], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    # installed as zsh expects: a file named _hugepaged in $fpath, found by compinit
+    program = (f"fpath=({tmp_path} $fpath); autoload -U compinit && "
+               f"compinit -u -d {tmp_path}/zcompdump; print -r -- $_comps[hugepaged]")
+    r = subprocess.run([zsh, "-f", "-c", program], capture_output=True, text=True,
+                       timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "_hugepaged"
+
+
+def unescaped_page() -> str:
+    return page().replace("\\-", "-")
+
+
+def test_man_page_names_every_command_option_and_tunable():
+    text = unescaped_page()
+    assert text.startswith(".TH HUGEPAGED \"1\"")
+    for name, sub in commands().items():
+        assert f"hugepaged {name}" in text, name
+        for opt in options(sub):
+            assert opt in text, f"{name} {opt}"
+    for key in SPECS:
+        assert key in text, key
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "TUNABLES", "FILES", "SIGNALS",
+                    "ENVIRONMENT", "EXIT STATUS", "SEE ALSO"):
+        assert f".SH {section}" in text, section
+
+
+def test_man_page_renders_without_warnings(tmp_path):
+    groff = require_tool("groff", "apt-get install groff-base")
+    (tmp_path / "hugepaged.1").write_text(page())
+    r = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", str(tmp_path / "hugepaged.1")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    man = require_tool("man", "apt-get install man-db")
+    r = subprocess.run([man, "-l", str(tmp_path / "hugepaged.1")], capture_output=True,
+                       text=True, timeout=30, env={**os.environ, "MANPAGER": "cat",
+                                                   "MANWIDTH": "100"})
+    assert r.returncode == 0, r.stderr
+    words = " ".join(r.stdout.split())
+    assert "hugepaged - collapse anonymous memory" in words
+    assert "hugepaged top" in words and "--metrics-top-processes" in words
+
+
+def test_cli_prints_the_man_page():
+    r = hugepaged_cli("manpage")
+    assert r.returncode == 0 and r.stdout == page()

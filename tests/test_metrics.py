@@ -1,0 +1,184 @@
+"""Prometheus metrics: the exposition of a real daemon, scraped over HTTP and parsed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from helpers import THP_DIR, Workload, saved_thp
+from ops_daemon import Daemon, hugepaged_cli, require_tool
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hugepaged.collapse import CollapseOutcome
+from hugepaged.config import DaemonOptions
+from hugepaged.daemon.khugepaged import LATENCY_BUCKETS, Counters
+from hugepaged.daemon.registry import Registry
+from hugepaged.errors import UsageError
+from hugepaged.kernel import Kernel
+from hugepaged.metrics import build_registry, parse_listen
+from hugepaged.results import ScanResult
+from hugepaged.tunables import Tunables
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (PFNs, kpageflags)")
+needs_thp = pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP")
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(fams: dict, name: str) -> dict:
+    """{(sample name, labels as a sorted tuple): value} of one family."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fams[name].samples}
+
+
+@pytest.mark.parametrize(("spec", "want"), [
+    ("9633", ("127.0.0.1", 9633)),
+    (":9633", ("127.0.0.1", 9633)),
+    ("0.0.0.0:9633", ("0.0.0.0", 9633)),
+    ("10.1.2.3:80", ("10.1.2.3", 80)),
+    ("[::1]:9633", ("::1", 9633)),
+    ("fd00::1:9633", ("fd00::1", 9633)),  # the DaemonSet's $(HOST_IP):9633 on IPv6
+    ("localhost:0", ("localhost", 0)),
+])
+def test_parse_listen(spec, want):
+    assert parse_listen(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["", "host:", "host:http", ":65536", "[::1]9633", "-1"])
+def test_parse_listen_refuses(spec):
+    with pytest.raises(UsageError):
+        parse_listen(spec)
+
+
+def fake_service(counters: Counters, top: int = 0):
+    """What the collector reads of a Service, with real Counters and Registry."""
+    core = SimpleNamespace(counters=counters, registry=Registry())
+    return SimpleNamespace(core=core, kernel=Kernel(), tunables=Tunables(),
+                           options=DaemonOptions(metrics_top_processes=top),
+                           state=lambda: "idle")
+
+
+def test_histogram_is_cumulative_and_counters_come_from_counters():
+    c = Counters()
+    for seconds, result, err in [(0.0001, ScanResult.SUCCEED, 0), (0.003, ScanResult.SUCCEED, 0),
+                                 (0.003, ScanResult.FAIL, 11), (0.2, ScanResult.SUCCEED, 0),
+                                 (5.0, ScanResult.CGROUP_CHARGE_FAIL, 16)]:
+        c.observe(CollapseOutcome(0, result, err, seconds))
+    c.results.update({"SUCCEED": 3, "PMD_MAPPED": 7, "FAIL": 1})
+    c.full_scans = 2
+    fams = families(generate_latest(build_registry(fake_service(c))).decode())
+    h = samples(fams, "hugepaged_collapse_duration_seconds")
+    buckets = [h[("hugepaged_collapse_duration_seconds_bucket", (("le", le),))]
+               for le in [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]]
+    assert buckets == [1, 1, 1, 3, 3, 3, 3, 3, 4, 4, 5]  # cumulative, +Inf = count
+    assert h[("hugepaged_collapse_duration_seconds_count", ())] == 5
+    assert h[("hugepaged_collapse_duration_seconds_sum", ())] == pytest.approx(5.2061)
+    assert samples(fams, "hugepaged_pages_collapsed")[("hugepaged_pages_collapsed_total", ())] == 3
+    assert samples(fams, "hugepaged_full_scans")[("hugepaged_full_scans_total", ())] == 2
+    assert samples(fams, "hugepaged_collapse_attempts")[
+        ("hugepaged_collapse_attempts_total", ())] == 5
+    fails = samples(fams, "hugepaged_collapse_failures")
+    assert fails == {("hugepaged_collapse_failures_total", (("errno", "EAGAIN"),)): 1,
+                     ("hugepaged_collapse_failures_total", (("errno", "EBUSY"),)): 1}
+    windows = samples(fams, "hugepaged_scan_windows")
+    assert windows[("hugepaged_scan_windows_total", (("result", "PMD_MAPPED"),))] == 7
+    # top_processes 0: the per-process families are present and empty
+    assert fams["hugepaged_process_thp_coverage_ratio"].samples == []
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return r.read().decode()
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} print them) listening on `port`."""
+    out = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, p = local.partition(":")
+                if state == "0A" and int(p, 16) == port:
+                    out.append(addr)
+    return out
+
+
+@pytest.mark.kernel
+@needs_root
+@needs_thp
+def test_scrape_a_real_daemon():
+    big = {"name": "big", "windows": 6, "fill": "all", "hugepage": True}
+    small = {"name": "small", "windows": 2, "fill": "all", "hugepage": True}
+    with saved_thp(enabled="never"), Workload(regions=[big]) as w1, \
+            Workload(regions=[small]) as w2, \
+            Daemon([w1.pid, w2.pid], sets={"enabled": "madvise"},
+                   args=["--metrics", ":0", "--metrics-top-processes", "1"]) as d:
+        port = d.wait_event("metrics_listen")["port"]
+        assert d.wait_event("metrics_listen")["host"] == "127.0.0.1"
+        assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
+        st = d.wait_for(lambda s: s["counters"]["pages_collapsed"] >= 8, what="8 collapses")
+        text = scrape(port)
+        fams = families(text)
+        st = d.status()
+
+        def one(family: str, sample: str | None = None, **labels) -> float:
+            want = tuple(sorted(labels.items()))
+            return samples(fams, family)[(sample or family, want)]
+
+        assert one("hugepaged_pages_collapsed", "hugepaged_pages_collapsed_total") \
+            == st["counters"]["pages_collapsed"] == 8
+        assert one("hugepaged_collapse_attempts", "hugepaged_collapse_attempts_total") \
+            == st["counters"]["collapse_attempts"]
+        assert one("hugepaged_full_scans", "hugepaged_full_scans_total") >= 1
+        assert one("hugepaged_scan_windows", "hugepaged_scan_windows_total",
+                   result="SUCCEED") == 8
+        assert one("hugepaged_registered_processes") == 2
+        assert one("hugepaged_free_huge_blocks") >= 0
+        assert one("hugepaged_cpu_seconds", "hugepaged_cpu_seconds_total") > 0
+        assert one("hugepaged_tunable", name="pages_to_scan") == st["tunables"]["pages_to_scan"]
+        assert one("hugepaged_settings_info", enabled="madvise",
+                   kernel_khugepaged="leave") == 1
+        assert sum(s.value for s in fams["hugepaged_state"].samples) == 1
+        assert fams["hugepaged_collapse_duration_seconds"].type == "histogram"
+        count = one("hugepaged_collapse_duration_seconds",
+                    "hugepaged_collapse_duration_seconds_count")
+        assert count == st["counters"]["collapse_attempts"]
+        assert one("hugepaged_collapse_duration_seconds",
+                   "hugepaged_collapse_duration_seconds_bucket", le="+Inf") == count
+        # --metrics-top-processes 1: only the largest process has coverage series
+        cover = fams["hugepaged_process_thp_coverage_ratio"].samples
+        assert [s.labels["pid"] for s in cover] == [str(w1.pid)]
+        anon = one("hugepaged_process_anon_bytes", pid=str(w1.pid), comm="python")
+        huge = one("hugepaged_process_anon_huge_bytes", pid=str(w1.pid), comm="python")
+        assert huge == 6 * 2 * 1024 * 1024 and anon >= huge
+        assert cover[0].value == pytest.approx(huge / anon)
+        assert "process_cpu_seconds_total" in text  # the client's standard process metrics
+
+        promtool = require_tool("promtool", "apt-get install prometheus")
+        check = subprocess.run([promtool, "check", "metrics"], input=text,
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout + check.stderr == ""  # no lint complaint either
+
+
+@needs_root
+@needs_thp
+def test_metrics_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = hugepaged_cli("run", "--pid", str(os.getpid()), "--socket", str(tmp_path / "s"),
+                          "--metrics", str(port))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"hugepaged: --metrics {port}: cannot listen on 127.0.0.1:{port}")
