@@ -41,27 +41,59 @@ class KPageFlags:
         self.close()
 
     def read(self, pfns: np.ndarray) -> np.ndarray:
-        """Flags for each pfn in `pfns` (any shape, any order; 0 stays 0)."""
-        flat = pfns.ravel()
-        uniq = np.unique(flat[flat != 0]).astype(np.int64)
-        if uniq.size == 0:
-            return np.zeros_like(pfns, dtype=np.uint64)
-        starts, ends = spans(uniq, SPAN_GAP)
-        buf = np.empty(int((ends - starts).sum()), dtype=np.uint64)
+        """Flags for each pfn in `pfns` (any shape, any order; 0 stays 0).
+
+        The frames of an address range come in runs of consecutive PFNs, so the work is per
+        run, not per frame: runs are sorted by their first frame and merged into spans
+        (bridging holes of up to SPAN_GAP frames), each span is one pread, and every frame's
+        flags are then gathered from the spans' buffer in the input's own order.
+        """
+        shape = np.shape(pfns)
+        flat = np.ascontiguousarray(pfns).reshape(-1)
+        flat = flat.view(np.int64) if flat.dtype == np.uint64 else flat.astype(np.int64)
+        nnz = np.count_nonzero(flat)
+        if nnz == 0:
+            return np.zeros(shape, dtype=np.uint64)
+        nz = None if nnz == flat.size else np.flatnonzero(flat)
+        vals = flat if nz is None else flat[nz]
+        # Runs [first, first + length) of consecutive frames, in input order.
+        run_at = np.flatnonzero(np.diff(vals) != 1) + 1
+        run_at = np.concatenate(([0], run_at))
+        run_len = np.diff(np.append(run_at, vals.size))
+        run_first = vals[run_at]
+        # Spans over the runs sorted by first frame; `reach` is the furthest end so far.
+        order = np.argsort(run_first)
+        s_first = run_first[order]
+        reach = np.maximum.accumulate(s_first + run_len[order])
+        new_span = np.empty(order.size, dtype=bool)
+        new_span[0] = True
+        np.greater(s_first[1:], reach[:-1] + SPAN_GAP, out=new_span[1:])
+        span_at = np.flatnonzero(new_span)
+        starts = s_first[span_at]
+        ends = reach[np.append(span_at[1:] - 1, order.size - 1)]
+        lens = ends - starts
+        offsets = np.cumsum(lens) - lens
+        buf = np.empty(int(lens.sum()), dtype=np.uint64)
         view = memoryview(buf).cast("B")
-        pos = 0
         with process_errors(None, "/proc/kpageflags"):
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-                os.preadv(self.fd, [view[pos * 8:(pos + e - s) * 8]], s * 8)
-                pos += e - s
-        # Map each unique pfn to its slot in buf, then each input pfn to its unique pfn.
-        offsets = np.concatenate(([0], np.cumsum(ends - starts)[:-1]))
-        span_of = np.searchsorted(starts, uniq, side="right") - 1
-        flags_uniq = buf[offsets[span_of] + (uniq - starts[span_of])]
-        out = np.zeros(flat.shape, dtype=np.uint64)
-        nz = flat != 0
-        out[nz] = flags_uniq[np.searchsorted(uniq, flat[nz].astype(np.int64))]
-        return out.reshape(pfns.shape)
+            for s, o, n in zip(starts.tolist(), offsets.tolist(), lens.tolist(), strict=True):
+                got = os.preadv(self.fd, [view[o * 8:(o + n) * 8]], s * 8)
+                if got != n * 8:  # past the last frame: nothing to report there
+                    buf[o + got // 8:o + n] = 0
+        # Where each run starts in buf, then each frame: its run's start plus its place in it.
+        span_of = np.cumsum(new_span) - 1
+        pos = np.empty(order.size, dtype=np.int64)
+        pos[order] = s_first + (offsets - starts)[span_of]
+        # idx steps by one inside a run and jumps to the run's position at its first frame.
+        idx = np.ones(vals.size, dtype=np.int64)
+        idx[0] = pos[0]
+        idx[run_at[1:]] = pos[1:] - pos[:-1] - run_len[:-1] + 1
+        np.cumsum(idx, out=idx)
+        if nz is None:
+            return np.take(buf, idx).reshape(shape)
+        out = np.zeros(flat.size, dtype=np.uint64)
+        out[nz] = np.take(buf, idx)
+        return out.reshape(shape)
 
 
 def spans(sorted_pfns: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray]:

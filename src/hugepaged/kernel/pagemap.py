@@ -58,14 +58,18 @@ class PageMap:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, start: int, end: int) -> np.ndarray:
-        """One entry per page of [start, end), in one pread."""
+    def read(self, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One entry per page of [start, end), in one pread (into `out` if given: a
+        C-contiguous uint64 array of that many entries, any shape)."""
         n = (end - start) >> PAGE_SHIFT
-        out = np.empty(n, dtype=np.uint64)
+        if out is None:
+            out = np.empty(n, dtype=np.uint64)
+        elif out.size != n or out.dtype != np.uint64 or not out.flags.c_contiguous:
+            raise ValueError("out must be a C-contiguous uint64 array of one entry per page")
         with process_errors(self.pid):
             got = os.preadv(self.fd, [memoryview(out).cast("B")], (start >> PAGE_SHIFT) * 8)
         if got != n * 8:  # the mm went away under us
-            out[got // 8:] = 0
+            out.reshape(-1)[got // 8:] = 0
         return out
 
     def scan(self, start: int, end: int, anyof: int, returned: int) -> np.ndarray:

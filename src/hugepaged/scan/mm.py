@@ -12,21 +12,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel.kpageflags import KPF_COMPOUND_HEAD, KPF_THP, KPF_ZERO_PAGE
 from hugepaged.kernel.pagemap import (
     PAGE_IS_HUGE,
     PAGE_IS_PRESENT,
     PAGE_IS_SWAPPED,
+    PM_MMAP_EXCLUSIVE,
     PM_PFN_MASK,
     PM_PRESENT,
 )
 from hugepaged.kernel.procfs import Vma
 from hugepaged.results import ScanResult
-from hugepaged.scan.decide import HPAGE_PMD_NR, Limits, Verdicts, decide, pmd_mapped_from_pages
+from hugepaged.scan.decide import HPAGE_PMD_NR, Limits, Verdicts, decide
 from hugepaged.scan.eligibility import HPAGE_PMD_SIZE, aligned_range, uffd_armed, vma_skip_reason
 from hugepaged.tunables import Tunables
 
 HPAGE_SHIFT = 21
 CHUNK_WINDOWS = 512  # 1 GiB of address space per read
+_U = np.uint64
+_STEPS = np.arange(HPAGE_PMD_NR, dtype=np.uint64)
+_VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared")
 
 
 @dataclass
@@ -100,6 +105,38 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
+def pmd_candidates(pm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windows that pmd_mapped_from_pages can accept, from pagemap alone: 512 present
+    entries with consecutive PFNs from a 512-aligned first one. Only these need the
+    kpageflags of their first frame to tell whether they are PMD-mapped.
+
+    Also returns which of them have 512 entries equal but for the PFN (as a PMD mapping
+    has): their first entry speaks for all.
+    """
+    n = pm.shape[0]
+    first, last = pm[:, 0], pm[:, -1]
+    pfn0 = first & _U(PM_PFN_MASK)
+    # O(windows) filter first: present at both ends, aligned, the right PFN distance.
+    maybe = ((first & _U(PM_PRESENT)) != 0) & ((last & _U(PM_PRESENT)) != 0) \
+        & ((pfn0 % _U(HPAGE_PMD_NR)) == 0) & ((last & _U(PM_PFN_MASK)) == pfn0 + _U(511))
+    cand, uniform = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    rows = np.flatnonzero(maybe)
+    if rows.size == 0:
+        return cand, uniform
+    sub = pm if rows.size == n else pm[rows]
+    # pm[i] == pm[0] + i: since the first PFN is 512-aligned, PFN + i never carries into
+    # the flag bits, so this is "same flags, consecutive PFNs".
+    same = (sub - _STEPS == sub[:, :1]).all(axis=1)
+    cand[rows] = uniform[rows] = same
+    other = rows[~same]
+    if other.size:  # differing flags (soft-dirty, uffd-wp, exclusivity): the full check
+        o = pm[other]
+        pfn = o & _U(PM_PFN_MASK)
+        cand[other] = ((o & _U(PM_PRESENT)) != 0).all(axis=1) \
+            & (pfn == pfn[:, :1] + _STEPS).all(axis=1)
+    return cand, uniform
+
+
 class MmScanner:
     """An open view of one process's memory: pagemap fd plus a shared kpageflags fd."""
 
@@ -138,25 +175,74 @@ class MmScanner:
         if detail.size == 0:
             return out
         pm = self._read_windows(start, detail)
-        kf = self._read_flags(pm)
-        pmd = None if self.use_scan else pmd_mapped_from_pages(pm, kf[:, 0])
-        v = decide(pm, kf, self.limits, pmd_mapped=pmd, uffd_armed=armed)
-        for name in ("codes", "present", "none", "swap", "shared"):
+        if self.use_scan:
+            v = decide(pm, self._read_flags(pm), self.limits, uffd_armed=armed)
+        else:
+            v = self._decide_unscanned(pm, armed)
+        for name in _VERDICT_FIELDS:
             getattr(out, name)[detail] = getattr(v, name)
+        return out
+
+    def _decide_unscanned(self, pm: np.ndarray, armed: bool) -> Verdicts:
+        """Without PAGEMAP_SCAN: PMD-mapped windows as pmd_mapped_from_pages tells them,
+        reading kpageflags for their first frame only; every other window in full."""
+        n = pm.shape[0]
+        cand, uniform = pmd_candidates(pm)
+        pmd = np.zeros(n, dtype=bool)
+        head = np.zeros(n, dtype=np.uint64)
+        rows = np.flatnonzero(cand)
+        if rows.size:
+            head[rows] = self.kpf.read(pm[rows, 0] & _U(PM_PFN_MASK))
+            # pmd_mapped_from_pages, the candidates' PFN checks being done already.
+            pmd[rows] = ((head[rows] & _U(KPF_COMPOUND_HEAD)) != 0) \
+                & ((head[rows] & _U(KPF_THP)) != 0)
+        if not pmd.any():
+            return decide(pm, self._read_flags(pm), self.limits, uffd_armed=armed)
+        zeros = np.zeros(n, dtype=np.int64)
+        out = Verdicts(np.full(n, int(ScanResult.PMD_MAPPED), dtype=np.int8),
+                       zeros + HPAGE_PMD_NR, zeros.copy(), zeros.copy(), zeros.copy())
+        rest = np.flatnonzero(~pmd)
+        if rest.size:
+            sub = pm[rest]
+            v = decide(sub, self._read_flags(sub), self.limits, uffd_armed=armed)
+            for name in _VERDICT_FIELDS:
+                getattr(out, name)[rest] = getattr(v, name)
+        # Counts as decide() has them, all 512 entries being present: the zero page counts
+        # as none. An exclusively mapped PTE never maps the zero page (vm_normal_page() is
+        # NULL for it, so pagemap leaves PM_MMAP_EXCLUSIVE clear) and the huge zero page
+        # carries KPF_ZERO_PAGE on its first frame: an exclusive window whose first frame
+        # is not a zero page has 512 normal, unshared pages. The others are read in full.
+        excl0 = (pm[:, 0] & _U(PM_MMAP_EXCLUSIVE)) != 0
+        plain = pmd & uniform & excl0 & ((head & _U(KPF_ZERO_PAGE)) == 0)
+        rows = np.flatnonzero(pmd & ~plain)
+        if rows.size:
+            sub = pm[rows]
+            excl = (sub & _U(PM_MMAP_EXCLUSIVE)) != 0
+            need = ~excl
+            need[(head[rows] & _U(KPF_ZERO_PAGE)) != 0] = True
+            flags = self.kpf.read(np.where(need, sub & _U(PM_PFN_MASK), _U(0)))
+            zero = (flags & _U(KPF_ZERO_PAGE)) != 0
+            nzero = zero.sum(axis=1)
+            out.present[rows] = HPAGE_PMD_NR - nzero
+            out.none[rows] = nzero
+            out.shared[rows] = (~zero & ~excl).sum(axis=1)
         return out
 
     def _read_windows(self, start: int, detail: np.ndarray) -> np.ndarray:
         pm = np.empty((detail.size, HPAGE_PMD_NR), dtype=np.uint64)
         row = 0
         for a, b in _runs(detail):
-            got = self.pagemap.read(start + (a << HPAGE_SHIFT), start + (b << HPAGE_SHIFT))
-            pm[row:row + b - a] = got.reshape(b - a, HPAGE_PMD_NR)
+            self.pagemap.read(start + (a << HPAGE_SHIFT), start + (b << HPAGE_SHIFT),
+                              out=pm[row:row + b - a])
             row += b - a
         return pm
 
     def _read_flags(self, pm: np.ndarray) -> np.ndarray:
-        present = (pm & np.uint64(PM_PRESENT)) != 0
-        pfns = np.where(present, pm & np.uint64(PM_PFN_MASK), np.uint64(0))
+        """kpageflags of each present entry's frame (0 elsewhere), shaped like pm."""
+        pfns = pm & _U(PM_PFN_MASK)
+        absent = pm < _U(PM_PRESENT)  # bit 63 clear
+        if absent.any():
+            pfns[absent] = 0
         return self.kpf.read(pfns)
 
     def scan_vma(self, vma: Vma, tunables: Tunables, thp_disabled: bool,
