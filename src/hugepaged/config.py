@@ -42,10 +42,14 @@ _CHOICES = {"log_format": ("text", "json"),
 
 
 def _line_of(text: str, key: str) -> str:
+    """The line that sets top-level `key`: `key = ...`, `"key" = ...`, `key.x = ...`, `[key]`."""
+    k = re.escape(key)
+    name = rf"(?:{k}|\"{k}\"|'{k}')"
+    pattern = re.compile(rf"\s*(?:{name}\s*[=.]|\[\[?\s*{name}\s*[\].])")
     for n, line in enumerate(text.splitlines(), 1):
-        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+        if pattern.match(line):
             return f"line {n}"
-    return "?"
+    return "line ?"
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -53,7 +57,11 @@ def parse_config(text: str, path: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: {err}") from err
+        msg = str(err)
+        if "(at end of document)" in msg:  # e.g. a duplicate key on the last, unterminated line
+            msg = msg.replace("(at end of document)",
+                              f"(at line {max(1, len(text.splitlines()))}, end of file)")
+        raise ConfigError(f"{path}: {msg}") from err
     cfg = Config()
     for key, value in data.items():
         where = f"{path}, {_line_of(text, key)}"

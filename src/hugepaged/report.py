@@ -102,7 +102,8 @@ def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run
         "windows": [{"address": hex(o.address), "result": o.result.name,
                      "errno": o.errno_name or None, "ms": round(o.seconds * 1000, 3)}
                     for o in outcomes],
-        "collapsed": sum(o.result == ScanResult.SUCCEED for o in outcomes),
+        "collapsed": 0 if dry_run else sum(o.result == ScanResult.SUCCEED for o in outcomes),
+        "would_collapse": len(outcomes) if dry_run else None,
         "failed": dict(failed), "skipped": dict(skipped),
         "seconds": round(seconds, 4), "rss_growth_kb": rss_growth_kb,
     }
@@ -115,7 +116,7 @@ def print_collapse(doc: dict[str, Any], verbose: bool) -> None:
             err = f" ({w['errno']})" if w["errno"] else ""
             out.print(f"  {w['address']}  {w['result']}{err}  {w['ms']:.2f} ms")
     verb = "would collapse" if doc["dry_run"] else "collapsed"
-    n = len(doc["windows"]) if doc["dry_run"] else doc["collapsed"]
+    n = doc["would_collapse"] if doc["dry_run"] else doc["collapsed"]
     out.print(f"pid {doc['pid']} ({doc['comm']}): {verb} {n} window(s) in "
               f"{doc['seconds']:.3f} s, RSS +{doc['rss_growth_kb']} kB")
     if doc["failed"]:

@@ -10,7 +10,7 @@ TIMEOUT = 5.0
 
 
 def request(path: str, msg: dict[str, Any]) -> dict[str, Any]:
-    """Send one request, return the reply; refusals of `set` raise InvalidTunable."""
+    """Send one request, return the reply; a refused key or value raises InvalidTunable."""
     import json
 
     try:
@@ -35,7 +35,9 @@ def request(path: str, msg: dict[str, Any]) -> dict[str, Any]:
         raise DaemonUnreachable(f"{path}: malformed reply") from err
     if not reply.get("ok"):
         error = reply.get("error", "request refused")
-        if msg.get("cmd") == "set":
+        # An unknown key or a value sysfs would refuse: exit 2. Anything else (permission,
+        # a malformed request): the daemon refuses us, exit 6.
+        if reply.get("kind", "invalid" if msg.get("cmd") == "set" else None) == "invalid":
             raise InvalidTunable(error)
         raise DaemonUnreachable(error)
     return reply

@@ -17,6 +17,8 @@ def decode_request(data: bytes) -> dict[str, Any]:
         msg = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"malformed message: {err}") from err
+    except RecursionError as err:  # "[[[[..." well under MAX_MESSAGE
+        raise ProtocolError("malformed message: nested too deeply") from err
     if not isinstance(msg, dict) or not isinstance(msg.get("cmd"), str):
         raise ProtocolError("malformed message: expected an object with a 'cmd' string")
     return msg

@@ -8,7 +8,7 @@ import socket
 from typing import Any, Protocol
 
 from hugepaged.control.protocol import MAX_MESSAGE, ProtocolError, decode_request, encode
-from hugepaged.errors import HugepagedError
+from hugepaged.errors import HugepagedError, InvalidTunable
 from hugepaged.kernel.peercred import peer_credentials
 
 log = logging.getLogger("hugepaged")
@@ -69,14 +69,21 @@ class ControlServer:
                     pass
 
     def answer(self, conn: socket.socket) -> dict[str, Any]:
-        if not self.allowed(conn):
-            return {"ok": False, "error": "permission denied"}
         try:
+            if not self.allowed(conn):
+                return {"ok": False, "error": "permission denied", "kind": "denied"}
             return self.dispatch(decode_request(_read_line(conn)))
+        except InvalidTunable as err:  # refused as sysfs refuses: the client exits 2
+            return {"ok": False, "error": str(err), "kind": "invalid"}
         except (ProtocolError, HugepagedError) as err:
             return {"ok": False, "error": str(err)}
         except TimeoutError:
             return {"ok": False, "error": "timed out waiting for a request"}
+        except OSError as err:  # the peer went away; the reply will not reach it either
+            return {"ok": False, "error": f"connection error: {err.strerror or err}"}
+        except Exception as err:  # noqa: BLE001 - no request may stop the daemon
+            log.exception("control request failed", extra={"event": "control_error"})
+            return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
 
     def dispatch(self, msg: dict[str, Any]) -> dict[str, Any]:
         cmd = msg["cmd"]

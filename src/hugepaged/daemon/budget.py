@@ -10,14 +10,18 @@ class CpuBudget:
         self.window = window
         self.tokens = 0.0
         self.stamp = now
+        self.percent = 0
         self.set_percent(percent)
         self.tokens = self.capacity
 
     def set_percent(self, percent: int) -> None:
+        uncapped = self.percent == 0
         self.percent = percent
         self.rate = percent / 100.0
         self.capacity = self.rate * self.window
-        self.tokens = min(self.tokens, self.capacity)
+        # From no cap to a cap: start with a full bucket, as at start-up; otherwise keep what
+        # is left (a debt stays a debt).
+        self.tokens = self.capacity if uncapped else min(self.tokens, self.capacity)
 
     def _refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)

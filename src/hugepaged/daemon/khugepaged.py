@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hugepaged.collapse import CollapseOutcome, collapse_window
 from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
-from hugepaged.kernel import Kernel
+from hugepaged.kernel import Kernel, KPageFlags
 from hugepaged.kernel.procfs import PF_KTHREAD, mapped_at
 from hugepaged.results import ScanResult
 from hugepaged.scan.decide import HPAGE_PMD_NR
@@ -68,7 +68,7 @@ class Khugepaged:
         self.counters = Counters()
         self.budget = CpuBudget(tunables.max_cpu_percent, clock())
         self.tunables = tunables
-        self.kpf = kernel.kpageflags()
+        self._kpf: KPageFlags | None = None  # opened at the first scan, after the start-up checks
         self.backoff_until = 0.0
         self.cpu_wait_until = 0.0
         self.stopping = False
@@ -85,9 +85,17 @@ class Khugepaged:
             for slot in self.registry.slots.values():
                 slot.wake()  # new rules: look at everyone again
 
+    @property
+    def kpf(self) -> KPageFlags:
+        if self._kpf is None:
+            self._kpf = self.kernel.kpageflags()
+        return self._kpf
+
     def close(self) -> None:
         self.registry.close()
-        self.kpf.close()
+        if self._kpf is not None:
+            self._kpf.close()
+            self._kpf = None
 
     # --- the registry's feeds -------------------------------------------------------
     def enter(self, pid: int, settle: float = 0.0) -> MmSlot | None:
@@ -114,6 +122,8 @@ class Khugepaged:
 
     def exit(self, pid: int) -> None:
         self.kthreads.discard(pid)
+        if pid in self.registry and self.registry.cursor.pid == pid:
+            self._advance(pid)  # collect_mm_slot at the tail still completes a full scan
         if self.registry.exit(pid):
             log.info("pid %d gone", pid, extra={"event": "unregister", "pid": pid})
 
@@ -134,6 +144,7 @@ class Khugepaged:
         pages = self.tunables.pages_to_scan
         progress, through_head, worked = 0, 0, False
         self.counters.passes += 1
+        self.kernel.drain_lru()  # khugepaged_do_scan: lru_add_drain_all()
         try:
             while progress < pages and not self.stopping:
                 if self.registry.cursor.pid is None:
@@ -181,7 +192,10 @@ class Khugepaged:
             if collapsed:
                 slot.wake()
             else:
+                if slot.forced:  # nothing changed and nothing found: force less often
+                    slot.rescan_every = min(RESCAN_MAX, slot.rescan_every * 2)
                 slot.settle(now)
+            slot.forced = False
             self._advance(pid)
         return progress, True
 
@@ -196,9 +210,11 @@ class Khugepaged:
         fp = (st.minflt, st.majflt, st.rss_pages)
         changed = fp != slot.fingerprint
         slot.fingerprint = fp
-        if slot.settled_for and not changed and now - slot.last_full < RESCAN_MAX:
-            slot.settle(now)
-            return False
+        if slot.settled_for and not changed:
+            if now - slot.last_full < slot.rescan_every:
+                slot.settle(now)
+                return False
+            slot.forced = True
         return True
 
     def _scan_vmas(self, slot: MmSlot, budget: int) -> tuple[int, bool, int]:

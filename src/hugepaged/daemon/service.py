@@ -20,7 +20,7 @@ from hugepaged.kernel import Kernel
 from hugepaged.kernel.connector import ProcConnector
 from hugepaged.tunables import NAMES, Tunables, parse, resolve
 
-from .kernel_quiet import KernelQuieter
+from .kernel_quiet import STATE_FILE, KernelQuieter
 from .khugepaged import Khugepaged
 
 log = logging.getLogger("hugepaged")
@@ -43,7 +43,7 @@ class Service:
 
     def __init__(self, kernel: Kernel, config_path: str | None, overrides: dict[str, str],
                  options: dict[str, Any] | None = None, notify=None,
-                 pids: list[int] | None = None) -> None:
+                 pids: list[int] | None = None, state_file: str = STATE_FILE) -> None:
         self.kernel, self.config_path, self.overrides = kernel, config_path, overrides
         self.cli_options = options or {}
         self.notify = notify or (lambda **kw: None)
@@ -55,6 +55,8 @@ class Service:
         self.stop_requested = self.reload_requested = False
         self.next_pass = 0.0
         self.connector: ProcConnector | None = None
+        self.quieter = KernelQuieter(kernel.thp, state_file)
+        self.running = False
         self.hooks: list = []  # called after each pass
         self.ticks: list = []  # called on every wake-up of the loop (sd_notify watchdog)
         self.max_sleep: float | None = None  # cap on the loop's sleep (watchdog interval)
@@ -113,6 +115,14 @@ class Service:
                          extra={"event": "tunable", "key": key, "old": getattr(old, key),
                                 "value": getattr(new, key), "source": source})
         self.core.set_tunables(new)
+        rules = ("enabled", "defrag", "max_ptes_none", "max_ptes_swap", "max_ptes_shared")
+        if any(getattr(old, k) != getattr(new, k) for k in rules):
+            self.next_pass = 0.0  # as a write to the kernel's `enabled` wakes khugepaged
+        if old.kernel_khugepaged != new.kernel_khugepaged and self.running:
+            if new.kernel_khugepaged == "quiet":
+                self.quieter.quiet()
+            else:
+                self.quieter.restore()
         if (old.scan_sleep_millisecs, old.alloc_sleep_millisecs) != \
            (new.scan_sleep_millisecs, new.alloc_sleep_millisecs):
             self.wakeup()
@@ -204,7 +214,7 @@ class Service:
 
     def run(self, control=None) -> int:
         """Serve until SIGTERM/SIGINT; everything changed in the kernel is put back."""
-        quieter = KernelQuieter(self.kernel.thp)
+        quieter = self.quieter
         quieter.recover()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         sel = selectors.DefaultSelector()
@@ -219,9 +229,11 @@ class Service:
                 sel.register(self.connector, selectors.EVENT_READ, "connector")
             if self.tunables.kernel_khugepaged == "quiet":
                 quieter.quiet()
+            self.running = True
             self.notify(ready=True, status="scanning")
             self._loop(sel, rfd, control)
         finally:
+            self.running = False
             self.notify(stopping=True, status="stopping")
             signal.set_wakeup_fd(-1)
             quieter.restore()

@@ -27,12 +27,21 @@ class Kernel:
         self.thp = ThpSysfs(self.sys_root)
         self.mm = MmStats(self.proc_root)
         self._scan_ok: bool | None = None
+        self._drain = None
 
     def pagemap(self, pid: int) -> PageMap:
         return PageMap(self.proc_root, pid)
 
     def kpageflags(self) -> KPageFlags:
         return KPageFlags(self.proc_root)
+
+    def drain_lru(self) -> None:
+        """lru_add_drain_all(), so kpageflags shows fresh pages on their LRU lists."""
+        if self._drain is None:
+            from hugepaged.kernel.madvise import LruDrain
+
+            self._drain = LruDrain()
+        self._drain()
 
     def has_pagemap_scan(self) -> bool:
         if self._scan_ok is None:

@@ -1,5 +1,6 @@
 """pidfds and process_madvise(MADV_COLLAPSE) through ctypes."""
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -14,6 +15,7 @@ MADV_COLLAPSE = 25
 _SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440, "arm64": 440, "riscv64": 440,
                         "ppc64le": 440, "s390x": 440}
 MIN_KERNEL = (6, 1)
+HPAGE_PMD_SIZE = 2 << 20
 
 
 class _IoVec(ctypes.Structure):
@@ -60,3 +62,29 @@ def process_madvise(pidfd: int, start: int, length: int, advice: int = MADV_COLL
     if ret < 0:
         return -ctypes.get_errno()
     return ret
+
+
+class LruDrain:
+    """lru_add_drain_all() from userspace, as khugepaged_do_scan does before each pass.
+
+    Freshly faulted pages wait in per-CPU batches before they reach an LRU list, and
+    kpageflags shows them without LRU until then. MADV_COLLAPSE drains every CPU's batch
+    before it looks at the range; on an empty window of our own (one whose VMA has an
+    anon_vma, hence the page written next to it) it then fails with EINVAL and allocates
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        import mmap
+
+        size = 3 * HPAGE_PMD_SIZE
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        first = (base + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        self._map[first - base] = 1  # gives the VMA its anon_vma
+        self._empty = first + HPAGE_PMD_SIZE - base  # offset of the untouched window
+
+    def __call__(self) -> None:
+        with contextlib.suppress(OSError):  # EINVAL is the answer; the drain has happened
+            self._map.madvise(MADV_COLLAPSE, self._empty, HPAGE_PMD_SIZE)
+

@@ -271,6 +271,7 @@ def scan_process(kernel: Kernel, pid: int, tunables: Tunables, kpf: KPageFlags, 
     """Decide every window of every VMA of `pid` (raises ProcessGone if it exits)."""
     status = kernel.procfs.status(pid)
     vmas = kernel.procfs.smaps(pid)
+    kernel.drain_lru()  # as khugepaged_do_scan and madvise_collapse do first
     with MmScanner(kernel, pid, kpf, limits_of(tunables, force), use_pagemap_scan) as mm:
         scans = [mm.scan_vma(v, tunables, not status.thp_enabled, force) for v in vmas]
     return ProcessScan(

@@ -1,0 +1,289 @@
+"""`hugepaged collapse` on real processes: real MADV_COLLAPSE calls, outcomes read back with the
+independent helpers (pagemap + kpageflags, smaps), page contents verified after every collapse.
+
+The command runs in-process (cli.main) for speed; tests/test_cli.py runs it as a subprocess.
+The kernel's own khugepaged is kept out (kernel `enabled=never`); hugepaged is told
+`enabled=madvise` so MADV_HUGEPAGE VMAs are still its candidates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+
+import pytest
+from helpers import (
+    HPAGE,
+    THP_DIR,
+    Workload,
+    anon_huge_kb,
+    pmd_mapped_windows,
+    present_per_window,
+    saved_thp,
+    vm_flags,
+)
+
+from hugepaged.cli import main
+from hugepaged.collapse import collapse_window
+from hugepaged.results import ScanResult as R
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="needs root: PFNs in pagemap, /proc/kpageflags, MADV_COLLAPSE"),
+    pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP"),
+]
+
+DEFAULTS = ["--set", "enabled=madvise", "--set", "max_ptes_none=511",
+            "--set", "max_ptes_shared=256", "--set", "max_ptes_swap=64"]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def drain_lru() -> None:
+    """lru_add_drain_all() (madvise_collapse() does it first), as khugepaged does before every
+    pass: freshly faulted pages leave the per-CPU batches for the LRU lists. See
+    test_kernel_scan.test_fresh_page_in_lru_batch for hugepaged without it."""
+    base = _libc.mmap(None, 2 * HPAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        addr = (base + HPAGE - 1) & ~(HPAGE - 1)
+        ctypes.c_char.from_address(addr).value = b"x"
+        if _libc.madvise(addr, HPAGE, 25) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
+    finally:
+        _libc.munmap(base, 2 * HPAGE)
+
+
+@pytest.fixture
+def thp_never():
+    with saved_thp(enabled="never"):
+        yield
+
+
+@pytest.fixture
+def collapse(capsys):
+    """Run `hugepaged collapse --json` on a pid (kernel-independent defaults, then `args`)."""
+    def run(pid: int, *args: str) -> dict:
+        drain_lru()
+        rc = main(["collapse", "--pid", str(pid), "--json", *DEFAULTS, *args])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert err == ""
+        return json.loads(out)
+    return run
+
+
+def in_regions(doc: dict, w: Workload) -> dict[str, list[str]]:
+    """The per-window results of `doc`, by region (windows outside the regions dropped)."""
+    got: dict[str, list[str]] = {}
+    for win in doc["windows"]:
+        a = int(win["address"], 16)
+        for name, r in w.regions.items():
+            if r.start <= a < r.end:
+                got.setdefault(name, []).append(win["result"])
+    return got
+
+
+def pmd_map(w: Workload) -> dict[str, list[bool]]:
+    return {n: pmd_mapped_windows(w.pid, r.start, r.end) for n, r in w.regions.items()}
+
+
+def test_collapse_pass(thp_never, collapse):
+    """One pass: full, single-page and partly filled windows and mlocked memory collapse;
+    the empty window, VM_NOHUGEPAGE and the non-MADV_HUGEPAGE VMA stay; a second pass finds
+    everything PMD_MAPPED."""
+    regions = [
+        {"name": "full", "windows": 3, "fill": "all", "hugepage": True},
+        {"name": "empty", "windows": 1, "fill": "none", "hugepage": True},
+        {"name": "single", "windows": 1, "fill": "first:1", "hugepage": True},
+        {"name": "k400", "windows": 1, "fill": "first:400", "zero_pages": "first:12",
+         "hugepage": True},
+        {"name": "nohuge", "windows": 1, "fill": "all", "nohugepage": True},
+        {"name": "plain", "windows": 1, "fill": "all"},
+        {"name": "locked", "windows": 2, "fill": "all", "hugepage": True, "mlock": True},
+    ]
+    with Workload(regions=regions) as w:
+        doc = collapse(w.pid)
+        w.verify()
+        assert doc["pid"] == w.pid and not doc["dry_run"] and not doc["force"]
+        assert in_regions(doc, w) == {"full": ["SUCCEED"] * 3, "single": ["SUCCEED"],
+                                      "k400": ["SUCCEED"], "locked": ["SUCCEED"] * 2}
+        assert doc["collapsed"] == len(doc["windows"]) >= 7
+        assert doc["failed"] == {}
+        assert doc["skipped"].get("PMD_NONE", 0) >= 1
+        assert pmd_map(w) == {"full": [True] * 3, "empty": [False], "single": [True],
+                              "k400": [True], "nohuge": [False], "plain": [False],
+                              "locked": [True, True]}
+        for name, kb in (("full", 3 * 2048), ("single", 2048), ("k400", 2048),
+                         ("locked", 2 * 2048), ("nohuge", 0), ("plain", 0), ("empty", 0)):
+            assert anon_huge_kb(w.pid, w.regions[name].start) == kb, name
+        # The single page's window grew by 511 pages, k400's by 100 empty + 12 zero pages.
+        assert doc["rss_growth_kb"] >= (511 + 112) * 4
+        assert present_per_window(w.pid, w.regions["empty"].start, w.regions["empty"].end) == [0]
+        assert "lo" in vm_flags(w.pid, w.regions["locked"].start)
+
+        again = collapse(w.pid)
+        w.verify()
+        assert in_regions(again, w) == {}
+        # (Windows outside the regions may appear: numpy MADV_HUGEPAGEs its big temporaries.)
+        assert again["failed"] == {}
+        assert again["skipped"].get("PMD_MAPPED", 0) >= 7
+        assert again["skipped"].get("PMD_NONE", 0) >= 1
+        assert pmd_map(w) == {"full": [True] * 3, "empty": [False], "single": [True],
+                              "k400": [True], "nohuge": [False], "plain": [False],
+                              "locked": [True, True]}
+
+
+def test_max_ptes_none_boundary_then_force(thp_never, collapse):
+    regions = [
+        {"name": "single", "windows": 1, "fill": "first:1", "hugepage": True},
+        {"name": "k400", "windows": 1, "fill": "first:400", "hugepage": True},
+        {"name": "k400_zero", "windows": 1, "fill": "first:400", "zero_pages": "first:12",
+         "hugepage": True},
+    ]
+    with Workload(regions=regions) as w:
+        doc = collapse(w.pid, "--set", "max_ptes_none=111")
+        w.verify()
+        assert in_regions(doc, w) == {}
+        assert doc["skipped"].get("EXCEED_NONE_PTE", 0) >= 3
+        assert pmd_map(w) == {"single": [False], "k400": [False], "k400_zero": [False]}
+
+        doc = collapse(w.pid, "--set", "max_ptes_none=112")
+        w.verify()
+        assert in_regions(doc, w) == {"k400": ["SUCCEED"], "k400_zero": ["SUCCEED"]}
+        assert pmd_map(w) == {"single": [False], "k400": [True], "k400_zero": [True]}
+
+        doc = collapse(w.pid, "--set", "max_ptes_none=510")
+        w.verify()
+        assert in_regions(doc, w) == {}
+        assert doc["skipped"].get("EXCEED_NONE_PTE", 0) >= 1
+        assert pmd_map(w)["single"] == [False]
+
+        # --force: MADV_COLLAPSE's semantics, max_ptes_* ignored.
+        doc = collapse(w.pid, "--force", "--set", "max_ptes_none=0")
+        w.verify()
+        assert doc["force"] is True
+        assert in_regions(doc, w) == {"single": ["SUCCEED"]}
+        assert pmd_map(w) == {"single": [True], "k400": [True], "k400_zero": [True]}
+        assert present_per_window(w.pid, w.regions["single"].start,
+                                  w.regions["single"].end) == [512]
+
+
+def test_single_page_at_511(thp_never, collapse):
+    with Workload(regions=[{"name": "one", "windows": 1, "fill": "pages:[300]",
+                            "hugepage": True}]) as w:
+        doc = collapse(w.pid)
+        w.verify()
+        assert in_regions(doc, w) == {"one": ["SUCCEED"]}
+        assert pmd_map(w) == {"one": [True]}
+        assert anon_huge_kb(w.pid, w.regions["one"].start) == 2048
+
+
+def test_dry_run_collapses_nothing(thp_never, collapse):
+    regions = [{"name": "full", "windows": 2, "fill": "all", "hugepage": True},
+               {"name": "single", "windows": 1, "fill": "first:1", "hugepage": True}]
+    with Workload(regions=regions) as w:
+        doc = collapse(w.pid, "--dry-run")
+        w.verify()
+        assert doc["dry_run"] is True
+        # What would be collapsed is listed ...
+        assert in_regions(doc, w) == {"full": ["SUCCEED"] * 2, "single": ["SUCCEED"]}
+        # ... but nothing was.
+        assert pmd_map(w) == {"full": [False, False], "single": [False]}
+        assert doc["rss_growth_kb"] == 0
+        for r in w.regions.values():
+            assert anon_huge_kb(w.pid, r.start) == 0
+        doc = collapse(w.pid, "--dry-run", "--force", "--set", "max_ptes_none=0")
+        w.verify()
+        assert in_regions(doc, w) == {"full": ["SUCCEED"] * 2, "single": ["SUCCEED"]}
+        assert pmd_map(w) == {"full": [False, False], "single": [False]}
+
+
+def test_nohugepage_refused_even_with_force(thp_never, collapse):
+    regions = [{"name": "nohuge", "windows": 2, "fill": "all", "nohugepage": True},
+               {"name": "hg", "windows": 1, "fill": "all", "hugepage": True}]
+    with Workload(regions=regions) as w:
+        doc = collapse(w.pid, "--force")
+        w.verify()
+        assert in_regions(doc, w) == {"hg": ["SUCCEED"]}
+        assert pmd_map(w) == {"nohuge": [False, False], "hg": [True]}
+        # And the kernel itself refuses MADV_COLLAPSE there: EINVAL, mapped to VMA_CHECK.
+        out = _collapse_direct(w.pid, w.regions["nohuge"].start)
+        w.verify()
+        assert (out.result, out.errno) == (R.VMA_CHECK, errno.EINVAL)
+        assert pmd_map(w)["nohuge"] == [False, False]
+
+
+def test_prctl_thp_disable_refused_even_with_force(thp_never, collapse):
+    regions = [{"name": "a", "windows": 2, "fill": "all", "hugepage": True}]
+    with Workload(regions=regions, prctl_thp_disable=True) as w:
+        for extra in ([], ["--force"], ["--set", "enabled=always"]):
+            doc = collapse(w.pid, *extra)
+            w.verify()
+            assert doc["windows"] == [] and doc["collapsed"] == 0, extra
+        out = _collapse_direct(w.pid, w.regions["a"].start)
+        w.verify()
+        assert (out.result, out.errno) == (R.VMA_CHECK, errno.EINVAL)
+        assert pmd_map(w) == {"a": [False, False]}
+
+
+def test_enabled_modes(thp_never, collapse):
+    """madvise: only MADV_HUGEPAGE VMAs; always: the others too; never: nothing."""
+    regions = [{"name": "hg", "windows": 1, "fill": "all", "hugepage": True},
+               {"name": "plain", "windows": 2, "fill": "all"}]
+    with Workload(regions=regions) as w:
+        doc = collapse(w.pid, "--set", "enabled=never")
+        w.verify()
+        assert doc["windows"] == [] and pmd_map(w) == {"hg": [False], "plain": [False] * 2}
+
+        doc = collapse(w.pid, "--set", "enabled=madvise")
+        w.verify()
+        assert in_regions(doc, w) == {"hg": ["SUCCEED"]}
+        assert pmd_map(w) == {"hg": [True], "plain": [False] * 2}
+
+        doc = collapse(w.pid, "--set", "enabled=always")
+        w.verify()
+        assert in_regions(doc, w) == {"plain": ["SUCCEED"] * 2}
+        assert pmd_map(w) == {"hg": [True], "plain": [True] * 2}
+        assert anon_huge_kb(w.pid, w.regions["plain"].start) == 2 * 2048
+
+
+def test_shared_with_forked_child_boundary(thp_never, collapse):
+    regions = [
+        {"name": "s40", "windows": 2, "fill": "all", "share_after_fork": 40, "hugepage": True},
+        {"name": "own", "windows": 1, "fill": "all", "share_after_fork": 0, "hugepage": True},
+    ]
+    with Workload(regions=regions, fork_child=True) as w:
+        doc = collapse(w.pid, "--set", "max_ptes_shared=39")
+        w.verify()
+        assert in_regions(doc, w) == {"own": ["SUCCEED"]}
+        assert doc["skipped"].get("EXCEED_SHARED_PTE", 0) >= 2
+        assert pmd_map(w) == {"s40": [False, False], "own": [True]}
+
+        doc = collapse(w.pid, "--set", "max_ptes_shared=40")
+        w.verify()
+        assert in_regions(doc, w) == {"s40": ["SUCCEED"] * 2}
+        assert pmd_map(w) == {"s40": [True, True], "own": [True]}
+        # The child's copies are untouched: still 4 KiB, still there.
+        s = w.regions["s40"]
+        assert present_per_window(w.child_pid, s.start, s.end) == [512, 512]
+        assert pmd_mapped_windows(w.child_pid, s.start, s.end) == [False, False]
+
+
+def _collapse_direct(pid: int, address: int):
+    pidfd = os.pidfd_open(pid)
+    try:
+        return collapse_window(pidfd, pid, address, lambda: True)
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,646 @@
+"""The registry (mm_slot list) and the pass (khugepaged_do_scan / khugepaged_scan_mm_slot).
+
+The pass runs against a fixture kernel: a /proc whose processes, VMAs and per-window page
+counts the test lays out, so that progress and cursor positions can be checked exactly against
+the seed's accounting (progress++ on entry, +1 per VMA skipped, +HPAGE_PMD_NR per window,
+stop once progress >= pages_to_scan). The slots still hold real pidfds of real (sleeping)
+processes, so exits are the kernel's, not the fixture's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from hugepaged.collapse import CollapseOutcome, result_of_errno
+from hugepaged.daemon import khugepaged as khp
+from hugepaged.daemon.budget import CpuBudget
+from hugepaged.daemon.khugepaged import Khugepaged
+from hugepaged.daemon.registry import RESCAN_MAX, RESCAN_MIN, SETTLE_MAX, SETTLE_MIN, Registry
+from hugepaged.errors import ProcessGone
+from hugepaged.kernel.procfs import PF_KTHREAD, ProcStat, ProcStatus, Vma
+from hugepaged.kernel.sysfs import MmStats
+from hugepaged.results import ScanResult
+from hugepaged.tunables import Tunables
+
+HP = 2 << 20
+NR = 512
+BASE = 0x7F0000000000
+
+
+# --------------------------------------------------------------------------------------------
+# Real processes to hold pidfds of
+
+
+@pytest.fixture
+def sleepers():
+    """spawn(n) -> n pids of real `sleep` processes; all killed at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def spawn(n: int = 1) -> list[int]:
+        new = [subprocess.Popen(["sleep", "300"]) for _ in range(n)]
+        procs.extend(new)
+        return [p.pid for p in new]
+
+    def kill(pid: int) -> None:
+        for p in procs:
+            if p.pid == pid:
+                p.kill()
+                p.wait()
+
+    spawn.kill = kill  # type: ignore[attr-defined]
+    yield spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# The fixture kernel
+
+
+def anon(start: int, windows: int, hg: bool = True, path: str = "") -> Vma:
+    flags = {"rd", "wr", "mr", "mw", "me", "ac"} | ({"hg"} if hg else set())
+    return Vma(start, start + windows * HP, "rw-p", 0, 0, path, frozenset(flags))
+
+
+def filemap(start: int, pages: int = 16) -> Vma:
+    return Vma(start, start + pages * 4096, "r--p", 0, 1234, "/usr/lib/libc.so.6",
+               frozenset({"rd", "mr", "mw", "me"}))
+
+
+@dataclass
+class FakeProcess:
+    comm: str
+    vmas: list[Vma]
+    present: dict[int, int] = field(default_factory=dict)  # window address -> pages present
+    huge: set[int] = field(default_factory=set)
+    minflt: int = 0
+    flags: int = 0
+    gone: bool = False
+
+    def fill(self, vma: Vma, pages: int = NR) -> None:
+        for a in range(vma.start, vma.end, HP):
+            self.present[a] = pages
+
+
+class FakeProcFS:
+    def __init__(self) -> None:
+        self.procs: dict[int, FakeProcess] = {}
+
+    def _get(self, pid: int) -> FakeProcess:
+        p = self.procs.get(pid)
+        if p is None or p.gone:
+            raise ProcessGone(f"pid {pid}: process has exited")
+        return p
+
+    def pids(self) -> list[int]:
+        return sorted(pid for pid, p in self.procs.items() if not p.gone)
+
+    def stat(self, pid: int) -> ProcStat:
+        p = self._get(pid)
+        return ProcStat(pid, p.comm, "S", p.flags, p.minflt, 0, 0, 0, 0,
+                        sum(p.present.values()))
+
+    def status(self, pid: int) -> ProcStatus:
+        p = self._get(pid)
+        return ProcStatus(p.comm, pid, True, 0, 0)
+
+    def smaps(self, pid: int) -> list[Vma]:
+        return list(self._get(pid).vmas)
+
+    def maps_text(self, pid: int) -> str:
+        return "".join(f"{v.start:x}-{v.end:x} {v.perms} 0 0:0 {v.inode}\n"
+                       for v in self._get(pid).vmas)
+
+
+class FakeMm:
+    def __init__(self) -> None:
+        self.free = 1000
+
+    def free_huge_blocks(self) -> int:
+        return self.free
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.procfs = FakeProcFS()
+        self.mm = FakeMm()
+        self.scans: list[tuple[int, int, int]] = []  # (pid, start, end) of decide_range calls
+
+    def kpageflags(self):
+        return SimpleNamespace(close=lambda: None)
+
+
+class FakeScanner:
+    """MmScanner over the fixture: a window's code from its present count and the limits."""
+
+    def __init__(self, kernel: FakeKernel, pid: int, kpf, limits) -> None:
+        self.kernel, self.pid, self.limits = kernel, pid, limits
+
+    def __enter__(self) -> FakeScanner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def decide_range(self, start: int, end: int, armed: bool = False):
+        self.kernel.scans.append((self.pid, start, end))
+        p = self.kernel.procfs._get(self.pid)
+        codes = []
+        for a in range(start, end, HP):
+            n = p.present.get(a, 0)
+            if a in p.huge:
+                codes.append(ScanResult.PMD_MAPPED)
+            elif n == 0:
+                codes.append(ScanResult.PMD_NONE)
+            elif NR - n > self.limits.max_ptes_none:
+                codes.append(ScanResult.EXCEED_NONE_PTE)
+            else:
+                codes.append(ScanResult.SUCCEED)
+        return SimpleNamespace(codes=np.array(codes, dtype=np.int8))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(monkeypatch):
+    """(kernel, clock, collapses, make_core): the fixture kernel with collapse_window faked."""
+    kernel = FakeKernel()
+    clock = Clock()
+    collapses: list[tuple[int, int]] = []
+    behaviour: dict = {"fail": {}, "hook": None}
+
+    def fake_collapse(pidfd, pid, address, still_mapped):
+        collapses.append((pid, address))
+        if behaviour["hook"] is not None:
+            behaviour["hook"](pid, address)
+        p = kernel.procfs.procs.get(pid)
+        if p is None or p.gone:
+            raise ProcessGone(f"pid {pid}: process has exited")
+        fail = behaviour["fail"].get(address)
+        if fail is not None:
+            return CollapseOutcome(address, fail, errno.ENOMEM, 0.0001)
+        p.huge.add(address)
+        return CollapseOutcome(address, ScanResult.SUCCEED, 0, 0.0001)
+
+    monkeypatch.setattr(khp, "MmScanner", FakeScanner)
+    monkeypatch.setattr(khp, "collapse_window", fake_collapse)
+
+    def make_core(**tunables) -> Khugepaged:
+        t = Tunables(enabled="madvise", max_cpu_percent=0, **tunables)
+        core = Khugepaged(kernel, t, clock=clock)
+        return core
+
+    return SimpleNamespace(kernel=kernel, clock=clock, collapses=collapses,
+                           behaviour=behaviour, make_core=make_core)
+
+
+def layout(world, pid: int, windows: int = 10, comm: str = "app") -> tuple[FakeProcess, Vma]:
+    """A process: a file mapping, an anon VMA without MADV_HUGEPAGE, the candidate VMA of
+    `windows` full windows, and a stack: three VMAs a madvise-mode scan skips."""
+    base = BASE + (pid % 1000) * (1 << 32)
+    hg = anon(base + 64 * HP, windows)
+    p = FakeProcess(comm, [filemap(base), anon(base + 8 * HP, 4, hg=False), hg,
+                           anon(base + 512 * HP, 1, hg=False, path="[stack]")])
+    p.fill(hg)
+    p.fill(p.vmas[1])
+    world.kernel.procfs.procs[pid] = p
+    return p, hg
+
+
+def examined(core: Khugepaged) -> int:
+    return sum(core.counters.results.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+
+
+def test_registry_order_cursor_and_exit(sleepers):
+    a, b, c = sleepers(3)
+    reg = Registry()
+    try:
+        for pid in (a, b, c):
+            assert reg.enter(pid, "sleep") is not None
+        assert list(reg.slots) == [a, b, c] and len(reg) == 3 and b in reg
+        assert reg.first_pid() == a and reg.next_pid(a) == b and reg.next_pid(c) is None
+        assert reg.enter(b) is reg.slots[b]  # registered once
+        reg.cursor.pid, reg.cursor.address = b, 0x200000
+        assert reg.exit(b) and b not in reg
+        assert (reg.cursor.pid, reg.cursor.address) == (c, 0)  # moved past it
+        assert reg.next_pid(a) == c and reg.next_pid(c) is None
+        (d,) = sleepers(1)
+        reg.enter(d)
+        assert reg.next_pid(c) == d and list(reg.slots) == [a, c, d]
+        assert reg.exit(d)
+        reg.cursor.pid = c
+        assert reg.exit(c) and reg.cursor.pid is None  # the tail: back to the head
+        assert not reg.exit(c)
+    finally:
+        reg.close()
+    assert len(reg) == 0
+
+
+def test_registry_refuses_itself_and_vanished_processes(sleepers):
+    reg = Registry()
+    try:
+        assert reg.enter(os.getpid()) is None
+        (pid,) = sleepers(1)
+        sleepers.kill(pid)
+        assert reg.enter(pid) is None  # reaped: no pidfd
+        assert len(reg) == 0
+    finally:
+        reg.close()
+
+
+def test_pidfd_notices_exit_and_reap_drops_the_slot(sleepers):
+    a, b = sleepers(2)
+    reg = Registry()
+    try:
+        reg.enter(a)
+        reg.enter(b)
+        assert not reg.slots[a].exited()
+        os.kill(a, signal.SIGKILL)
+        os.waitid(os.P_PID, a, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+        assert reg.slots[a].exited()  # the pidfd, not the pid, says so
+        assert reg.reap() == [a]
+        assert list(reg.slots) == [b]
+    finally:
+        reg.close()
+
+
+def test_settle_doubles_up_to_the_cap_and_wake_resets(sleepers):
+    (pid,) = sleepers(1)
+    reg = Registry()
+    try:
+        slot = reg.enter(pid)
+        seen = []
+        for _ in range(10):
+            slot.settle(100.0)
+            seen.append(slot.settled_for)
+        assert seen[0] == SETTLE_MIN and seen[-1] == SETTLE_MAX
+        assert all(b == min(SETTLE_MAX, 2 * a) for a, b in zip(seen, seen[1:], strict=False))
+        assert slot.due == 100.0 + SETTLE_MAX
+        slot.wake()
+        assert (slot.settled_for, slot.due) == (0.0, 0.0)
+        assert reg.next_due() == 0.0
+    finally:
+        reg.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Feeds: discovery, kernel threads, ourselves, targeted mode
+
+
+def test_discover_registers_user_processes_only(world, sleepers):
+    a, b, kt = sleepers(3)
+    layout(world, a)
+    layout(world, b, comm="excluded-one")
+    world.kernel.procfs.procs[kt] = FakeProcess("kworker/0:1", [], flags=PF_KTHREAD)
+    world.kernel.procfs.procs[os.getpid()] = FakeProcess("hugepaged", [])
+    core = world.make_core()
+    import re
+    core.exclude_comm = re.compile(r"excluded-.*")
+    core.discover()
+    assert list(core.registry.slots) == [a]
+    assert kt in core.kthreads
+    world.kernel.procfs.procs[a].gone = True  # gone from /proc: the walk drops it
+    core.discover()
+    assert len(core.registry) == 0
+    core.close()
+
+
+def test_targeted_mode_registers_only_the_given_pids(world, sleepers):
+    a, b = sleepers(2)
+    layout(world, a)
+    layout(world, b)
+    core = world.make_core()
+    core.only_pids = {b}
+    core.discover()
+    assert list(core.registry.slots) == [b]
+    assert core.enter(a) is None
+    core.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The pass: progress accounting as the seed's
+
+
+def test_progress_accounting_is_the_kernels(world, sleepers):
+    (pid,) = sleepers(1)
+    p, hg = layout(world, pid, windows=10)
+    core = world.make_core(pages_to_scan=3 * NR)
+    core.discover()
+    cur = core.registry.cursor
+
+    # Pass 1: progress 1 on entry + 2 VMAs skipped = 3, then windows until >= 1536: three.
+    assert core.do_scan()
+    assert examined(core) == 3 and core.counters.pages_collapsed == 3
+    assert (cur.pid, cur.address) == (pid, hg.start + 3 * HP)
+    # Passes 2 and 3 resume at the cursor: 1 + 3 * 512 each, the skipped VMAs are behind it.
+    core.do_scan()
+    core.do_scan()
+    assert examined(core) == 9 and cur.address == hg.start + 9 * HP
+    assert core.counters.full_scans == 0
+    # Pass 4: the last window (513), the stack VMA (514): the mm is done, the cursor wraps
+    # (a full scan) and, as in khugepaged_do_scan, the same pass goes on from the head with
+    # what is left (1022): 1 + 2 skipped + two windows.
+    core.do_scan()
+    assert core.counters.full_scans == 1
+    assert core.counters.results == {"SUCCEED": 10, "PMD_MAPPED": 2}
+    assert cur.address == hg.start + 2 * HP
+    assert core.counters.passes == 4
+    assert sorted(a for _, a in world.collapses) == list(range(hg.start, hg.end, HP))
+    assert p.huge == set(range(hg.start, hg.end, HP))
+    core.close()
+
+
+def test_a_pass_never_reads_more_than_its_budget_needs(world, sleepers):
+    """decide_range is asked for exactly the windows the budget still allows."""
+    (pid,) = sleepers(1)
+    _, hg = layout(world, pid, windows=40)
+    core = world.make_core(pages_to_scan=5 * NR)
+    core.discover()
+    core.do_scan()
+    assert world.kernel.scans == [(pid, hg.start, hg.start + 5 * HP)]
+    core.close()
+
+
+def test_settled_process_costs_one_unit_and_no_reads(world, sleepers):
+    a, b = sleepers(2)
+    layout(world, a, windows=2)
+    layout(world, b, windows=2)
+    core = world.make_core(pages_to_scan=65536)
+    core.discover()
+    core.do_scan()  # from the head to the tail: everything collapsed, both slots awake
+    assert core.counters.pages_collapsed == 4 and core.counters.full_scans == 1
+    slots = core.registry.slots
+    assert [s.settled_for for s in slots.values()] == [0.0, 0.0]
+    assert core.do_scan()  # looked at again: nothing left, both settle
+    assert core.counters.results == {"SUCCEED": 4, "PMD_MAPPED": 4}
+    assert [s.settled_for for s in slots.values()] == [SETTLE_MIN] * 2
+    world.kernel.scans.clear()
+    full = core.counters.full_scans
+    assert not core.do_scan()  # nothing due: an idle pass, no page read
+    assert world.kernel.scans == []
+    assert core.counters.full_scans == full + 1
+    # Due, but the fault counters did not move: no scan, the back-off doubles.
+    world.clock.now += SETTLE_MIN
+    assert not core.do_scan()
+    assert world.kernel.scans == []
+    assert all(s.settled_for == 2 * SETTLE_MIN for s in slots.values())
+    # One process faults: only it is scanned again.
+    world.kernel.procfs.procs[b].minflt += 1
+    world.clock.now += 2 * SETTLE_MIN
+    assert core.do_scan()
+    assert {s[0] for s in world.kernel.scans} == {b}
+    # Unchanged for RESCAN_MIN: scanned anyway (MADV_HUGEPAGE moves no counter) ...
+    world.kernel.scans.clear()
+    world.clock.now += RESCAN_MIN
+    core.do_scan()
+    assert {s[0] for s in world.kernel.scans} == {a, b}
+    # ... and, as that found nothing, forced half as often from then on, down to RESCAN_MAX.
+    assert all(s.rescan_every == 2 * RESCAN_MIN for s in slots.values())
+    world.kernel.scans.clear()
+    world.clock.now += RESCAN_MIN
+    core.do_scan()
+    assert world.kernel.scans == []
+    world.clock.now += RESCAN_MIN
+    core.do_scan()
+    assert {s[0] for s in world.kernel.scans} == {a, b}
+    for _ in range(10):
+        world.clock.now += RESCAN_MAX
+        core.do_scan()
+    assert all(s.rescan_every == RESCAN_MAX for s in slots.values())
+    # A collapse is activity: back to the shortest interval.
+    slots[a].wake()
+    assert slots[a].rescan_every == RESCAN_MIN
+    core.close()
+
+
+def test_tunable_change_wakes_settled_slots(world, sleepers):
+    (pid,) = sleepers(1)
+    p, hg = layout(world, pid, windows=4)
+    p.fill(hg, pages=100)  # 412 empty PTEs
+    core = world.make_core(max_ptes_none=0)
+    core.discover()
+    core.do_scan()
+    assert core.counters.results["EXCEED_NONE_PTE"] == 4 and core.counters.pages_collapsed == 0
+    slot = core.registry.slots[pid]
+    assert slot.settled_for > 0
+    core.set_tunables(core.tunables.with_values({"pages_to_scan": 1024}))
+    assert slot.settled_for > 0  # the budget is not a rule about windows
+    core.set_tunables(core.tunables.with_values({"max_ptes_none": 511}))
+    assert slot.due == 0.0
+    core.do_scan()
+    assert core.counters.pages_collapsed == 2  # pages_to_scan 1024: the next pass, two windows
+    core.close()
+
+
+def test_new_process_enters_behind_the_cursor(world, sleepers):
+    a, b = sleepers(2)
+    layout(world, a, windows=8)
+    core = world.make_core(pages_to_scan=2 * NR)
+    core.discover()
+    core.do_scan()
+    assert core.registry.cursor.pid == a
+    layout(world, b, windows=1)
+    core.enter(b, settle=1.0)
+    assert list(core.registry.slots) == [a, b]
+    core.do_scan()
+    assert all(pid == a for pid, _ in world.collapses)  # not due yet, and behind a anyway
+    world.clock.now += 1.0
+    for _ in range(5):
+        core.do_scan()
+    assert (b, core.kernel.procfs.procs[b].vmas[2].start) in world.collapses
+    core.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Exits during a pass
+
+
+def test_process_exiting_mid_pass_is_dropped_and_the_pass_goes_on(world, sleepers):
+    a, b = sleepers(2)
+    pa, hga = layout(world, a, windows=8)
+    _, hgb = layout(world, b, windows=2)
+    core = world.make_core(pages_to_scan=65536)
+    core.discover()
+
+    def exit_a(pid, address):
+        if pid == a and address == hga.start + 3 * HP:
+            sleepers.kill(a)  # really gone: its pidfd polls readable
+            pa.gone = True
+
+    world.behaviour["hook"] = exit_a
+    core.do_scan()
+    assert a not in core.registry and b in core.registry
+    assert {x for pid, x in world.collapses if pid == b} == set(range(hgb.start, hgb.end, HP))
+    assert core.counters.pages_collapsed == 3 + 2
+    core.close()
+
+
+def test_exit_event_for_the_cursor_process_moves_the_cursor(world, sleepers):
+    a, b = sleepers(2)
+    layout(world, a, windows=8)
+    layout(world, b, windows=8)
+    core = world.make_core(pages_to_scan=2 * NR)
+    core.discover()
+    core.do_scan()
+    assert core.registry.cursor.pid == a
+    core.exit(a)  # the connector's exit event, between passes
+    assert (core.registry.cursor.pid, core.registry.cursor.address) == (b, 0)
+    core.exit(b)  # the tail: a full scan, as collect_mm_slot would count it
+    assert core.registry.cursor.pid is None and core.counters.full_scans == 1
+    assert not core.do_scan()
+    core.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation back-off, defrag=0, CPU cap, stop
+
+
+def test_alloc_failure_backs_off_and_resumes_at_the_same_window(world, sleepers):
+    (pid,) = sleepers(1)
+    _, hg = layout(world, pid, windows=4)
+    core = world.make_core(alloc_sleep_millisecs=60000)
+    core.discover()
+    bad = hg.start + HP
+    world.behaviour["fail"][bad] = ScanResult.ALLOC_HUGE_PAGE_FAIL
+    assert core.do_scan()
+    assert core.backoff_until == world.clock.now + 60.0
+    assert core.counters.alloc_backoffs == 1
+    assert core.counters.collapse_failures == {"ENOMEM": 1}
+    assert (core.registry.cursor.pid, core.registry.cursor.address) == (pid, bad)
+    # Inside the back-off not one collapse is tried.
+    del world.behaviour["fail"][bad]
+    n = len(world.collapses)
+    core.do_scan()
+    assert len(world.collapses) == n
+    # Over: the pass goes on at that very window.
+    world.clock.now = core.backoff_until
+    core.do_scan()
+    assert world.collapses[n] == (pid, bad)
+    assert core.counters.pages_collapsed == 4
+    core.close()
+
+
+def test_result_of_enomem_depends_on_the_mapping():
+    assert result_of_errno(errno.ENOMEM, lambda: True) == ScanResult.ALLOC_HUGE_PAGE_FAIL
+    assert result_of_errno(errno.ENOMEM, lambda: False) == ScanResult.VMA_NULL
+
+
+BUDDY_NONE = """\
+Node 0, zone      DMA      1      1      1      0      2      1      1      0      1      0      0
+Node 0, zone    DMA32      3      4      2      3      2      4      4      3      5      0      0
+Node 0, zone   Normal    120     80     40     20     10      5      3      2      1      0      0
+"""
+
+
+def test_backoff_ends_when_buddyinfo_shows_a_free_huge_block(tmp_path, world, sleepers):
+    (pid,) = sleepers(1)
+    _, hg = layout(world, pid, windows=2)
+    buddy = tmp_path / "buddyinfo"
+    buddy.write_text(BUDDY_NONE)
+    world.kernel.mm = MmStats(str(tmp_path))
+    core = world.make_core()
+    core.discover()
+    world.behaviour["fail"][hg.start] = ScanResult.ALLOC_HUGE_PAGE_FAIL
+    core.do_scan()
+    assert core.backoff_until > world.clock.now
+    assert not core.end_backoff_if_free()  # orders 0..8 only: no 2 MiB block
+    assert core.backoff_until > world.clock.now
+    buddy.write_text(BUDDY_NONE.replace("1      0      0\n", "1      1      0\n", 1))
+    assert world.kernel.mm.free_huge_blocks() == 1
+    assert core.end_backoff_if_free()
+    assert core.backoff_until == 0.0
+    assert not core.end_backoff_if_free()  # nothing to end
+    core.close()
+
+
+def test_order_10_block_counts_twice(tmp_path):
+    (tmp_path / "buddyinfo").write_text(BUDDY_NONE.replace("0      0\n", "0      3\n"))
+    assert MmStats(str(tmp_path)).free_huge_blocks() == 3 * 2 * 3
+
+
+def test_defrag_0_collapses_only_while_a_free_block_exists(world, sleepers):
+    (pid,) = sleepers(1)
+    layout(world, pid, windows=2)
+    core = world.make_core(defrag=0)
+    core.discover()
+    world.kernel.mm.free = 0
+    core.do_scan()
+    assert world.collapses == [] and core.backoff_until > 0
+    world.kernel.mm.free = 1
+    assert core.end_backoff_if_free()
+    core.do_scan()
+    assert len(world.collapses) == 2
+    core.close()
+
+
+def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
+    (pid,) = sleepers(1)
+    layout(world, pid, windows=4)
+    core = world.make_core()
+    core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
+    core.discover()
+    core.budget.tokens = -0.01  # 10 ms over: 0.2 s at 5 %
+    assert core.do_scan()
+    assert world.collapses == []
+    assert core.cpu_wait_until == pytest.approx(world.clock.now + 0.2)
+    world.clock.now += 0.2 + 1e-6
+    core.do_scan()
+    assert len(world.collapses) >= 1  # tokens back above zero: collapses start again
+    world.clock.now += 1.0
+    core.do_scan()
+    assert len(world.collapses) == 4
+    core.close()
+
+
+def test_budget_token_bucket():
+    b = CpuBudget(5, now=0.0)
+    assert b.capacity == pytest.approx(0.25) and b.allows(0.0)
+    b.charge(0.3)
+    assert not b.allows(0.0)
+    assert b.wait(0.0) == pytest.approx(0.05 / 0.05)
+    assert b.allows(1.01)
+    b.set_percent(0)  # no cap
+    b.charge(100.0)
+    assert b.allows(1.02) and b.wait(1.02) == 0.0
+    b.set_percent(10)  # a cap again: a full bucket, not the debt run up without one
+    assert b.tokens == b.capacity and b.allows(1.02)
+    b.charge(1.0)
+    b.set_percent(5)  # from one cap to another: the debt stays
+    assert b.tokens < 0 and not b.allows(1.02)
+
+
+def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):
+    (pid,) = sleepers(1)
+    _, hg = layout(world, pid, windows=8)
+    core = world.make_core(pages_to_scan=65536)
+    core.discover()
+
+    def stop_after_two(pid_, address):
+        if len(world.collapses) == 2:
+            core.stopping = True
+
+    world.behaviour["hook"] = stop_after_two
+    core.do_scan()
+    assert len(world.collapses) == 2  # the window in flight finished, no new one started
+    assert core.registry.cursor.address == hg.start + 2 * HP
+    core.close()
