@@ -43,7 +43,7 @@ PROCESS_KEYS = {"pid", "comm", "anon_kb", "anon_huge_kb", "coverage_pct", "eligi
 TOTAL_KEYS = {"processes", "anon_kb", "anon_huge_kb", "eligible_windows", "collapsible",
               "results"}
 COLLAPSE_KEYS = {"version", "pid", "comm", "dry_run", "force", "referenced_known", "windows",
-                 "collapsed", "failed", "skipped", "seconds", "rss_growth_kb"}
+                 "collapsed", "would_collapse", "failed", "skipped", "seconds", "rss_growth_kb"}
 WINDOW_KEYS = {"address", "result", "errno", "ms"}
 MADVISE = ["--set", "enabled=madvise"]
 
@@ -339,6 +339,7 @@ def test_collapse_dry_run_json(thp_never):
         doc = json.loads(res.stdout)
         assert doc["dry_run"] is True
         assert len(doc["windows"]) >= 3
+        assert doc["collapsed"] == 0 and doc["would_collapse"] == len(doc["windows"])
         for r in w.regions.values():
             assert not any(pmd_mapped_windows(w.pid, r.start, r.end)), r.name
         assert doc["rss_growth_kb"] == 0
