@@ -416,12 +416,11 @@ def test_quieter_saves_restores_and_recovers(fake_thp, tmp_path):
 @needs_root
 def test_a_crash_of_the_loop_still_restores_the_kernel(fake_thp, tmp_path, monkeypatch):
     state = tmp_path / "state.json"
-    monkeypatch.setattr(service_mod, "KernelQuieter",
-                        lambda thp: KernelQuieter(thp, str(state)))
     sleeper = subprocess.Popen(["sleep", "300"])
     kernel = Kernel(sys_root=str(Path(fake_thp.dir).parents[2]))
     svc = service_mod.Service(kernel, None, {"kernel_khugepaged": "quiet",
-                                             "enabled": "madvise"}, pids=[sleeper.pid])
+                                             "enabled": "madvise"}, pids=[sleeper.pid],
+                              state_file=str(state))
     seen = {}
 
     def crash() -> bool:

@@ -139,6 +139,9 @@ class FakeKernel:
     def kpageflags(self):
         return SimpleNamespace(close=lambda: None)
 
+    def drain_lru(self) -> None:
+        self.drains = getattr(self, "drains", 0) + 1
+
 
 class FakeScanner:
     """MmScanner over the fixture: a window's code from its present count and the limits."""
