@@ -188,6 +188,7 @@ class Khugepaged:
             self.exit(pid)
             return 1, True
         if finished:
+            slot.visit = None
             slot.last_full = now
             if collapsed:
                 slot.wake()
@@ -220,8 +221,10 @@ class Khugepaged:
     def _scan_vmas(self, slot: MmSlot, budget: int) -> tuple[int, bool, int]:
         """Walk the VMAs from the cursor; (progress, reached the end, windows collapsed)."""
         cur, t = self.registry.cursor, self.tunables
-        status = self.kernel.procfs.status(slot.pid)
-        vmas = self.kernel.procfs.smaps(slot.pid)
+        if cur.address == 0 or slot.visit is None:
+            thp_enabled = self.kernel.procfs.status(slot.pid).thp_enabled
+            slot.visit = (thp_enabled, self.kernel.procfs.smaps(slot.pid))
+        thp_enabled, vmas = slot.visit
         if slot.exited():
             raise ProcessGone(f"pid {slot.pid}: process has exited")
         progress, collapsed = 1, 0
@@ -229,7 +232,7 @@ class Khugepaged:
             for vma in vmas:
                 if vma.end <= cur.address:
                     continue
-                if vma_skip_reason(vma, t.enabled, not status.thp_enabled) is not None:
+                if vma_skip_reason(vma, t.enabled, not thp_enabled) is not None:
                     progress += 1
                     continue
                 hstart, hend = aligned_range(vma)

@@ -38,6 +38,10 @@ class MmSlot:
     last_result: str = ""
     rescan_every: float = RESCAN_MIN  # forced full rescan of a quiet slot after this long
     forced: bool = False  # the visit in progress is a forced rescan
+    # (THP enabled for the process, its VMAs) read when a visit starts at address 0 and
+    # kept until the visit ends: a pass that stops mid-process (budget, CPU cap) resumes
+    # without re-reading smaps, whose page-table walk costs ~12 ms per GiB mapped.
+    visit: tuple | None = None
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)
