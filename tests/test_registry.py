@@ -602,11 +602,11 @@ def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
     core = world.make_core()
     core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
     core.discover()
-    core.budget.tokens = -0.01  # 10 ms over: 0.2 s at 5 %
+    core.budget.tokens = -0.01  # 10 ms over, and a quarter of the 0.25 s bucket to refill
     assert core.do_scan()
     assert world.collapses == []
-    assert core.cpu_wait_until == pytest.approx(world.clock.now + 0.2)
-    world.clock.now += 0.2 + 1e-6
+    assert core.cpu_wait_until == pytest.approx(world.clock.now + (0.0625 + 0.01) / 0.05)
+    world.clock.now += 1.45 + 1e-6
     core.do_scan()
     assert len(world.collapses) >= 1  # tokens back above zero: collapses start again
     world.clock.now += 1.0
@@ -620,13 +620,14 @@ def test_budget_token_bucket():
     assert b.capacity == pytest.approx(0.25) and b.allows(0.0)
     b.charge(0.3)
     assert not b.allows(0.0)
-    assert b.wait(0.0) == pytest.approx(0.05 / 0.05)
-    assert b.allows(1.01)
+    assert b.wait(0.0) == pytest.approx((0.0625 + 0.05) / 0.05)  # rests until 1/4 full
+    assert not b.allows(1.01)  # above zero but still resting
+    assert b.allows(2.26)
     b.set_percent(0)  # no cap
     b.charge(100.0)
-    assert b.allows(1.02) and b.wait(1.02) == 0.0
+    assert b.allows(2.27) and b.wait(2.27) == 0.0
     b.set_percent(10)  # a cap again: a full bucket, not the debt run up without one
-    assert b.tokens == b.capacity and b.allows(1.02)
+    assert b.tokens == b.capacity and b.allows(2.27)
     b.charge(1.0)
     b.set_percent(5)  # from one cap to another: the debt stays
     assert b.tokens < 0 and not b.allows(1.02)
