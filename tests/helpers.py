@@ -7,6 +7,7 @@ from the product code on purpose, so that the tests do not share its mistakes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -432,3 +433,33 @@ def proc_status(pid: int) -> dict[str, str]:
             key, _, value = line.partition(":")
             out[key] = value.strip()
     return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_COLLAPSE = 25
+
+
+def drain_lru() -> None:
+    """lru_add_drain_all(), as the kernel's khugepaged does at the start of every pass.
+
+    A freshly faulted page sits in a per-CPU LRU batch (KPF_LRU clear) until that batch is
+    drained. madvise_collapse() drains every CPU first, so collapsing one page of our own
+    memory does it. Tests start from the state khugepaged would see;
+    test_kernel_scan.test_fresh_page_in_lru_batch checks hugepaged without it.
+    """
+    base = _libc.mmap(None, 2 * HPAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        addr = (base + HPAGE - 1) & ~(HPAGE - 1)
+        ctypes.c_char.from_address(addr).value = b"x"
+        if _libc.madvise(addr, HPAGE, MADV_COLLAPSE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
+    finally:
+        _libc.munmap(base, 2 * HPAGE)

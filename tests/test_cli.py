@@ -7,7 +7,6 @@ real workload are kernel tests (root, the machine lock, the kernel's khugepaged 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from helpers import (
     THP_DIR,
     Workload,
     anon_huge_kb,
+    drain_lru,
     pmd_mapped_windows,
     saved_thp,
 )
@@ -69,29 +69,6 @@ def absent_pid() -> int:
     return int(Path("/proc/sys/kernel/pid_max").read_text())
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def drain_lru() -> None:
-    """lru_add_drain_all() (madvise_collapse() does it first), as khugepaged does before every
-    pass, so freshly faulted pages are on the LRU lists when hugepaged decides; see
-    test_kernel_scan.test_fresh_page_in_lru_batch."""
-    base = _libc.mmap(None, 2 * HPAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
-    if base in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap")
-    try:
-        addr = (base + HPAGE - 1) & ~(HPAGE - 1)
-        ctypes.c_char.from_address(addr).value = b"x"
-        if _libc.madvise(addr, HPAGE, 25) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
-    finally:
-        _libc.munmap(base, 2 * HPAGE)
 
 
 def hg_windows(pid: int) -> int:

@@ -8,17 +8,16 @@ The kernel's own khugepaged is kept out (kernel `enabled=never`); hugepaged is t
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 
 import pytest
 from helpers import (
-    HPAGE,
     THP_DIR,
     Workload,
     anon_huge_kb,
+    drain_lru,
     pmd_mapped_windows,
     present_per_window,
     saved_thp,
@@ -40,29 +39,6 @@ DEFAULTS = ["--set", "enabled=madvise", "--set", "max_ptes_none=511",
             "--set", "max_ptes_shared=256", "--set", "max_ptes_swap=64"]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def drain_lru() -> None:
-    """lru_add_drain_all() (madvise_collapse() does it first), as khugepaged does before every
-    pass: freshly faulted pages leave the per-CPU batches for the LRU lists. See
-    test_kernel_scan.test_fresh_page_in_lru_batch for hugepaged without it."""
-    base = _libc.mmap(None, 2 * HPAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
-    if base in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap")
-    try:
-        addr = (base + HPAGE - 1) & ~(HPAGE - 1)
-        ctypes.c_char.from_address(addr).value = b"x"
-        if _libc.madvise(addr, HPAGE, 25) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
-    finally:
-        _libc.munmap(base, 2 * HPAGE)
 
 
 @pytest.fixture

@@ -7,15 +7,14 @@ given `enabled=madvise` (or `always`) so MADV_HUGEPAGE VMAs stay candidates for 
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import pytest
 from helpers import (
-    HPAGE,
     PM_PFN_MASK,
     THP_DIR,
     Workload,
+    drain_lru,
     exclusive_per_window,
     kpageflags,
     pagemap,
@@ -51,35 +50,8 @@ class Skip:
         return f"Skip({self.word!r})"
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MADV_COLLAPSE = 25
 KPF_LRU = 1 << 5
-
-
-def drain_lru() -> None:
-    """lru_add_drain_all(), as the kernel's khugepaged does at the start of every pass.
-
-    A freshly faulted page sits in a per-CPU LRU batch (KPF_LRU clear) until that batch is
-    drained. madvise_collapse() drains every CPU first, so collapsing one page of our own
-    memory does it. Tests of the other rules start from the state khugepaged would see;
-    test_fresh_page_in_lru_batch checks hugepaged without it.
-    """
-    base = _libc.mmap(None, 2 * HPAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
-    if base in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap")
-    try:
-        addr = (base + HPAGE - 1) & ~(HPAGE - 1)
-        ctypes.c_char.from_address(addr).value = b"x"
-        if _libc.madvise(addr, HPAGE, MADV_COLLAPSE) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
-    finally:
-        _libc.munmap(base, 2 * HPAGE)
 
 
 def run_scan(kernel: Kernel, pid: int, use_scan: bool, force: bool = False,

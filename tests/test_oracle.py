@@ -12,7 +12,6 @@ by 2, and the windows it collapsed must be exactly hugepaged's SUCCEED windows.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -23,9 +22,9 @@ from collections import Counter
 import numpy as np
 import pytest
 from helpers import (
-    HPAGE,
     KHUGEPAGED_DIR,
     Workload,
+    drain_lru,
     exclusive_per_window,
     pagemap,
     pmd_mapped_windows,
@@ -119,30 +118,6 @@ def expected(spec: dict, max_ptes_none: int, max_ptes_shared: int) -> list[R] | 
     return codes
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def drain_lru() -> None:
-    """lru_add_drain_all(), which khugepaged_do_scan() does at the start of every pass, so
-    that hugepaged decides on the same page state the kernel will see (freshly faulted pages
-    wait in per-CPU batches, off the LRU, until drained; see
-    test_kernel_scan.test_fresh_page_in_lru_batch). madvise_collapse() drains first."""
-    base = _libc.mmap(None, 2 * HPAGE, 3, 0x22, -1, 0)  # PROT_READ|WRITE, PRIVATE|ANONYMOUS
-    if base in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap")
-    try:
-        addr = (base + HPAGE - 1) & ~(HPAGE - 1)
-        ctypes.c_char.from_address(addr).value = b"x"
-        if _libc.madvise(addr, HPAGE, 25) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
-    finally:
-        _libc.munmap(base, 2 * HPAGE)
 
 
 def full_scans() -> int:
