@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -120,6 +121,10 @@ def main(argv=None) -> int:
             paths = report.write(doc, RESULTS / name)
             for p in paths:
                 log(f"wrote {p.relative_to(RESULTS.parent.parent)}")
+    if doc.get("interrupted") or doc["errors"]:
+        log(f"daemon logs kept in {ctx.workdir}")
+    else:
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
     print()
     print(report.summary_text(doc))
     return 1 if doc.get("interrupted") or doc["errors"] else 0

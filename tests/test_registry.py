@@ -568,7 +568,7 @@ def test_backoff_ends_when_buddyinfo_shows_a_free_huge_block(tmp_path, world, sl
     assert core.backoff_until > world.clock.now
     assert not core.end_backoff_if_free()  # orders 0..8 only: no 2 MiB block
     assert core.backoff_until > world.clock.now
-    buddy.write_text(BUDDY_NONE.replace("1      0      0\n", "1      1      0\n", 1))
+    buddy.write_text(BUDDY_NONE.replace("2      1      0      0\n", "2      1      1      0\n"))
     assert world.kernel.mm.free_huge_blocks() == 1
     assert core.end_backoff_if_free()
     assert core.backoff_until == 0.0
@@ -578,7 +578,7 @@ def test_backoff_ends_when_buddyinfo_shows_a_free_huge_block(tmp_path, world, sl
 
 def test_order_10_block_counts_twice(tmp_path):
     (tmp_path / "buddyinfo").write_text(BUDDY_NONE.replace("0      0\n", "0      3\n"))
-    assert MmStats(str(tmp_path)).free_huge_blocks() == 3 * 2 * 3
+    assert MmStats(str(tmp_path)).free_huge_blocks() == 3 * 2 * 2  # DMA32 and Normal
 
 
 def test_defrag_0_collapses_only_while_a_free_block_exists(world, sleepers):

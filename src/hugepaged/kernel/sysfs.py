@@ -87,10 +87,16 @@ class ThpSysfs:
 
 
 def free_huge_blocks(text: str, order: int = HUGE_ORDER) -> int:
-    """Free blocks of `order` or larger in /proc/buddyinfo text, counted in order-`order` units."""
+    """Free blocks of `order` or larger in /proc/buddyinfo text, counted in order-`order` units.
+
+    ZONE_DMA is left out: its lowmem reserve keeps user pages, huge pages among them, out.
+    """
     total = 0
     for line in text.splitlines():
-        counts = line.split()[4:]
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "DMA":
+            continue
+        counts = fields[4:]
         for o, c in enumerate(counts):
             if o >= order:
                 total += int(c) << (o - order)
