@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon_runner import Daemon, proc_cpu_seconds, settled  # noqa: E402
 from helpers import Workload, machine_lock, pmd_mapped_windows, saved_thp  # noqa: E402
+from scenarios import common as scenario_common  # noqa: E402
+from scenarios.common import sched_cpu_seconds  # noqa: E402
 
 GOAL_RATIO = 1.10
 GOAL_IDLE_PCT = 0.2
@@ -65,36 +67,15 @@ HPAGE = 2 << 20
 # Probes that do not go through hugepaged
 
 
-def sched_seconds(pid: int) -> float:
-    """ns on CPU of every thread of pid, from /proc/PID/task/*/schedstat."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass
-    return total / 1e9
-
-
 def cpu(pid: int) -> tuple[float, float]:
-    return proc_cpu_seconds(pid), sched_seconds(pid)
+    return proc_cpu_seconds(pid), sched_cpu_seconds(pid)
 
 
 def find_khugepaged() -> int:
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        flags = int(text[text.rindex(")") + 2:].split()[6])
-        if comm == "khugepaged" and flags & 0x00200000:
-            return int(d)
-    raise RuntimeError("no khugepaged thread (THP enabled=never?)")
+    pid = scenario_common.find_khugepaged()
+    if pid is None:
+        raise RuntimeError("no khugepaged thread (THP enabled=never?)")
+    return pid
 
 
 def region_huge_kb(pid: int, start: int) -> int:

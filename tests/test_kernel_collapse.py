@@ -12,9 +12,9 @@ import errno
 import json
 import os
 
+import marks
 import pytest
 from helpers import (
-    THP_DIR,
     Workload,
     anon_huge_kb,
     drain_lru,
@@ -28,12 +28,7 @@ from hugepaged.cli import main
 from hugepaged.collapse import collapse_window
 from hugepaged.results import ScanResult as R
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="needs root: PFNs in pagemap, /proc/kpageflags, MADV_COLLAPSE"),
-    pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP"),
-]
+pytestmark = marks.KERNEL
 
 DEFAULTS = ["--set", "enabled=madvise", "--set", "max_ptes_none=511",
             "--set", "max_ptes_shared=256", "--set", "max_ptes_swap=64"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
+import marks
 import pytest
 from helpers import (
     PM_PFN_MASK,
-    THP_DIR,
     Workload,
     drain_lru,
     exclusive_per_window,
@@ -30,12 +30,7 @@ from hugepaged.results import ScanResult as R
 from hugepaged.scan.mm import ProcessScan, scan_process
 from hugepaged.tunables import Tunables
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="needs root: PFNs in pagemap, /proc/kpageflags, THP knobs"),
-    pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP"),
-]
+pytestmark = marks.KERNEL
 
 SCAN_PATHS = [pytest.param(True, id="pagemap_scan"), pytest.param(False, id="pagemap")]
 

@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 
+import marks
 import numpy as np
 import pytest
 from helpers import (
@@ -38,14 +39,7 @@ from hugepaged.results import ScanResult as R
 from hugepaged.scan.mm import scan_process
 from hugepaged.tunables import Tunables
 
-pytestmark = [
-    pytest.mark.oracle,
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="needs root: PFNs in pagemap, /proc/kpageflags, THP knobs"),
-    pytest.mark.skipif(not (KHUGEPAGED_DIR / "full_scans").exists(),
-                       reason="kernel without THP / khugepaged"),
-]
+pytestmark = marks.ORACLE
 
 PAUSED = {"pages_to_scan": 1, "scan_sleep_millisecs": 4294967295}
 RUNNING = {"pages_to_scan": 65536, "scan_sleep_millisecs": 0}  # in this order: the 2nd wakes it

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import marks
 import numpy as np
 import pytest
 from helpers import (
@@ -23,7 +24,6 @@ from helpers import (
     PM_EXCLUSIVE,
     PM_PFN_MASK,
     PM_PRESENT,
-    THP_DIR,
     WORKLOAD,
     Workload,
     anon_huge_kb,
@@ -40,11 +40,7 @@ from helpers import (
     vm_flags,
 )
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (PFNs, kpageflags, THP knobs)"),
-    pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP"),
-]
+pytestmark = marks.KERNEL
 
 MADV_COLLAPSE = 25
 KPF_ZERO_PAGE = 1 << 24
