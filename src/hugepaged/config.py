@@ -5,7 +5,15 @@ import tomllib
 from dataclasses import dataclass, field
 
 from hugepaged.errors import HugepagedError, InvalidTunable
-from hugepaged.tunables import SPECS, parse
+from hugepaged.targets import (
+    MATCH_KEYS,
+    MAX_TARGETS,
+    NAME_RE,
+    PRIORITY_RANGE,
+    TUNABLE_KEYS,
+    Target,
+)
+from hugepaged.tunables import SPECS, UINT_MAX, parse
 
 DEFAULT_PATH = "/etc/hugepaged/hugepaged.toml"
 DEFAULT_SOCKET = "/run/hugepaged/hugepaged.sock"
@@ -32,6 +40,7 @@ class DaemonOptions:
 class Config:
     tunables: dict[str, int | str] = field(default_factory=dict)
     options: DaemonOptions = field(default_factory=DaemonOptions)
+    targets: list[Target] = field(default_factory=list)
 
 
 _OPTION_TYPES = {"socket": str, "socket_group": str, "metrics": str,
@@ -50,6 +59,119 @@ def _line_of(text: str, key: str) -> str:
         if pattern.match(line):
             return f"line {n}"
     return "line ?"
+
+
+_TARGET_KEYS = ("name", *MATCH_KEYS, *TUNABLE_KEYS, "priority", "max_bloat_mb")
+_HEADER = re.compile(r"\s*\[\[\s*(?:target|\"target\"|'target')\s*\]\]")
+
+
+def _target_lines(text: str) -> list[tuple[int, int]]:
+    """(first, last) line numbers of each `[[target]]` table, in file order."""
+    lines = text.splitlines()
+    heads = [n for n, line in enumerate(lines, 1) if _HEADER.match(line)]
+    spans = []
+    for i, head in enumerate(heads):
+        end = heads[i + 1] - 1 if i + 1 < len(heads) else len(lines)
+        for n in range(head + 1, end + 1):  # a table ends at the next header of any kind
+            if lines[n - 1].lstrip().startswith("["):
+                end = n - 1
+                break
+        spans.append((head, end))
+    return spans
+
+
+def _key_line(text: str, span: tuple[int, int] | None, key: str) -> str:
+    if span is None:
+        return _line_of(text, "target")
+    pattern = re.compile(rf"\s*(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=")
+    lines = text.splitlines()
+    for n in range(span[0] + 1, span[1] + 1):
+        if pattern.match(lines[n - 1]):
+            return f"line {n}"
+    return f"line {span[0]}"
+
+
+def _int_in(value: object, lo: int, hi: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        return None
+    return value
+
+
+def _target_value(key: str, value: object) -> object:
+    """One key of a target, checked; a refusal is a ValueError with the one-line reason."""
+    if key in TUNABLE_KEYS:  # as the tunable of that name is checked
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{key}: expected {SPECS[key].describe()}")
+        try:
+            return parse(key, str(value))
+        except InvalidTunable as err:
+            raise ValueError(str(err)) from err
+    if key == "name":
+        if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+            raise ValueError(f"name: invalid value {value!r} ([a-z0-9_-]{{1,32}})")
+        return value
+    if key == "comm":
+        if not isinstance(value, str):
+            raise ValueError("comm: expected a regular expression (a string)")
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"comm: invalid regular expression {value!r}: {err}") from err
+        return value
+    if key in ("exe", "cgroup"):
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ValueError(f"{key}: expected an absolute path, got {value!r}")
+        return value
+    if key == "pid":
+        pids = value if isinstance(value, list) else None
+        if not pids or any(_int_in(p, 1, 2**22) is None for p in pids):
+            raise ValueError(f"pid: expected a non-empty list of pids, got {value!r}")
+        return tuple(pids)
+    if key == "priority":
+        lo, hi = PRIORITY_RANGE
+        if _int_in(value, lo, hi) is None:
+            raise ValueError(f"priority: invalid value {value!r} (an integer {lo}..{hi})")
+        return value
+    if _int_in(value, 0, UINT_MAX) is None:  # max_bloat_mb
+        raise ValueError(f"{key}: invalid value {value!r} (an integer 0..{UINT_MAX})")
+    return value
+
+
+def parse_targets(value: object, text: str, path: str) -> list[Target]:
+    """Every `[[target]]` table checked: known keys, valid values, a match key, unique names."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{path}, {_line_of(text, 'target')}: target: expected "
+                          "[[target]] tables")
+    if len(value) > MAX_TARGETS:
+        raise ConfigError(f"{path}, {_line_of(text, 'target')}: at most {MAX_TARGETS} targets")
+    spans = _target_lines(text)
+    targets: list[Target] = []
+    for i, table in enumerate(value):
+        span = spans[i] if len(spans) == len(value) else None
+        here = f"{path}, line {span[0]}" if span else f"{path}, {_line_of(text, 'target')}"
+        name = table.get("name")
+        label = f"target {name}" if isinstance(name, str) and NAME_RE.fullmatch(name) \
+            else f"target {i + 1}"
+        kwargs = {}
+        for key, raw in table.items():
+            where = f"{path}, {_key_line(text, span, key)}"
+            if key not in _TARGET_KEYS:
+                raise ConfigError(f"{where}: {label}: unknown key '{key}' "
+                                  f"(known: {', '.join(_TARGET_KEYS)})")
+            try:
+                kwargs[key] = _target_value(key, raw)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {label}: {err}") from None
+        if "name" not in kwargs:
+            raise ConfigError(f"{here}: {label}: 'name' is required")
+        if not any(k in kwargs for k in MATCH_KEYS):
+            raise ConfigError(f"{here}: {label}: needs at least one match key "
+                              f"({', '.join(MATCH_KEYS)})")
+        if any(t.name == kwargs["name"] for t in targets):
+            raise ConfigError(f"{path}, {_key_line(text, span, 'name')}: {label}: "
+                              "name already used by an earlier target")
+        targets.append(Target(**kwargs))
+    return targets
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -73,6 +195,8 @@ def parse_config(text: str, path: str) -> Config:
             except InvalidTunable as err:
                 raise ConfigError(f"{where}: {err}") from err
             cfg.tunables[key] = str(value)
+        elif key == "target":
+            cfg.targets = parse_targets(value, text, path)
         elif key in _OPTION_TYPES:
             if not isinstance(value, _OPTION_TYPES[key]) or isinstance(value, bool):
                 raise ConfigError(f"{where}: {key}: expected a {_OPTION_TYPES[key].__name__}")

@@ -3,7 +3,8 @@
 import os
 from dataclasses import dataclass, field
 
-from hugepaged.kernel.errors import process_errors
+from hugepaged.errors import ProcessGone
+from hugepaged.kernel.errors import process_errors, translate
 
 PF_KTHREAD = 0x00200000
 
@@ -115,6 +116,21 @@ class ProcFS:
     def smaps(self, pid: int) -> list[Vma]:
         return parse_smaps(self.read_text(pid, "smaps"))
 
+    def exe(self, pid: int) -> str | None:
+        """readlink /proc/PID/exe; None where there is none (a kernel thread, a zombie)."""
+        try:
+            return os.readlink(self.path(pid, "exe"))
+        except FileNotFoundError:
+            if self.exists(pid):  # the link is dangling, the process is still there
+                return None
+            raise ProcessGone(f"pid {pid}: process has exited") from None
+        except OSError as err:
+            raise translate(err, pid) from err
+
+    def cgroups(self, pid: int) -> list[str]:
+        """The cgroup path of each hierarchy in /proc/PID/cgroup (v2 `0::/p`, v1 `N:ctl:/p`)."""
+        return parse_cgroups(self.read_text(pid, "cgroup"))
+
     def self_stat_ticks(self) -> int:
         """Clock ticks per second, for converting utime/stime."""
         return os.sysconf("SC_CLK_TCK")
@@ -155,6 +171,16 @@ def parse_smaps(text: str) -> list[Vma]:
     if current is not None:
         vmas.append(Vma(**current))
     return vmas
+
+
+def parse_cgroups(text: str) -> list[str]:
+    """One path per line `hierarchy-ID:controllers:path`; the path may itself hold colons."""
+    paths = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[2]:
+            paths.append(parts[2])
+    return paths
 
 
 def mapped_at(maps_text: str, address: int) -> bool:

@@ -1,0 +1,113 @@
+"""Targets: processes an admin names (by comm, exe, cgroup or pid) that get their own policy.
+
+The kernel has one policy for every process; MADV_COLLAPSE ignores the sysfs `enabled` mode,
+so hugepaged can give one process `enabled = "always"` on a `madvise` machine, its own
+`max_ptes_*` limits, a priority, a CPU share and a bloat budget. Targets are tried in the
+order of the configuration file and the first whose every match key matches wins; a
+process no target matches gets the global policy.
+"""
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from hugepaged.errors import HugepagedError
+from hugepaged.kernel.procfs import ProcFS
+
+MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
+# The keys a target shares with the tunables: same names, same ranges, same refusals.
+TUNABLE_KEYS = ("enabled", "max_ptes_none", "max_ptes_swap", "max_ptes_shared",
+                "max_cpu_percent")
+NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
+PRIORITY_RANGE = (-1000, 1000)
+MAX_TARGETS = 64  # each is a label value in the metrics: bounded
+
+
+@dataclass(frozen=True)
+class Target:
+    """One `[[target]]` table, checked. None means "not given": the global value applies."""
+
+    name: str
+    comm: str | None = None  # regular expression, searched in /proc/PID/comm
+    exe: str | None = None  # exactly /proc/PID/exe
+    cgroup: str | None = None  # path prefix, whole components, in any hierarchy
+    pid: tuple[int, ...] | None = None
+    enabled: str | None = None
+    max_ptes_none: int | None = None
+    max_ptes_swap: int | None = None
+    max_ptes_shared: int | None = None
+    priority: int = 0
+    max_cpu_percent: int | None = None  # this target's share within the global cap; 0: none
+    max_bloat_mb: int | None = None
+    _comm_re: re.Pattern | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.comm is not None and self._comm_re is None:
+            object.__setattr__(self, "_comm_re", re.compile(self.comm))
+
+    def matches(self, proc: "ProcessFacts") -> bool:
+        """AND of the keys given; exe and cgroup are read only when asked for."""
+        if self.pid is not None and proc.pid not in self.pid:
+            return False
+        if self._comm_re is not None and not self._comm_re.search(proc.comm):
+            return False
+        if self.exe is not None and proc.exe != self.exe:
+            return False
+        return self.cgroup is None or any(cgroup_under(p, self.cgroup) for p in proc.cgroups)
+
+    @property
+    def max_bloat_kb(self) -> int | None:
+        return None if self.max_bloat_mb is None else self.max_bloat_mb * 1024
+
+    def overrides(self) -> dict[str, object]:
+        """The CollapseControl fields this target sets (the rest stay the global policy's)."""
+        out: dict[str, object] = {"target": self.name, "priority": self.priority,
+                                  "max_cpu_percent": self.max_cpu_percent or None,
+                                  "max_bloat_kb": self.max_bloat_kb}
+        for key in ("enabled", "max_ptes_none", "max_ptes_swap", "max_ptes_shared"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def describe(self) -> str:
+        """The match keys as written, for status and logs."""
+        parts = [f"{k}={getattr(self, k)!r}" for k in MATCH_KEYS if getattr(self, k) is not None]
+        return " ".join(parts)
+
+
+def cgroup_under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it, by whole components ("/a/b" is not under "/a/bc")."""
+    prefix = prefix.rstrip("/") or "/"
+    if prefix == "/":
+        return path.startswith("/")
+    return path == prefix or path.startswith(prefix + "/")
+
+
+class ProcessFacts:
+    """What a target may match on, read from the kernel layer only when a target asks."""
+
+    def __init__(self, procfs: ProcFS, pid: int, comm: str) -> None:
+        self.procfs, self.pid, self.comm = procfs, pid, comm
+
+    @cached_property
+    def exe(self) -> str | None:
+        try:
+            return self.procfs.exe(self.pid)
+        except HugepagedError:  # gone or not readable: no exe to match
+            return None
+
+    @cached_property
+    def cgroups(self) -> list[str]:
+        try:
+            return self.procfs.cgroups(self.pid)
+        except (HugepagedError, OSError):
+            return []
+
+
+def first_match(targets: list[Target], proc: ProcessFacts) -> Target | None:
+    """Targets are tried in file order; the first that matches wins."""
+    return next((t for t in targets if t.matches(proc)), None)
+
+
+def by_name(targets: list[Target], name: str) -> Target | None:
+    return next((t for t in targets if t.name == name), None)
