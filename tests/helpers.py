@@ -203,6 +203,11 @@ def _knob_path(name: str) -> Path:
         return THP_DIR / "defrag"
     if name in {"pages_collapsed", "full_scans"}:
         raise ValueError(f"{name} is a read-only counter")
+    if re.fullmatch(r"hugepages-\d+kB/(shmem_)?enabled", name):  # a per-size control
+        path = THP_DIR / name
+        if not path.exists():
+            raise ValueError(f"unknown THP knob {name!r}")
+        return path
     path = KHUGEPAGED_DIR / name
     if "/" in name or not path.exists():
         raise ValueError(f"unknown THP knob {name!r}")

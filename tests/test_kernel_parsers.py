@@ -613,3 +613,30 @@ def test_runs(idx, runs):
     mask = np.zeros(512, dtype=bool)
     mask[idx] = True
     assert _runs(np.flatnonzero(mask)) == runs
+
+
+# --- per-size controls (fixture trees: every combination, and a kernel without them) ---
+
+@pytest.mark.parametrize(("global_mode", "pmd_mode", "want"), [
+    ("always", "inherit", "always"), ("madvise", "inherit", "madvise"),
+    ("never", "inherit", "never"),
+    ("always", "never", "never"), ("madvise", "never", "never"), ("never", "never", "never"),
+    ("always", "madvise", "madvise"), ("madvise", "madvise", "madvise"),
+    ("never", "madvise", "madvise"),
+    ("always", "always", "always"), ("madvise", "always", "always"),
+    ("never", "always", "always"),
+    ("madvise", None, "madvise"), ("never", None, "never"),
+])
+def test_effective_enabled_combines_global_and_pmd_size(sysroot, global_mode, pmd_mode, want):
+    thp_dir = sysroot / "kernel/mm/transparent_hugepage"
+    words = ["always", "madvise", "never"]
+    (thp_dir / "enabled").write_text(
+        " ".join(f"[{w}]" if w == global_mode else w for w in words) + "\n")
+    if pmd_mode is not None:
+        (thp_dir / "hugepages-2048kB").mkdir()
+        sizes = ["always", "inherit", "madvise", "never"]
+        (thp_dir / "hugepages-2048kB/enabled").write_text(
+            " ".join(f"[{w}]" if w == pmd_mode else w for w in sizes) + "\n")
+    thp = ThpSysfs(str(sysroot))
+    assert thp.pmd_enabled() == pmd_mode
+    assert thp.effective_enabled() == want

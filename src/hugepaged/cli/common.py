@@ -22,7 +22,7 @@ def kernel_of(args: argparse.Namespace) -> Kernel:
 
 def kernel_tunables(kernel: Kernel) -> dict[str, int | str]:
     """The kernel's current values of the tunables it shares with hugepaged."""
-    values: dict[str, int | str] = {"enabled": kernel.thp.enabled()}
+    values: dict[str, int | str] = {"enabled": kernel.thp.effective_enabled()}
     values.update({k: v for k, v in kernel.thp.khugepaged().items() if k in SPECS})
     return values
 

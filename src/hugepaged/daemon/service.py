@@ -33,7 +33,7 @@ COUNTERS = ("pages_collapsed", "full_scans")
 
 
 def kernel_tunables(kernel: Kernel) -> dict[str, int | str]:
-    values: dict[str, int | str] = {"enabled": kernel.thp.enabled()}
+    values: dict[str, int | str] = {"enabled": kernel.thp.effective_enabled()}
     values.update({k: v for k, v in kernel.thp.khugepaged().items() if k in NAMES})
     return values
 

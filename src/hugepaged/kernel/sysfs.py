@@ -13,6 +13,20 @@ KHUGEPAGED_KNOBS = ("pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millis
                     "max_ptes_none", "max_ptes_swap", "max_ptes_shared", "defrag")
 KHUGEPAGED_COUNTERS = ("pages_collapsed", "full_scans")
 HUGE_ORDER = 9
+ANON_MODES = ("always", "madvise", "never")
+
+
+def combined_enabled(global_mode: str, pmd_mode: str | None) -> str:
+    """The anonymous PMD-size mode khugepaged obeys, from the global and per-size `enabled`.
+
+    As thp_vma_allowable_orders and hugepage_pmd_enabled combine them: the PMD order is in
+    huge_anon_orders_always (every VMA), _madvise (VM_HUGEPAGE VMAs, whatever the global
+    mode says) or _inherit (the global mode decides); `never` in neither. A kernel without
+    per-size files (before 6.8) has the global mode alone (`pmd_mode` None).
+    """
+    if pmd_mode is None or pmd_mode == "inherit":
+        return global_mode
+    return pmd_mode
 
 
 def _bracketed(text: str) -> str:
@@ -50,6 +64,24 @@ class ThpSysfs:
 
     def enabled(self) -> str:
         return str(self.read("enabled"))
+
+    def pmd_size_dir(self) -> str:
+        """`hugepages-2048kB` (for the PMD size of this machine): its per-size knobs."""
+        return f"hugepages-{self.hpage_pmd_size() >> 10}kB"
+
+    def pmd_enabled(self) -> str | None:
+        """The per-size `enabled` of the PMD size (always, inherit, madvise, never); None
+        on a kernel without per-size controls."""
+        path = f"{self.dir}/{self.pmd_size_dir()}/enabled"
+        try:
+            with open(path) as f:
+                return _bracketed(f.read())
+        except FileNotFoundError:
+            return None
+
+    def effective_enabled(self) -> str:
+        """What khugepaged obeys for anonymous PMD-size pages: global and per-size combined."""
+        return combined_enabled(self.enabled(), self.pmd_enabled())
 
     def hpage_pmd_size(self) -> int:
         try:
