@@ -1,0 +1,145 @@
+"""The syscall tracepoints through perf_event_open, with real processes calling madvise and prctl.
+
+This machine has the syscall tracepoints once tracefs is mounted; the tracer mounts it if it is
+absent and unmounts it only if it mounted it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import marks
+import pytest
+
+from hugepaged.errors import Unsupported
+from hugepaged.kernel.tracepoints import (
+    MADV_HUGEPAGE,
+    PR_SET_THP_DISABLE,
+    SyscallTracer,
+    TraceFS,
+    parse_format,
+)
+
+pytestmark = marks.KERNEL
+TRACING = Path("/sys/kernel/tracing")
+
+CHILD = r"""
+import ctypes, mmap, os, sys
+if len(sys.argv) > 2:
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+libc = ctypes.CDLL(None, use_errno=True)
+m = mmap.mmap(-1, 4 << 20)
+for _ in range(int(sys.argv[1])):
+    m.madvise(14)                      # MADV_HUGEPAGE: traced
+    m.madvise(4)                       # MADV_DONTNEED: filtered out in the kernel
+libc.prctl(41, 1, 0, 0, 0)             # PR_SET_THP_DISABLE 1: traced
+libc.prctl(15, b"child", 0, 0, 0)      # PR_SET_NAME: filtered out
+print(os.getpid(), flush=True)
+"""
+
+
+def _child(n: int = 1, cpu: int | None = None) -> int:
+    extra = [] if cpu is None else [str(cpu)]
+    out = subprocess.run([sys.executable, "-c", CHILD, str(n), *extra], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return int(out.stdout)
+
+
+def _drain(tracer: SyscallTracer, pid: int, want: int, timeout: float = 5.0) -> list:
+    got, t0 = [], time.monotonic()
+    while len(got) < want and time.monotonic() - t0 < timeout:
+        select.select(tracer.fds(), [], [], 0.1)
+        got += [e for e in tracer.events() if e.pid == pid]
+    return got
+
+
+def _tracefs_mounted() -> bool:
+    return (TRACING / "events").is_dir()
+
+
+@pytest.fixture
+def tracer():
+    t = SyscallTracer()
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_madvise_hugepage_and_thp_disable_are_seen(tracer):
+    assert _tracefs_mounted()
+    pid = _child()
+    got = _drain(tracer, pid, 2)
+    assert [(e.what, e.value, e.arg) for e in got] == [
+        ("madvise", MADV_HUGEPAGE, 0), ("prctl", PR_SET_THP_DISABLE, 1)]
+    assert all(e.tid == pid for e in got)
+    time.sleep(0.1)
+    assert [e for e in tracer.events() if e.pid == pid] == []  # the filter left the rest out
+
+
+def test_ring_wraps_and_counts_lost_records():
+    t = SyscallTracer(ring_pages=1)  # 4 KiB rings: ~50 records each
+    try:
+        pid = _child(30)
+        got = _drain(t, pid, 31)
+        assert len(got) == 31 and t.lost == 0
+        pid = _child(30)  # continues past the end of the ring: read across the wrap
+        got = _drain(t, pid, 31)
+        assert len(got) == 31 and t.lost == 0
+        pid = _child(400)  # more than a ring holds, unread
+        time.sleep(0.2)
+        got = [e for e in t.events() if e.pid == pid]
+        assert 0 < len(got) < 401
+        # The kernel writes the count of what it dropped with the next record it can write
+        # into that CPU's ring: one more call on every CPU.
+        for cpu in sorted(os.sched_getaffinity(0)):
+            pid = _child(1, cpu)
+            assert len(_drain(t, pid, 2)) == 2
+        assert t.lost > 0
+    finally:
+        t.close()
+
+
+def test_mounts_tracefs_only_if_absent_and_unmounts_only_what_it_mounted():
+    was = _tracefs_mounted()
+    fs = TraceFS()
+    assert _tracefs_mounted()
+    assert fs.mounted_by_us == (not was)
+    inner = TraceFS()  # mounted now: a second user must not unmount it
+    assert not inner.mounted_by_us
+    inner.close()
+    assert _tracefs_mounted()
+    fs.close()
+    assert _tracefs_mounted() == was
+
+
+def test_missing_tracefs_is_unsupported(tmp_path):
+    (tmp_path / "kernel/tracing").mkdir(parents=True)
+    with pytest.raises(Unsupported, match="tracefs is not mounted"):
+        SyscallTracer(sys_root=str(tmp_path))  # a fixture root is never mounted over
+    assert not os.listdir(tmp_path / "kernel/tracing")
+
+
+def test_parse_format():
+    text = """name: sys_enter_madvise
+ID: 726
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:unsigned long start;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int behavior;\toffset:32;\tsize:8;\tsigned:0;
+"""
+    tp = parse_format("sys_enter_madvise", text)
+    assert tp.id == 726
+    assert tp.fields["behavior"] == (32, 8) and tp.fields["start"] == (16, 8)
+    raw = bytes(32) + (14).to_bytes(8, "little")
+    assert tp.field(raw, "behavior") == 14
+    with pytest.raises(ValueError):
+        parse_format("x", "format:\n")
