@@ -65,8 +65,10 @@ def assert_one_line_error(res: subprocess.CompletedProcess, status: int, *words:
 
 
 def absent_pid() -> int:
-    """A pid that cannot exist: pid_max itself (pids go up to pid_max - 1)."""
-    return int(Path("/proc/sys/kernel/pid_max").read_text())
+    """A valid pid (below pid_max) that no process has now; pid_max itself is refused as
+    bad input (exit 2) before any process is looked for."""
+    top = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(p for p in range(top - 1, 1, -1) if not Path(f"/proc/{p}").exists())
 
 
 

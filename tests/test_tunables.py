@@ -215,7 +215,7 @@ def test_resolve_refuses_a_bad_layer():
 
 
 def test_parse_assignments():
-    got = parse_assignments(["max_ptes_none=0", "enabled=always", " pages_to_scan =8"])
+    got = parse_assignments(["max_ptes_none=0", "enabled=always", "pages_to_scan=8"])
     assert got == {"max_ptes_none": "0", "enabled": "always", "pages_to_scan": "8"}
     assert Tunables().with_values(got).pages_to_scan == 8
     assert parse_assignments([]) == {}
@@ -225,6 +225,8 @@ def test_parse_assignments():
 
 @pytest.mark.parametrize("item", [
     "max_ptes_none",  # no '='
+    " pages_to_scan=8",  # the key exactly as written: sysfs has no file ' pages_to_scan'
+    "pages_to_scan =8",
     "max_ptes_none:5",
     "max_ptes_none=512",
     "max_ptes_none= 5",  # the value is not stripped, like a sysfs write

@@ -49,6 +49,8 @@ and commands on stdin, one per line, one JSON line answered for each:
                     (checks touched pages' pattern and that zero pages read as zeros; never reads
                     pages that were not faulted in, so it does not change the layout)
     touch NAME   -> {"ok": true}: rewrite the pattern of all touched pages of NAME
+    comm HEX     -> {"ok": true}: write bytes.fromhex(HEX) to /proc/self/comm (a name is data:
+                    any bytes, newlines and escape sequences included)
     exit         -> {"ok": true}, then exit 0.   EOF on stdin: exit 0.
 Errors in the spec: message on stderr, exit status 2.
 """
@@ -439,6 +441,10 @@ def serve(regions: list[Region]) -> None:
                 reply({"ok": False, "error": f"no region {arg!r}"})
                 continue
             by_name[arg].write()
+            reply({"ok": True})
+        elif cmd == "comm":
+            with open("/proc/self/comm", "wb") as f:
+                f.write(bytes.fromhex(arg))
             reply({"ok": True})
         elif cmd == "exit":
             reply({"ok": True})

@@ -1,6 +1,8 @@
 """The configuration file: TOML, tunables by their kernel names plus the daemon's options."""
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 
@@ -17,6 +19,11 @@ from hugepaged.tunables import SPECS, UINT_MAX, parse
 
 DEFAULT_PATH = "/etc/hugepaged/hugepaged.toml"
 DEFAULT_SOCKET = "/run/hugepaged/hugepaged.sock"
+# A configuration file is a few lines; anything this large is a mistake, refused before it
+# is read (a huge exclude_comm once blocked the daemon for seconds compiling it).
+MAX_FILE_BYTES = 1 << 20
+MAX_PATTERN = 4096  # exclude_comm matches names of at most 15 bytes
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path less its terminating NUL
 
 
 class ConfigError(HugepagedError):
@@ -174,50 +181,129 @@ def parse_targets(value: object, text: str, path: str) -> list[Target]:
     return targets
 
 
-def parse_config(text: str, path: str) -> Config:
-    """Parse and check everything; a problem is one ConfigError naming file and line."""
+def check_socket_path(path: str, what: str = "socket") -> str:
+    """A path a client can reach: not empty (Linux would bind an abstract socket), no NUL,
+    short enough for sun_path."""
+    if not path:
+        raise ConfigError(f"{what}: empty path")
+    if "\0" in path:
+        raise ConfigError(f"{what}: {path!r}: contains a NUL byte")
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ConfigError(f"{what}: {path!r}: longer than {SUN_PATH_MAX} bytes")
+    return path
+
+
+def check_pattern(pattern: str, where: str = "exclude_comm") -> re.Pattern:
+    if len(pattern) > MAX_PATTERN:
+        raise ConfigError(f"{where}: regular expression too long ({len(pattern)} characters, "
+                          f"at most {MAX_PATTERN})")
     try:
-        data = tomllib.loads(text)
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ConfigError(f"{where}: invalid regular expression: {err}") from None
+
+
+def _loads(text: str, path: str) -> dict:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         msg = str(err)
         if "(at end of document)" in msg:  # e.g. a duplicate key on the last, unterminated line
             msg = msg.replace("(at end of document)",
                               f"(at line {max(1, len(text.splitlines()))}, end of file)")
         raise ConfigError(f"{path}: {msg}") from err
+    except (ValueError, RecursionError) as err:  # e.g. an integer of more than 4300 digits
+        m = re.search(r"[0-9_]{4000,}", text)
+        line = f", line {text.count(chr(10), 0, m.start()) + 1}" if m else ""
+        msg = str(err).split(";")[0].splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}{line}: {msg}") from None
+
+
+def _tunable(key: str, value: object, where: str) -> str:
+    """A tunable's value as sysfs would be written: an integer tunable takes a TOML integer,
+    a word tunable a string; both are then refused exactly as the kernel refuses them."""
+    spec = SPECS[key]
+    wanted = str if spec.choices else int
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise ConfigError(f"{where}: {key}: expected {spec.describe()}")
+    try:
+        parse(key, str(value))
+    except InvalidTunable as err:
+        raise ConfigError(f"{where}: {err}") from err
+    return str(value)
+
+
+def _option(key: str, value: object, where: str) -> object:
+    if not isinstance(value, _OPTION_TYPES[key]) or isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}: expected a {_OPTION_TYPES[key].__name__}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{where}: {key}: one of {', '.join(_CHOICES[key])}")
+    if key == "metrics_top_processes" and not 0 <= value <= 100000:  # type: ignore[operator]
+        raise ConfigError(f"{where}: {key}: an integer 0..100000")
+    if key == "socket":
+        check_socket_path(value, f"{where}: socket")  # type: ignore[arg-type]
+    if key == "exclude_comm":
+        check_pattern(value, f"{where}: exclude_comm")  # type: ignore[arg-type]
+    return value
+
+
+def parse_config(text: str, path: str) -> Config:
+    """Parse and check everything; a problem is one ConfigError naming file and line."""
+    data = _loads(text, path)
     cfg = Config()
     for key, value in data.items():
         where = f"{path}, {_line_of(text, key)}"
         if key in SPECS:
-            if isinstance(value, bool) or not isinstance(value, int | str):
-                raise ConfigError(f"{where}: {key}: expected {SPECS[key].describe()}")
-            try:
-                parse(key, str(value))
-            except InvalidTunable as err:
-                raise ConfigError(f"{where}: {err}") from err
-            cfg.tunables[key] = str(value)
+            cfg.tunables[key] = _tunable(key, value, where)
         elif key == "target":
             cfg.targets = parse_targets(value, text, path)
         elif key in _OPTION_TYPES:
-            if not isinstance(value, _OPTION_TYPES[key]) or isinstance(value, bool):
-                raise ConfigError(f"{where}: {key}: expected a {_OPTION_TYPES[key].__name__}")
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise ConfigError(f"{where}: {key}: one of {', '.join(_CHOICES[key])}")
-            setattr(cfg.options, key, value)
+            setattr(cfg.options, key, _option(key, value, where))
         else:
-            raise ConfigError(f"{where}: unknown key '{key}'")
+            raise ConfigError(f"{where}: unknown key {_quoted(key)}")
     return cfg
+
+
+def _quoted(text: str) -> str:
+    """'text', with control characters escaped so an error stays one line."""
+    return repr(text) if not text.isprintable() else f"'{text}'"
+
+
+def _read(target: str) -> bytes:
+    """The file's bytes, opened so that a FIFO or a device cannot block or flood us."""
+    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{target}: Is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{target}: not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{target}: too large ({st.st_size} bytes, "
+                              f"at most {MAX_FILE_BYTES})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def load_config(path: str | None) -> Config:
     """`path` None means the default file, which may be absent; a named file must exist."""
     target = path or DEFAULT_PATH
     try:
-        with open(target, encoding="utf-8") as f:
-            text = f.read()
+        data = _read(target)
     except FileNotFoundError:
         if path is None:
             return Config()
         raise ConfigError(f"{target}: no such file") from None
-    except OSError as err:
-        raise ConfigError(f"{target}: {err.strerror}") from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"{target}: {getattr(err, 'strerror', None) or err}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{target}: too large (more than {MAX_FILE_BYTES} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{target}, line {line}: not UTF-8 (byte {data[err.start]:#04x} "
+                          f"at offset {err.start})") from None
     return parse_config(text, target)

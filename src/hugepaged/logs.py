@@ -5,6 +5,8 @@ import logging
 import sys
 import time
 
+from hugepaged.names import printable
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -19,12 +21,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Human lines; the message's control characters escaped, so a name holding a newline
+    cannot forge a line (tracebacks, appended after it, keep theirs)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(fmt: str = "text", level: str = "info", stream=None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s hugepaged %(levelname)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s hugepaged %(levelname)s: %(message)s"))
     root = logging.getLogger("hugepaged")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

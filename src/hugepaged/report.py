@@ -7,8 +7,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hugepaged.collapse import CollapseOutcome
+from hugepaged.names import printable
 from hugepaged.results import ScanResult
 from hugepaged.scan.mm import ProcessScan
 
@@ -73,8 +75,8 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
     for s in scans:
         counts = s.results()
         total.update(counts)
-        table.add_row(str(s.pid), s.comm, human_kb(s.anon_kb), human_kb(s.anon_huge_kb),
-                      f"{s.coverage:.1f}%", str(s.eligible_windows),
+        table.add_row(str(s.pid), Text(printable(s.comm)), human_kb(s.anon_kb),
+                      human_kb(s.anon_huge_kb), f"{s.coverage:.1f}%", str(s.eligible_windows),
                       str(counts[ScanResult.SUCCEED]), results_text(counts))
     anon = sum(s.anon_kb for s in scans)
     huge = sum(s.anon_huge_kb for s in scans)
@@ -86,7 +88,7 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
     out.print(table)
     out.print(REFERENCED_UNKNOWN)
     for line in skipped:
-        out.print(line)
+        out.print(printable(line), markup=False)
 
 
 def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run: bool,
@@ -114,11 +116,11 @@ def print_collapse(doc: dict[str, Any], verbose: bool) -> None:
     if verbose:
         for w in doc["windows"]:
             err = f" ({w['errno']})" if w["errno"] else ""
-            out.print(f"  {w['address']}  {w['result']}{err}  {w['ms']:.2f} ms")
+            out.print(f"  {w['address']}  {w['result']}{err}  {w['ms']:.2f} ms", markup=False)
     verb = "would collapse" if doc["dry_run"] else "collapsed"
     n = doc["would_collapse"] if doc["dry_run"] else doc["collapsed"]
-    out.print(f"pid {doc['pid']} ({doc['comm']}): {verb} {n} window(s) in "
-              f"{doc['seconds']:.3f} s, RSS +{doc['rss_growth_kb']} kB")
+    out.print(f"pid {doc['pid']} ({printable(doc['comm'])}): {verb} {n} window(s) in "
+              f"{doc['seconds']:.3f} s, RSS +{doc['rss_growth_kb']} kB", markup=False)
     if doc["failed"]:
         out.print("  failed:  " + " ".join(f"{k}:{v}" for k, v in doc["failed"].items()))
     if doc["skipped"]:
@@ -131,7 +133,7 @@ def print_json(doc: Any) -> None:
 
 
 def print_status(st: dict[str, Any]) -> None:
-    out = console()
+    out = Console(width=None if sys.stdout.isatty() else 160, highlight=False, markup=False)
     c = st["counters"]
     out.print(f"hugepaged {st['version']} pid {st['pid']}: {st['state']}, up "
               f"{st['uptime_seconds']:.0f} s, {st['cpu_seconds']:.2f} s CPU, "

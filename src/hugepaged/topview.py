@@ -15,6 +15,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from hugepaged.names import printable
 from hugepaged.report import human_kb
 from hugepaged.results import ScanResult
 from hugepaged.scan.mm import ProcessScan
@@ -112,10 +113,10 @@ def render(frame: Frame, limit: int | None = None) -> RenderableType:
     if frame.scan_seconds is not None:
         title += f"  (scan {frame.scan_seconds:.2f} s)"
     shown = frame.rows if limit is None else frame.rows[:max(0, limit)]
-    cells = [[str(r.pid), r.comm + ("*" if r.registered else ""), human_kb(r.anon_kb),
+    cells = [[str(r.pid), printable(r.comm) + ("*" if r.registered else ""), human_kb(r.anon_kb),
               human_kb(r.anon_huge_kb), f"{r.coverage:.1f}%", str(r.eligible),
               f"{r.collapsible} ({human_kb(r.collapsible_kb)})" if r.collapsible else "0",
-              r.last_result] for r in shown]
+              printable(r.last_result)] for r in shown]
     table = Table(box=None, pad_edge=False, expand=False, header_style="bold reverse")
     for i, (col, just) in enumerate(COLUMNS):
         # Numbers are never cut: on a narrow terminal COMMAND and LAST give way.
@@ -124,11 +125,11 @@ def render(frame: Frame, limit: int | None = None) -> RenderableType:
         table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",
                          min_width=min(width, 8) if shrinks else width)
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # cells are data, never markup
     parts: list[RenderableType] = [
         Text(title, style="bold"),
         Text(_totals(frame.rows)),
-        Text(daemon_line(frame.status, frame.daemon_error),
+        Text(printable(daemon_line(frame.status, frame.daemon_error)),
              style="green" if frame.status else "yellow"),
         table,
     ]
@@ -139,7 +140,7 @@ def render(frame: Frame, limit: int | None = None) -> RenderableType:
         parts.append(Text("* registered with the daemon; LAST is its last result there",
                           style="dim"))
     for line in frame.skipped:
-        parts.append(Text(line, style="dim"))
+        parts.append(Text(printable(line), style="dim"))
     return Group(*parts)
 
 

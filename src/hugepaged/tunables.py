@@ -51,16 +51,21 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
 _KSTRTOUL = re.compile(r"\+?[0-9]+\n?")
 
 
+def _quoted(text: str) -> str:
+    """'text'; with control characters escaped (repr) so an error stays on one line."""
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
 def parse(name: str, text: str | int) -> int | str:
     """Parse like the kernel's store(): kstrtoul base 10 or sysfs_streq of a word."""
     spec = SPECS.get(name)
     if spec is None:
-        raise InvalidTunable(f"unknown tunable '{name}' (known: {', '.join(SPECS)})")
+        raise InvalidTunable(f"unknown tunable {_quoted(name)} (known: {', '.join(SPECS)})")
     raw = str(text)
     if spec.choices:
         word = raw[:-1] if raw.endswith("\n") else raw
         if word not in spec.choices:
-            raise InvalidTunable(f"{name}: invalid value '{word}' ({spec.describe()})")
+            raise InvalidTunable(f"{name}: invalid value {_quoted(word)} ({spec.describe()})")
         return word
     if not _KSTRTOUL.fullmatch(raw):
         raise InvalidTunable(f"{name}: invalid value {raw!r} ({spec.describe()})")
@@ -106,9 +111,9 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidTunable(f"--set expects KEY=VALUE, got '{item}'")
-        parse(key.strip(), value)
-        out[key.strip()] = value
+            raise InvalidTunable(f"--set expects KEY=VALUE, got {_quoted(item)}")
+        parse(key, value)  # the key exactly as written: ' max_ptes_none' is no tunable
+        out[key] = value
     return out
 
 

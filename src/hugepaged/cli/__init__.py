@@ -18,6 +18,7 @@ from hugepaged.cli import (
     top,
 )
 from hugepaged.errors import HugepagedError
+from hugepaged.names import printable
 
 COMMANDS = [scan, collapse, run, status, top, get, set, restore_kernel, completion, manpage]
 
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except HugepagedError as err:
-        print(f"hugepaged: {err}", file=sys.stderr)
+        print(f"hugepaged: {printable(str(err))}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         return 130

@@ -5,7 +5,7 @@ import os
 import time
 
 from hugepaged import report
-from hugepaged.cli.common import add_common, kernel_of, require_root, tunables_of
+from hugepaged.cli.common import add_common, check_pids, kernel_of, require_root, tunables_of
 from hugepaged.collapse import collapse_windows
 from hugepaged.kernel.madvise import pidfd_open, require_collapse_support
 from hugepaged.kernel.procfs import mapped_at
@@ -37,6 +37,7 @@ def targets(scan, force: bool) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     kernel = kernel_of(args)
+    check_pids(kernel, [args.pid])
     tunables = tunables_of(args, kernel)
     require_root()
     kernel.thp.require()

@@ -3,7 +3,8 @@
 import argparse
 import os
 
-from hugepaged.errors import AccessDenied
+from hugepaged.config import ConfigError, check_socket_path
+from hugepaged.errors import AccessDenied, UsageError
 from hugepaged.kernel import Kernel
 from hugepaged.tunables import SPECS, Tunables, parse_assignments, resolve
 
@@ -37,3 +38,20 @@ def require_root() -> None:
     if os.geteuid() != 0:
         raise AccessDenied("hugepaged needs root: PFNs and /proc/kpageflags need "
                            "CAP_SYS_ADMIN, MADV_COLLAPSE on another process CAP_SYS_NICE")
+
+
+def check_pids(kernel: Kernel, pids: list[int]) -> list[int]:
+    """--pid values a process can have: 1 .. pid_max-1 (the kernel's bound, read live)."""
+    top = kernel.procfs.pid_max()
+    for pid in pids:
+        if not 0 < pid < top:
+            raise UsageError(f"--pid {pid}: not a process id (1..{top - 1})")
+    return pids
+
+
+def check_socket(path: str) -> str:
+    """--socket PATH: a path a client can reach (an empty one would bind an abstract socket)."""
+    try:
+        return check_socket_path(path, "--socket")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None

@@ -2,6 +2,7 @@
 
 import argparse
 
+from hugepaged.cli.common import check_socket
 from hugepaged.cli.status import add_socket
 from hugepaged.control.client import request
 
@@ -14,5 +15,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_socket(args.socket)
     print(request(args.socket, {"cmd": "get", "key": args.key})["value"])
     return 0

@@ -2,7 +2,7 @@
 
 import argparse
 
-from hugepaged.cli.common import add_common, kernel_of
+from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
 from hugepaged.config import DEFAULT_PATH
 from hugepaged.control.server import ControlServer
 from hugepaged.daemon.service import Service, require_daemon_support
@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kernel = kernel_of(args)
+    check_pids(kernel, args.pid)
+    if args.socket is not None:
+        check_socket(args.socket)
     overrides = parse_assignments(args.assignments)
     options = {"socket": args.socket, "metrics": args.metrics,
                "metrics_top_processes": args.metrics_top_processes,

@@ -4,7 +4,7 @@ import argparse
 import os
 
 from hugepaged import report
-from hugepaged.cli.common import add_common, kernel_of, require_root, tunables_of
+from hugepaged.cli.common import add_common, check_pids, kernel_of, require_root, tunables_of
 from hugepaged.errors import AccessDenied, ProcessGone
 from hugepaged.scan.mm import ProcessScan, scan_process
 
@@ -48,6 +48,7 @@ def scan_many(kernel, pids: list[int], tunables, *, explicit: bool
 
 def run(args: argparse.Namespace) -> int:
     kernel = kernel_of(args)
+    check_pids(kernel, args.pid)
     tunables = tunables_of(args, kernel)
     require_root()
     kernel.thp.require()

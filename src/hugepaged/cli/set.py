@@ -2,6 +2,7 @@
 
 import argparse
 
+from hugepaged.cli.common import check_socket
 from hugepaged.cli.status import add_socket
 from hugepaged.control.client import request
 
@@ -15,5 +16,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_socket(args.socket)
     request(args.socket, {"cmd": "set", "key": args.key, "value": args.value})
     return 0

@@ -3,6 +3,7 @@
 import argparse
 
 from hugepaged import report
+from hugepaged.cli.common import check_socket
 from hugepaged.config import DEFAULT_SOCKET
 from hugepaged.control.client import request
 
@@ -20,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_socket(args.socket)
     status = request(args.socket, {"cmd": "status"})["status"]
     if args.json:
         report.print_json(status)

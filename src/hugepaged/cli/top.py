@@ -7,7 +7,14 @@ import time
 from rich.console import Console
 from rich.live import Live
 
-from hugepaged.cli.common import add_common, kernel_of, kernel_tunables, require_root
+from hugepaged.cli.common import (
+    add_common,
+    check_pids,
+    check_socket,
+    kernel_of,
+    kernel_tunables,
+    require_root,
+)
 from hugepaged.cli.scan import scan_many
 from hugepaged.cli.status import add_socket
 from hugepaged.control.client import request
@@ -62,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations is not None and args.iterations < 1:
         raise UsageError("--iterations must be at least 1")
     kernel = kernel_of(args)
+    check_pids(kernel, args.pid)
+    check_socket(args.socket)
     parse_assignments(args.assignments)  # refused before anything else
     require_root()
     kernel.thp.require()

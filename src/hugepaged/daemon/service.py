@@ -6,7 +6,6 @@ the same sleep, so a valid change of either sleep takes effect at once (wakeup_k
 
 import logging
 import os
-import re
 import resource
 import selectors
 import signal
@@ -14,7 +13,7 @@ import time
 from typing import Any
 
 from hugepaged import __version__
-from hugepaged.config import Config, ConfigError, DaemonOptions, load_config
+from hugepaged.config import Config, DaemonOptions, check_pattern, load_config
 from hugepaged.errors import HugepagedError, InvalidTunable, Unsupported
 from hugepaged.kernel import Kernel
 from hugepaged.kernel.connector import ProcConnector
@@ -74,10 +73,7 @@ class Service:
 
     def _set_exclude(self) -> None:
         pattern = self.config.options.exclude_comm
-        try:
-            self.core.exclude_comm = re.compile(pattern) if pattern else None
-        except re.error as err:
-            raise ConfigError(f"exclude_comm: invalid regular expression: {err}") from err
+        self.core.exclude_comm = check_pattern(pattern) if pattern else None
 
     @property
     def options(self) -> DaemonOptions:
@@ -92,7 +88,7 @@ class Service:
         try:
             cfg = self._load()
             tunables = self.tunables_from(cfg)
-        except HugepagedError as err:
+        except (HugepagedError, OSError, ValueError) as err:
             log.error("reload refused, configuration kept: %s", err,
                       extra={"event": "reload_refused", "error": str(err)})
             return

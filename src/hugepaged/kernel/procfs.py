@@ -73,6 +73,15 @@ class ProcFS:
     def exists(self, pid: int) -> bool:
         return os.path.isdir(f"{self.root}/{pid}")
 
+    def pid_max(self) -> int:
+        """/proc/sys/kernel/pid_max: pids are 1..pid_max-1 (4194304 if unreadable, the
+        kernel's PID_MAX_LIMIT on 64-bit)."""
+        try:
+            with open(f"{self.root}/sys/kernel/pid_max") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return 4194304
+
     def pids(self) -> list[int]:
         """Every thread-group leader's pid, ascending."""
         return sorted(int(d) for d in os.listdir(self.root) if d.isdigit())
