@@ -46,6 +46,8 @@ class Region:
     windows: int
     touched: list[int] = field(default_factory=list)
     zero: list[int] = field(default_factory=list)
+    kind: str = "private"
+    fd: int | None = None
 
     def window_start(self, i: int) -> int:
         return self.start + i * HPAGE
@@ -99,7 +101,8 @@ class Workload:
         self.regions = {
             name: Region(name=name, start=r["start"], end=r["end"],
                          windows=(r["end"] - r["start"]) // HPAGE,
-                         touched=list(r["touched"]), zero=list(r["zero"]))
+                         touched=list(r["touched"]), zero=list(r["zero"]),
+                         kind=r.get("kind", "private"), fd=r.get("fd"))
             for name, r in info["regions"].items()
         }
         return self
@@ -197,8 +200,8 @@ class Workload:
 
 
 def _knob_path(name: str) -> Path:
-    if name == "enabled":
-        return THP_DIR / "enabled"
+    if name in ("enabled", "shmem_enabled", "hugepages-2048kB/shmem_enabled"):
+        return THP_DIR / name
     if name == "thp_defrag":  # the global one; "defrag" is khugepaged's
         return THP_DIR / "defrag"
     if name in {"pages_collapsed", "full_scans"}:

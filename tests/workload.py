@@ -20,10 +20,19 @@ REGION (only "name" and "windows" are required)::
      "hugepage": false,          # MADV_HUGEPAGE after filling
      "nohugepage": false,        # MADV_NOHUGEPAGE after filling
      "mlock": false,             # mlock2(MLOCK_ONFAULT) after filling: locks, does not populate
-     "share_after_fork": S}      # with fork_child: S filled pages per window stay shared
+     "share_after_fork": S,      # with fork_child: S filled pages per window stay shared
+     "kind": "private",          # "private" | "memfd" | "shared_anon" (MAP_SHARED|MAP_ANONYMOUS)
+     "misalign": false,          # shared kinds: map 4 KiB past a 2 MiB boundary at file offset
+                                 # 0, so no address is congruent to its offset modulo 2 MiB
+     "cache_fill": "none",       # memfd: pages (same syntax as fill, disjoint from it) written
+                                 # through the file only: in the page cache, never mapped
+     "pageout": "none"}          # after filling: MADV_PAGEOUT of these pages (swap, if on)
 
 Layout: each region is an anonymous private mapping of exactly windows * 2 MiB, 2 MiB-aligned,
 with a one-page PROT_NONE guard on each side so that it never merges with a neighbouring VMA.
+Shared kinds are one MAP_SHARED mapping of a memfd (offset 0) or of shared anonymous memory,
+2 MiB-aligned unless "misalign", with the same guard pages; the fork_child shares them (it
+keeps them mapped and does not MADV_NOHUGEPAGE them).
 Pages are faulted in as 4 KiB pages (the process has PR_SET_THP_DISABLE set while it fills, so
 this holds even under enabled=always or with mTHP sizes on); MADV_HUGEPAGE / MADV_NOHUGEPAGE /
 mlock come afterwards, each on exactly the region.
@@ -42,12 +51,14 @@ share_after_fork stay fully shared.
 Then one JSON line on stdout::
 
     {"pid": P, "child_pid": C | null, "setup_seconds": T,
-     "regions": {"a": {"start": S, "end": E, "windows": W, "touched": [...], "zero": [...]}}}
+     "regions": {"a": {"start": S, "end": E, "windows": W, "touched": [...], "zero": [...],
+                       "kind": K, "fd": memfd number or null, "cache": [...]}}}
 
 and commands on stdin, one per line, one JSON line answered for each:
     verify       -> {"ok": true} | {"ok": false, "bad": [[name, window, page], ...]}
                     (checks touched pages' pattern and that zero pages read as zeros; never reads
-                    pages that were not faulted in, so it does not change the layout)
+                    pages that were not faulted in, so it does not change the layout;
+                    cache_fill pages are read back through the file)
     touch NAME   -> {"ok": true}: rewrite the pattern of all touched pages of NAME
     comm HEX     -> {"ok": true}: write bytes.fromhex(HEX) to /proc/self/comm (a name is data:
                     any bytes, newlines and escape sequences included)
@@ -82,12 +93,15 @@ _WORDS = np.arange(WORDS_PER_PAGE, dtype=np.uint64)
 PROT_NONE = 0x0
 PROT_READ = 0x1
 PROT_WRITE = 0x2
+MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
 MAP_NORESERVE = 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
+MADV_PAGEOUT = 21
 MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
 PR_SET_PDEATHSIG = 1
@@ -151,6 +165,24 @@ def map_region(windows: int) -> int:
     return start
 
 
+def map_shared(windows: int, kind: str, misalign: bool, fd: int) -> int:
+    """A MAP_SHARED mapping of windows * 2 MiB with a PROT_NONE guard page on each side,
+    at a 2 MiB boundary (plus one page if misaligned)."""
+    length = windows * HPAGE
+    base = map_region(windows + 2)  # a reservation, replaced below
+    start = base + HPAGE + (PAGE if misalign else 0)
+    flags = MAP_SHARED | MAP_FIXED | (MAP_ANONYMOUS if kind == "shared_anon" else 0)
+    got = _libc.mmap(start, length, PROT_READ | PROT_WRITE, flags, fd, 0)
+    if got != start:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap shared {kind}: {os.strerror(err)}")
+    _check(_libc.munmap(base, start - PAGE - base), "munmap head")
+    tail = base + (windows + 2) * HPAGE
+    if tail > start + length + PAGE:
+        _check(_libc.munmap(start + length + PAGE, tail - start - length - PAGE), "munmap tail")
+    return start
+
+
 def _int(text: str, what: str) -> int:
     try:
         return int(text)
@@ -192,7 +224,8 @@ class Region:
         if not isinstance(spec, dict):
             raise SpecError("a region must be an object")
         unknown = set(spec) - {"name", "windows", "fill", "zero_pages", "hugepage", "nohugepage",
-                               "mlock", "share_after_fork"}
+                               "mlock", "share_after_fork", "kind", "misalign", "cache_fill",
+                               "pageout"}
         if unknown:
             raise SpecError(f"region {spec.get('name')!r}: unknown keys {sorted(unknown)}")
         self.name = spec.get("name")
@@ -226,6 +259,18 @@ class Region:
                 raise SpecError(f"region {self.name}: share_after_fork must be 0.."
                                 f"{len(self.touched)} (the filled pages per window)")
             self.share_after_fork = share
+        self.kind = spec.get("kind", "private")
+        if self.kind not in ("private", "memfd", "shared_anon"):
+            raise SpecError(f"region {self.name}: kind must be private, memfd or shared_anon")
+        self.misalign = bool(spec.get("misalign", False))
+        self.cache = parse_fill(spec.get("cache_fill", "none"))
+        self.pageout = parse_fill(spec.get("pageout", "none"))
+        if self.kind == "private" and (self.misalign or self.cache):
+            raise SpecError(f"region {self.name}: misalign and cache_fill need a shared kind")
+        if self.cache and (self.kind != "memfd" or set(self.cache) & set(self.touched)):
+            raise SpecError(f"region {self.name}: cache_fill needs kind memfd and pages "
+                            "disjoint from fill")
+        self.fd = -1
         seed = hashlib.blake2b(self.name.encode(), digest_size=8).digest()
         self.seed = np.uint64(int.from_bytes(seed, "little"))
         self.start = 0
@@ -237,7 +282,13 @@ class Region:
         return self.windows * HPAGE
 
     def map(self) -> None:
-        self.start = map_region(self.windows)
+        if self.kind == "private":
+            self.start = map_region(self.windows)
+        else:
+            if self.kind == "memfd":
+                self.fd = os.memfd_create(self.name, 0)
+                os.ftruncate(self.fd, self.length)
+            self.start = map_shared(self.windows, self.kind, self.misalign, self.fd)
         self.end = self.start + self.length
         buf = (ctypes.c_char * self.length).from_address(self.start)
         self.view = np.frombuffer(buf, dtype=np.uint64).reshape(
@@ -300,6 +351,32 @@ class Region:
                 else:
                     self.view[w0:w1, idx, :] = heads + _WORDS
 
+    def write_cache(self) -> None:
+        """Write the cache_fill pages through the file: page cache, no mapping."""
+        if not self.cache:
+            return
+        with np.errstate(over="ignore"):
+            data = self.expected(0, self.windows, self.cache)
+        for w in range(self.windows):
+            for i, p in enumerate(self.cache):
+                os.pwrite(self.fd, data[w, i].tobytes(), (w * PAGES_PER_WINDOW + p) * PAGE)
+
+    def page_out(self) -> None:
+        for w in range(self.windows):
+            for p in self.pageout:
+                madvise(self.start + w * HPAGE + p * PAGE, PAGE, MADV_PAGEOUT)
+
+    def _verify_cache(self, limit: int) -> list[list]:
+        bad: list[list] = []
+        with np.errstate(over="ignore"):
+            data = self.expected(0, self.windows, self.cache)
+        for w in range(self.windows):
+            for i, p in enumerate(self.cache):
+                got = os.pread(self.fd, PAGE, (w * PAGES_PER_WINDOW + p) * PAGE)
+                if got != data[w, i].tobytes() and len(bad) < limit:
+                    bad.append([self.name, w, p])
+        return bad
+
     def read_fault_zero(self) -> None:
         if self.zero:
             idx = self._page_index(self.zero)
@@ -307,7 +384,7 @@ class Region:
                 int(self.view[w0:w1, idx, 0].sum())
 
     def verify(self, limit: int) -> list[list]:
-        bad: list[list] = []
+        bad: list[list] = self._verify_cache(limit) if self.cache else []
         with np.errstate(over="ignore"):
             if self.touched:
                 idx = self._page_index(self.touched)
@@ -331,7 +408,8 @@ class Region:
 
     def report(self) -> dict:
         return {"start": self.start, "end": self.end, "windows": self.windows,
-                "touched": self.touched, "zero": self.zero}
+                "touched": self.touched, "zero": self.zero, "kind": self.kind,
+                "fd": self.fd if self.fd >= 0 else None, "cache": self.cache}
 
 
 def parse_spec(text: str) -> tuple[list[Region], bool, bool]:
@@ -364,7 +442,8 @@ def run_child(regions: list[Region], parent: int, ready_w: int) -> None:
         if os.getppid() != parent:
             os._exit(0)
         for r in regions:
-            madvise(r.start, r.length, MADV_NOHUGEPAGE)
+            if r.kind == "private":
+                madvise(r.start, r.length, MADV_NOHUGEPAGE)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
@@ -388,6 +467,7 @@ def setup(regions: list[Region], thp_disable: bool, fork_child: bool) -> int | N
     for r in regions:
         r.populate()
         r.write()
+        r.write_cache()
         r.read_fault_zero()
     if not thp_disable:
         prctl(PR_SET_THP_DISABLE, 0)
@@ -398,6 +478,7 @@ def setup(regions: list[Region], thp_disable: bool, fork_child: bool) -> int | N
             madvise(r.start, r.length, MADV_NOHUGEPAGE)
         if r.mlock:
             _check(_libc.mlock2(r.start, r.length, MLOCK_ONFAULT), f"mlock2 {r.name}")
+        r.page_out()
     if not fork_child:
         return None
     sys.stdout.flush()

@@ -89,6 +89,16 @@ class ThpSysfs:
         except OSError:
             return 2 << 20
 
+    def shmem_enabled_pmd(self) -> str:
+        """hugepages-<PMD size>kB/shmem_enabled, the per-size shmem mode (6.11+); `inherit`
+        (follow the global shmem_enabled) on kernels without per-size controls."""
+        path = f"{self.dir}/hugepages-{self.hpage_pmd_size() >> 10}kB/shmem_enabled"
+        try:
+            with open(path) as f:
+                return _bracketed(f.read())
+        except FileNotFoundError:
+            return "inherit"
+
     def khugepaged(self) -> dict[str, int]:
         return {n: int(self.read_raw(n)) for n in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS}
 
