@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hugepaged.errors import HugepagedError, ProcessGone, Unsupported
+from hugepaged.errors import ProcessGone, Unsupported
 from hugepaged.kernel.errors import process_errors
 
 _SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451, "arm64": 451, "riscv64": 451,
@@ -54,7 +54,7 @@ class _Stat(ctypes.Structure):
                 ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
-class VmaGone(HugepagedError):
+class VmaGone(LookupError):
     """The mapping went away (munmap, mremap) while the process lives on: skip the VMA."""
 
 
