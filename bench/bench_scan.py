@@ -37,12 +37,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import HPAGE, Workload, anon_huge_kb, saved_thp  # noqa: E402
 
 import hugepaged.kernel.kpageflags as kpf_mod  # noqa: E402
-import hugepaged.scan.mm as mm_mod  # noqa: E402
+import hugepaged.scan.anon as mm_mod  # noqa: E402
 from hugepaged.collapse import collapse_windows  # noqa: E402
 from hugepaged.kernel import Kernel, KPageFlags, PageMap  # noqa: E402
 from hugepaged.kernel.procfs import ProcFS, mapped_at  # noqa: E402
+from hugepaged.policy import CollapseControl  # noqa: E402
 from hugepaged.results import ScanResult  # noqa: E402
-from hugepaged.scan.mm import scan_process  # noqa: E402
+from hugepaged.scan.process import scan_process  # noqa: E402
 from hugepaged.tunables import Tunables  # noqa: E402
 
 GOALS = {"4k": 20.0, "pmd": 200.0}  # GiB per CPU-second (issue 2)
@@ -57,7 +58,6 @@ PARTS = [
     ("pagemap", PageMap, "read"),
     ("kpageflags", KPageFlags, "read"),
     ("decide", mm_mod, "decide"),
-    ("decide", mm_mod, "pmd_mapped_from_pages"),
 ]
 
 
@@ -114,7 +114,8 @@ def timed_parts(acc: dict[str, float]):
 
 def one_scan(kernel, pid, tunables, kpf, use_scan):
     t0 = time.process_time()
-    scan = scan_process(kernel, pid, tunables, kpf, use_pagemap_scan=use_scan)
+    scan = scan_process(kernel, pid, CollapseControl.from_tunables(tunables), kpf,
+                        use_pagemap_scan=use_scan)
     return time.process_time() - t0, scan
 
 
@@ -144,7 +145,7 @@ def collapse_region(kernel, pid, start, end):
     try:
         t0 = time.perf_counter()
         outcomes = collapse_windows(
-            pidfd, pid, list(range(start, end, HPAGE)),
+            pidfd, pid, list(range(start, end, HPAGE)), HPAGE,
             lambda a: mapped_at(kernel.procfs.maps_text(pid), a))
         wall = time.perf_counter() - t0
     finally:

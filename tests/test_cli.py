@@ -328,10 +328,10 @@ def test_collapse_dry_run_json(thp_never):
 @pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
 def test_process_exits_between_scan_and_collapse(thp_never, reap, monkeypatch, capsys):
     """Deterministic: the scan step is wrapped to kill the workload right after it."""
-    import hugepaged.cli.collapse as collapse_cmd
+    import hugepaged.scan.process as scan_mod
     from hugepaged.cli import main
 
-    real_scan = collapse_cmd.scan_process
+    real_scan = scan_mod.scan_process
     with Workload(regions=LAYOUT) as w:
         def scan_then_kill(*args, **kwargs):
             scan = real_scan(*args, **kwargs)
@@ -346,7 +346,7 @@ def test_process_exits_between_scan_and_collapse(thp_never, reap, monkeypatch, c
                     time.sleep(0.005)
             return scan
 
-        monkeypatch.setattr(collapse_cmd, "scan_process", scan_then_kill)
+        monkeypatch.setattr(scan_mod, "scan_process", scan_then_kill)
         rc = main(["collapse", "--pid", str(w.pid), "--json", *MADVISE])
         out, err = capsys.readouterr()
     assert rc in (0, 5), (rc, out, err)

@@ -28,7 +28,7 @@ from hugepaged.kernel.pagemap import (
     PM_UFFD_WP,
 )
 from hugepaged.results import ScanResult as R
-from hugepaged.scan.decide import HPAGE_PMD_NR, Limits, Verdicts, decide, pmd_mapped_from_pages
+from hugepaged.scan.decide import HPAGE_PMD_NR, Limits, Verdicts, decide
 
 N = HPAGE_PMD_NR
 KPF_UPTODATE = 1 << 3
@@ -224,12 +224,6 @@ def test_all_zero_page_is_not_pmd_none():
     assert one(window("swap")) == R.EXCEED_SWAP_PTE
 
 
-def test_pmd_mapped_argument_wins():
-    wins = [window(), window("none"), window(not_lru=0), window()]
-    v = run(*wins, pmd_mapped=np.array([True, True, True, False]))
-    assert codes(v) == [R.PMD_MAPPED, R.PMD_MAPPED, R.PMD_MAPPED, R.SUCCEED]
-
-
 def thp_window(base: int = PFN_BASE) -> tuple[np.ndarray, np.ndarray]:
     """512 present PTEs of one order-9 folio, as a PMD mapping shows in pagemap."""
     pfns = np.uint64(base) + np.arange(N, dtype=np.uint64)
@@ -237,32 +231,6 @@ def thp_window(base: int = PFN_BASE) -> tuple[np.ndarray, np.ndarray]:
     kf = np.full(N, PAGE_OK | KPF_THP | KPF_COMPOUND_TAIL, dtype=np.uint64)
     kf[0] = PAGE_OK | KPF_THP | KPF_COMPOUND_HEAD
     return pm, kf
-
-
-def test_pmd_mapped_from_pages():
-    good = thp_window()
-    unaligned = thp_window(PFN_BASE + 1)
-    hole = (good[0].copy(), good[1])
-    hole[0][100] = 0
-    swapped = (good[0].copy(), good[1])
-    swapped[0][7] = np.uint64(PM_SWAP | SWAP_ENTRY)
-    gap = (good[0].copy(), good[1])
-    gap[0][300:] += np.uint64(1)
-    no_thp = (good[0], good[1].copy())
-    no_thp[1][0] = PAGE_OK | KPF_COMPOUND_HEAD  # e.g. hugetlb-ish head without THP
-    tail_first = (good[0], good[1].copy())
-    tail_first[1][0] = PAGE_OK | KPF_THP | KPF_COMPOUND_TAIL
-    small = window()  # 4 KiB pages with consecutive PFNs, but no compound head
-
-    wins = [good, unaligned, hole, swapped, gap, no_thp, tail_first, small]
-    pm = np.stack([w[0] for w in wins])
-    kf = np.stack([w[1] for w in wins])
-    mapped = pmd_mapped_from_pages(pm, kf[:, 0])
-    assert mapped.tolist() == [True, False, False, False, False, False, False, False]
-
-    v = decide(pm, kf, Limits(), pmd_mapped=mapped)
-    assert codes(v)[0] == R.PMD_MAPPED
-    assert R.PMD_MAPPED not in codes(v)[1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,23 +510,20 @@ def batches(draw):
         p = draw(st.sampled_from([0.0, 0.002, 0.3, 0.5, 0.7, 1.0]))
         referenced = rng.random((n, N)) < p
     armed = draw(st.one_of(st.booleans(), st.lists(st.booleans(), min_size=n, max_size=n)))
-    pmd_mapped = None
-    if draw(st.booleans()):
-        pmd_mapped = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    return np.stack(pms), np.stack(kfs), limits, referenced, armed, pmd_mapped
+    return np.stack(pms), np.stack(kfs), limits, referenced, armed
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_decide_matches_per_pte_reference(batch):
-    pm, kf, limits, referenced, armed, pmd_mapped = batch
-    v = decide(pm, kf, limits, pmd_mapped=pmd_mapped, referenced=referenced,
+    pm, kf, limits, referenced, armed = batch
+    v = decide(pm, kf, limits, referenced=referenced,
                uffd_armed=np.asarray(armed) if isinstance(armed, list) else armed)
     n = pm.shape[0]
     armed_rows = armed if isinstance(armed, list) else [armed] * n
     for w in range(n):
         want = reference(pm[w], kf[w], limits, None if referenced is None else referenced[w],
-                         armed_rows[w], bool(pmd_mapped[w]) if pmd_mapped is not None else False)
+                         armed_rows[w], False)
         got = (R(int(v.codes[w])), int(v.present[w]), int(v.none[w]), int(v.swap[w]),
                int(v.shared[w]))
         assert got == want, f"window {w}"

@@ -1,16 +1,26 @@
-"""scan.eligibility: which VMAs are candidates (the anonymous half of thp_vma_allowable_order)."""
+"""scan.eligibility: which VMAs are candidates (thp_vma_allowable_order) and of what kind."""
 
 import pytest
 
+from hugepaged.kernel.geometry import Geometry
 from hugepaged.kernel.procfs import Vma
+from hugepaged.policy import CollapseControl
+from hugepaged.results import Ineligible as I
 from hugepaged.scan.eligibility import (
-    HPAGE_PMD_SIZE,
     SPECIAL_FLAGS,
+    MemoryKind,
     aligned_range,
-    is_private_anon,
+    ineligible,
+    memory_kind,
     uffd_armed,
-    vma_skip_reason,
 )
+
+HPAGE_PMD_SIZE = 2 << 20
+
+
+def vma_skip_reason(v: Vma, enabled: str, thp_disabled: bool, force: bool = False):
+    return ineligible(v, CollapseControl(enabled=enabled, is_khugepaged=not force),
+                      thp_disabled)
 
 MB = 1 << 20
 BASE = 0x7F00_0000_0000  # 2 MiB aligned
@@ -32,13 +42,13 @@ def vma(start: int = BASE, size: int = 8 * MB, perms: str = "rw-p", path: str = 
 @pytest.mark.parametrize(("enabled", "flags", "expected"), [
     ("always", "", None),
     ("always", "hg", None),
-    ("always", "nh", "VM_NOHUGEPAGE"),
-    ("madvise", "", "no VM_HUGEPAGE"),
+    ("always", "nh", I.VM_NOHUGEPAGE),
+    ("madvise", "", I.NO_MADV_HUGEPAGE),
     ("madvise", "hg", None),
-    ("madvise", "nh", "VM_NOHUGEPAGE"),
-    ("never", "", "enabled=never"),
-    ("never", "hg", "enabled=never"),
-    ("never", "nh", "VM_NOHUGEPAGE"),
+    ("madvise", "nh", I.VM_NOHUGEPAGE),
+    ("never", "", I.ENABLED_NEVER),
+    ("never", "hg", I.ENABLED_NEVER),
+    ("never", "nh", I.VM_NOHUGEPAGE),
 ])
 def test_enabled_modes(enabled, flags, expected):
     assert vma_skip_reason(vma(flags=flags), enabled, thp_disabled=False) == expected
@@ -47,7 +57,14 @@ def test_enabled_modes(enabled, flags, expected):
 @pytest.mark.parametrize("enabled", ["always", "madvise", "never"])
 @pytest.mark.parametrize("flags", ["", "hg", "nh"])
 def test_pr_set_thp_disable_wins(enabled, flags):
-    assert vma_skip_reason(vma(flags=flags), enabled, thp_disabled=True) == "PR_SET_THP_DISABLE"
+    assert vma_skip_reason(vma(flags=flags), enabled, thp_disabled=True) == I.THP_DISABLED_PRCTL
+
+
+@pytest.mark.parametrize("enabled", ["madvise", "never"])
+def test_madv_collapse_ignores_the_mode_but_not_nohugepage(enabled):
+    assert vma_skip_reason(vma(), enabled, False, force=True) is None
+    assert vma_skip_reason(vma(flags="nh"), enabled, False, force=True) == I.VM_NOHUGEPAGE
+    assert vma_skip_reason(vma(), enabled, True, force=True) == I.THP_DISABLED_PRCTL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,38 +75,42 @@ def test_pr_set_thp_disable_wins(enabled, flags):
                                   "[anon:with: colon]"])
 def test_private_anonymous_kinds_are_candidates(path):
     v = vma(path=path, flags="hg")
-    assert is_private_anon(v)
+    assert memory_kind(v) is MemoryKind.ANON
     assert vma_skip_reason(v, "madvise", False) is None
     assert vma_skip_reason(v, "always", False) is None
 
 
-@pytest.mark.parametrize(("perms", "path", "inode"), [
-    ("rw-s", "/dev/zero (deleted)", 4056),  # MAP_SHARED|MAP_ANONYMOUS
-    ("rw-s", "[anon_shmem:named]", 4057),  # named shared anonymous memory
-    ("rw-s", "", 0),  # shared, whatever it is called
-    ("rw-s", "/SYSV00000000 (deleted)", 32768),  # SysV shm
-    ("r--p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300),  # private file mapping
-    ("rw-p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300),  # written, still a file
-    ("rw-s", "/tmp/data.bin", 12),  # shared file mapping
-    ("rw-p", "/memfd:buffer (deleted)", 5),  # memfd mapped privately: shmem-backed
-    ("r--p", "[vvar]", 0),
-    ("r-xp", "[vdso]", 0),
-    ("--xp", "[vsyscall]", 0),
-    ("rw-p", "[uprobes]", 0),
+@pytest.mark.parametrize(("perms", "path", "inode", "kind"), [
+    ("rw-s", "/dev/zero (deleted)", 4056, MemoryKind.SHMEM),  # MAP_SHARED|MAP_ANONYMOUS
+    ("rw-s", "[anon_shmem:named]", 4057, MemoryKind.SHMEM),  # named shared anonymous
+    ("rw-s", "", 0, MemoryKind.SHMEM),  # shared, whatever it is called
+    ("rw-s", "/SYSV00000000 (deleted)", 32768, MemoryKind.SHMEM),  # SysV shm
+    ("rw-s", "/dev/shm/seg", 77, MemoryKind.SHMEM),  # POSIX shm on tmpfs
+    ("r--p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300, MemoryKind.FILE),
+    ("rw-p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300, MemoryKind.FILE),  # written
+    ("rw-s", "/tmp/data.bin", 12, MemoryKind.FILE),  # shared file mapping
+    ("rw-p", "/memfd:buffer (deleted)", 5, MemoryKind.SHMEM),  # memfd mapped privately
+    ("r--p", "[vvar]", 0, MemoryKind.SPECIAL),
+    ("r-xp", "[vdso]", 0, MemoryKind.SPECIAL),
+    ("--xp", "[vsyscall]", 0, MemoryKind.SPECIAL),
+    ("rw-p", "[uprobes]", 0, MemoryKind.SPECIAL),
 ])
-def test_not_private_anonymous(perms, path, inode):
+def test_not_private_anonymous(perms, path, inode, kind):
     v = vma(perms=perms, path=path, inode=inode, flags="hg")
-    assert not is_private_anon(v)
+    assert memory_kind(v) is kind
+    reason = {MemoryKind.SHMEM: I.SHARED_MEMORY, MemoryKind.FILE: I.FILE_BACKED,
+              MemoryKind.SPECIAL: I.SPECIAL}[kind]
     for enabled in ("always", "madvise"):
-        assert vma_skip_reason(v, enabled, False) == "not private anonymous"
+        assert vma_skip_reason(v, enabled, False) == reason
 
 
 @pytest.mark.parametrize("flag", sorted(SPECIAL_FLAGS))
 def test_special_mappings(flag):
     assert {"io", "pf", "mm", "de", "ht"} == SPECIAL_FLAGS
     v = vma(flags=f"hg {flag}")
-    assert vma_skip_reason(v, "always", False) == "special mapping"
-    assert vma_skip_reason(v, "madvise", False) == "special mapping"
+    assert memory_kind(v) is MemoryKind.SPECIAL
+    assert vma_skip_reason(v, "always", False) == I.SPECIAL
+    assert vma_skip_reason(v, "madvise", False) == I.SPECIAL
 
 
 def test_other_flags_do_not_matter():
@@ -108,7 +129,6 @@ def test_combined_reasons_still_skip():
 
 
 def test_aligned_range_of_an_aligned_vma():
-    assert HPAGE_PMD_SIZE == 2 * MB
     assert aligned_range(vma(size=8 * MB)) == (BASE, BASE + 8 * MB)
     assert aligned_range(vma(size=2 * MB)) == (BASE, BASE + 2 * MB)
 
@@ -135,7 +155,7 @@ def test_smaller_than_one_aligned_window(start, size):
     hstart, hend = aligned_range(v)
     assert hstart == hend
     assert hstart % HPAGE_PMD_SIZE == 0
-    assert vma_skip_reason(v, "always", False) == "no aligned 2 MiB window"
+    assert vma_skip_reason(v, "always", False) == I.TOO_SMALL
 
 
 @pytest.mark.parametrize("start_off", [0, 0x1000, MB, 2 * MB - 0x1000])
@@ -148,14 +168,20 @@ def test_aligned_range_properties(start_off, size):
     # No further whole window fits on either side.
     assert hstart - HPAGE_PMD_SIZE < v.start
     assert hend + HPAGE_PMD_SIZE > v.end
-    expected = None if hend > hstart else "no aligned 2 MiB window"
+    expected = None if hend > hstart else I.TOO_SMALL
     assert vma_skip_reason(v, "always", False) == expected
 
 
-def test_custom_window_size():
+def test_window_size_comes_from_the_geometry():
     v = vma(start=BASE + 0x1000, size=8 * MB)
-    assert aligned_range(v, size=1 << 30) == (BASE + (1 << 30), BASE + (1 << 30))
-    assert aligned_range(v, size=64 * 1024) == (BASE + 64 * 1024, BASE + 8 * MB)
+    gib = Geometry(page_size=4096, pmd_size=1 << 30)
+    assert aligned_range(v, gib) == (BASE + (1 << 30), BASE + (1 << 30))
+    small = Geometry(page_size=4096, pmd_size=64 * 1024)
+    assert aligned_range(v, small) == (BASE + 64 * 1024, BASE + 8 * MB)
+    arm64_64k = Geometry(page_size=64 * 1024, pmd_size=512 * MB)
+    assert arm64_64k.pmd_nr == 8192 and arm64_64k.pmd_shift == 29
+    assert ineligible(vma(size=8 * MB), CollapseControl(enabled="always"), False,
+                      arm64_64k) == I.TOO_SMALL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,4 +201,4 @@ def test_uffd_armed(flags, armed):
     assert uffd_armed(v) is armed
     # Armed VMAs stay candidates: the per-window rule (no none PTE) decides.
     assert vma_skip_reason(v, "always", False) == (
-        "VM_NOHUGEPAGE" if "nh" in flags else None)
+        I.VM_NOHUGEPAGE if "nh" in flags else None)

@@ -15,6 +15,7 @@ import os
 import marks
 import pytest
 from helpers import (
+    HPAGE,
     Workload,
     anon_huge_kb,
     drain_lru,
@@ -255,6 +256,6 @@ def test_shared_with_forked_child_boundary(thp_never, collapse):
 def _collapse_direct(pid: int, address: int):
     pidfd = os.pidfd_open(pid)
     try:
-        return collapse_window(pidfd, pid, address, lambda: True)
+        return collapse_window(pidfd, pid, address, HPAGE, lambda: True)
     finally:
         os.close(pidfd)

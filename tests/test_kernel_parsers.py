@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hugepaged.errors import ProcessGone, Unsupported
-from hugepaged.kernel.kpageflags import SPAN_GAP, KPageFlags, spans
+from hugepaged.kernel.geometry import Geometry, read_geometry
+from hugepaged.kernel.kpageflags import SPAN_GAP, KPageFlags
 from hugepaged.kernel.pagemap import PAGE_IS_HUGE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from hugepaged.kernel.procfs import ProcFS, Vma, mapped_at, parse_smaps
 from hugepaged.kernel.sysfs import (
@@ -20,9 +21,8 @@ from hugepaged.kernel.sysfs import (
     MmStats,
     ThpSysfs,
     free_huge_blocks,
-    thp_vmstat,
 )
-from hugepaged.scan.mm import _runs, window_masks
+from hugepaged.scan.anon import _runs, window_masks
 
 MB = 1 << 20
 
@@ -177,36 +177,10 @@ def test_free_huge_blocks():
     assert free_huge_blocks(line, order=0) == 1 + 2 + 1024
 
 
-def test_thp_vmstat():
-    text = """nr_free_pages 1234
-nr_anon_transparent_hugepages 10
-thp_migration_success 0
-thp_fault_alloc 2719
-thp_fault_fallback 3
-thp_collapse_alloc 42
-thp_collapse_alloc_failed 1
-thp_scan_exceed_none_pte 7
-thp_scan_exceed_swap_pte 0
-thp_scan_exceed_share_pte 2
-thp_split_pmd 18446744073709551615
-pgfault 99
-"""
-    got = thp_vmstat(text)
-    assert got == {
-        "thp_migration_success": 0, "thp_fault_alloc": 2719, "thp_fault_fallback": 3,
-        "thp_collapse_alloc": 42, "thp_collapse_alloc_failed": 1,
-        "thp_scan_exceed_none_pte": 7, "thp_scan_exceed_swap_pte": 0,
-        "thp_scan_exceed_share_pte": 2, "thp_split_pmd": 2**64 - 1,
-    }
-    assert thp_vmstat("") == {}
-
-
 def test_mm_stats_reads_fixture_files(tmp_path):
     (tmp_path / "buddyinfo").write_text(BUDDYINFO)
-    (tmp_path / "vmstat").write_text("thp_collapse_alloc 5\nnr_dirty 3\n")
     mm = MmStats(str(tmp_path))
     assert mm.free_huge_blocks() == free_huge_blocks(BUDDYINFO)
-    assert mm.thp_vmstat() == {"thp_collapse_alloc": 5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +306,12 @@ def test_thp_sysfs_reads(sysroot):
     assert thp.read("shmem_enabled") == "never"
     assert thp.read("max_ptes_none") == 511
     assert thp.read_raw("defrag") == "1"  # khugepaged/defrag, not the top-level defrag
-    assert thp.hpage_pmd_size() == 2 << 20
+    assert thp.page_fault_defrag() == "madvise"  # the top-level defrag
+    assert read_geometry(str(sysroot)) == Geometry(os.sysconf("SC_PAGE_SIZE"), 2 << 20)
+    assert thp.current() == {
+        "enabled": "madvise", "shmem_enabled": "never", "pages_to_scan": 4096,
+        "scan_sleep_millisecs": 10000, "alloc_sleep_millisecs": 60000, "max_ptes_none": 511,
+        "max_ptes_swap": 64, "max_ptes_shared": 256, "defrag": 1}
     assert thp.khugepaged() == {
         "pages_to_scan": 4096, "scan_sleep_millisecs": 10000, "alloc_sleep_millisecs": 60000,
         "max_ptes_none": 511, "max_ptes_swap": 64, "max_ptes_shared": 256, "defrag": 1,
@@ -346,7 +325,8 @@ def test_thp_sysfs_missing(tmp_path, sysroot):
     with pytest.raises(Unsupported):
         empty.require()
     (sysroot / "kernel/mm/transparent_hugepage/hpage_pmd_size").unlink()
-    assert ThpSysfs(str(sysroot)).hpage_pmd_size() == 2 << 20
+    page = os.sysconf("SC_PAGE_SIZE")  # a page table of page/8 entries maps one PMD
+    assert read_geometry(str(sysroot)).pmd_size == page * (page // 8)
 
 
 def test_thp_sysfs_write_and_snapshot(sysroot):
@@ -438,37 +418,6 @@ def test_changed_restores_when_a_write_fails(sysroot):
 
 # ---------------------------------------------------------------------------------------------
 # kpageflags
-
-
-def test_spans_bridging():
-    pfns = np.array([1, 2, 3, 10, 30, 47, 48, 100], dtype=np.int64)
-    # diffs 1 1 7 20 17 1 52: a hole of 16 frames (diff 17) is bridged, 19 (diff 20) is not.
-    starts, ends = spans(pfns, 16)
-    assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [(1, 11), (30, 49),
-                                                                      (100, 101)]
-    starts, ends = spans(pfns, 0)
-    assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [
-        (1, 4), (10, 11), (30, 31), (47, 49), (100, 101)]
-    starts, ends = spans(pfns, 10**6)
-    assert (starts.tolist(), ends.tolist()) == ([1], [101])
-    starts, ends = spans(np.array([5], dtype=np.int64), 16)
-    assert (starts.tolist(), ends.tolist()) == ([5], [6])
-    assert starts.dtype == np.int64 and ends.dtype == np.int64
-
-
-@given(st.lists(st.integers(0, 5000), min_size=1, max_size=200, unique=True),
-       st.integers(0, 40))
-@settings(max_examples=200, deadline=None)
-def test_spans_properties(pfns, gap):
-    sorted_pfns = np.array(sorted(pfns), dtype=np.int64)
-    starts, ends = spans(sorted_pfns, gap)
-    # Every pfn is inside exactly one span; spans are sorted and separated by more than gap.
-    covered = np.zeros(5001, dtype=np.int64)
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        covered[s:e] += 1
-        assert s in set(pfns) and e - 1 in set(pfns)
-    assert (covered[sorted_pfns] == 1).all()
-    assert ((starts[1:] - ends[:-1]) > gap).all()
 
 
 NFRAMES = 1 << 14
@@ -576,23 +525,23 @@ def test_window_masks():
         (6 * MB + 0x5000, 10 * MB, P),  # windows 3 and 4, ends on a boundary
         (14 * MB, 16 * MB, P | H),  # window 7, PMD-mapped
     )
-    touched, huge = window_masks(regions, START, 8)
+    touched, huge = window_masks(regions, START, 8, 21)
     assert touched.tolist() == [True, True, True, True, True, False, False, True]
     assert huge.tolist() == [False, False, True, False, False, False, False, True]
     assert touched.dtype == bool and huge.dtype == bool
 
 
 def test_window_masks_edges():
-    touched, huge = window_masks(_regions(), START, 4)
+    touched, huge = window_masks(_regions(), START, 4, 21)
     assert not touched.any() and not huge.any() and touched.shape == (4,)
     # One region covering every window; several regions in one window.
-    touched, huge = window_masks(_regions((0, 8 * MB, PAGE_IS_PRESENT)), START, 4)
+    touched, huge = window_masks(_regions((0, 8 * MB, PAGE_IS_PRESENT)), START, 4, 21)
     assert touched.all() and not huge.any()
     rows = [(i * 0x1000, i * 0x1000 + 0x1000, PAGE_IS_PRESENT) for i in range(0, 512, 2)]
-    touched, _ = window_masks(_regions(*rows), START, 2)
+    touched, _ = window_masks(_regions(*rows), START, 2, 21)
     assert touched.tolist() == [True, False]
     # The last page of the last window.
-    touched, _ = window_masks(_regions((4 * MB - 0x1000, 4 * MB, PAGE_IS_SWAPPED)), START, 2)
+    touched, _ = window_masks(_regions((4 * MB - 0x1000, 4 * MB, PAGE_IS_SWAPPED)), START, 2, 21)
     assert touched.tolist() == [False, True]
 
 

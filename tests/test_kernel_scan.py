@@ -12,6 +12,7 @@ import os
 import marks
 import pytest
 from helpers import (
+    HPAGE,
     PM_PFN_MASK,
     Workload,
     drain_lru,
@@ -26,8 +27,9 @@ from helpers import (
 
 from hugepaged.collapse import collapse_window
 from hugepaged.kernel import Kernel
+from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
-from hugepaged.scan.mm import ProcessScan, scan_process
+from hugepaged.scan.process import ProcessScan, scan_process
 from hugepaged.tunables import Tunables
 
 pytestmark = marks.KERNEL
@@ -55,7 +57,8 @@ def run_scan(kernel: Kernel, pid: int, use_scan: bool, force: bool = False,
     if drain:
         drain_lru()
     with kernel.kpageflags() as kpf:
-        return scan_process(kernel, pid, tunables, kpf, force=force, use_pagemap_scan=use_scan)
+        return scan_process(kernel, pid, CollapseControl.from_tunables(tunables, force=force),
+                            kpf, use_pagemap_scan=use_scan)
 
 
 def per_region(scan: ProcessScan, w: Workload) -> dict[str, list[R] | str]:
@@ -121,7 +124,7 @@ def layout():
         r = w.regions["pmd"]
         pidfd = os.pidfd_open(w.pid)
         try:
-            out = collapse_window(pidfd, w.pid, r.start, lambda: True)
+            out = collapse_window(pidfd, w.pid, r.start, HPAGE, lambda: True)
         finally:
             os.close(pidfd)
         assert out.result == R.SUCCEED, out

@@ -146,6 +146,7 @@ def test_scrape_a_real_daemon():
         assert one("hugepaged_cpu_seconds", "hugepaged_cpu_seconds_total") > 0
         assert one("hugepaged_tunable", name="pages_to_scan") == st["tunables"]["pages_to_scan"]
         assert one("hugepaged_settings_info", enabled="madvise",
+                   shmem_enabled=st["tunables"]["shmem_enabled"],
                    kernel_khugepaged="leave") == 1
         assert sum(s.value for s in fams["hugepaged_state"].samples) == 1
         assert fams["hugepaged_collapse_duration_seconds"].type == "histogram"

@@ -23,6 +23,7 @@ import marks
 import numpy as np
 import pytest
 from helpers import (
+    HPAGE,
     KHUGEPAGED_DIR,
     Workload,
     drain_lru,
@@ -35,8 +36,9 @@ from helpers import (
 
 from hugepaged.collapse import collapse_window
 from hugepaged.kernel import Kernel
+from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
-from hugepaged.scan.mm import scan_process
+from hugepaged.scan.process import scan_process
 from hugepaged.tunables import Tunables
 
 pytestmark = marks.ORACLE
@@ -142,7 +144,8 @@ def hugepaged_verdicts(kernel: Kernel, w: Workload, use_scan: bool, limits: tupl
     tunables = Tunables().with_values({"enabled": "madvise", "max_ptes_none": limits[0],
                                        "max_ptes_shared": limits[1]})
     with kernel.kpageflags() as kpf:
-        scan = scan_process(kernel, w.pid, tunables, kpf, use_pagemap_scan=use_scan)
+        scan = scan_process(kernel, w.pid, CollapseControl.from_tunables(tunables), kpf,
+                            use_pagemap_scan=use_scan)
     by_start = {v.vma.start: v for v in scan.vmas}
     verdicts = {}
     for name, r in w.regions.items():
@@ -173,7 +176,7 @@ def _run_oracle(kernel: Kernel, w: Workload, limits: tuple[int, int]) -> None:
     pre = w.regions["pre"]
     pidfd = os.pidfd_open(w.pid)
     try:
-        assert collapse_window(pidfd, w.pid, pre.start, lambda: True).result == R.SUCCEED
+        assert collapse_window(pidfd, w.pid, pre.start, HPAGE, lambda: True).result == R.SUCCEED
     finally:
         os.close(pidfd)
     w.verify()

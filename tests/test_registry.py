@@ -25,9 +25,11 @@ from hugepaged.daemon.budget import CpuBudget
 from hugepaged.daemon.khugepaged import Khugepaged
 from hugepaged.daemon.registry import RESCAN_MAX, RESCAN_MIN, SETTLE_MAX, SETTLE_MIN, Registry
 from hugepaged.errors import ProcessGone
+from hugepaged.kernel.geometry import Geometry
 from hugepaged.kernel.procfs import PF_KTHREAD, ProcStat, ProcStatus, Vma
 from hugepaged.kernel.sysfs import MmStats
 from hugepaged.results import ScanResult
+from hugepaged.scan.eligibility import ineligible
 from hugepaged.tunables import Tunables
 
 HP = 2 << 20
@@ -135,6 +137,7 @@ class FakeKernel:
         self.procfs = FakeProcFS()
         self.mm = FakeMm()
         self.scans: list[tuple[int, int, int]] = []  # (pid, start, end) of decide_range calls
+        self.geometry = Geometry()
 
     def kpageflags(self):
         return SimpleNamespace(close=lambda: None)
@@ -144,10 +147,14 @@ class FakeKernel:
 
 
 class FakeScanner:
-    """MmScanner over the fixture: a window's code from its present count and the limits."""
+    """ProcessScanner over the fixture: a window's code from its present count and the limits;
+    eligibility is the real one."""
 
-    def __init__(self, kernel: FakeKernel, pid: int, kpf, limits) -> None:
-        self.kernel, self.pid, self.limits = kernel, pid, limits
+    def __init__(self, kernel: FakeKernel, pid: int, kpf, control) -> None:
+        self.kernel, self.pid, self.limits = kernel, pid, control
+
+    def ineligible(self, vma, thp_disabled: bool):
+        return ineligible(vma, self.limits, thp_disabled)
 
     def __enter__(self) -> FakeScanner:
         return self
@@ -155,7 +162,7 @@ class FakeScanner:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def decide_range(self, start: int, end: int, armed: bool = False):
+    def decide_range(self, vma, start: int, end: int):
         self.kernel.scans.append((self.pid, start, end))
         p = self.kernel.procfs._get(self.pid)
         codes = []
@@ -188,7 +195,7 @@ def world(monkeypatch):
     collapses: list[tuple[int, int]] = []
     behaviour: dict = {"fail": {}, "hook": None}
 
-    def fake_collapse(pidfd, pid, address, still_mapped):
+    def fake_collapse(pidfd, pid, address, size, still_mapped):
         collapses.append((pid, address))
         if behaviour["hook"] is not None:
             behaviour["hook"](pid, address)
@@ -201,7 +208,7 @@ def world(monkeypatch):
         p.huge.add(address)
         return CollapseOutcome(address, ScanResult.SUCCEED, 0, 0.0001)
 
-    monkeypatch.setattr(khp, "MmScanner", FakeScanner)
+    monkeypatch.setattr(khp, "ProcessScanner", FakeScanner)
     monkeypatch.setattr(khp, "collapse_window", fake_collapse)
 
     def make_core(**tunables) -> Khugepaged:
@@ -271,7 +278,7 @@ def test_registry_refuses_itself_and_vanished_processes(sleepers):
         reg.close()
 
 
-def test_pidfd_notices_exit_and_reap_drops_the_slot(sleepers):
+def test_pidfd_notices_exit_and_exit_drops_the_slot(sleepers):
     a, b = sleepers(2)
     reg = Registry()
     try:
@@ -281,7 +288,7 @@ def test_pidfd_notices_exit_and_reap_drops_the_slot(sleepers):
         os.kill(a, signal.SIGKILL)
         os.waitid(os.P_PID, a, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
         assert reg.slots[a].exited()  # the pidfd, not the pid, says so
-        assert reg.reap() == [a]
+        assert reg.exit(a)
         assert list(reg.slots) == [b]
     finally:
         reg.close()

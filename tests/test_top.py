@@ -15,7 +15,7 @@ from ops_daemon import Daemon, hugepaged_cli, hugepaged_cmd, require_tool
 
 from hugepaged.kernel.procfs import Vma
 from hugepaged.results import ScanResult
-from hugepaged.scan.mm import ProcessScan, VmaScan
+from hugepaged.scan.process import ProcessScan, VmaScan
 from hugepaged.topview import Frame, render_text, rows_of
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (PFNs, kpageflags)")

@@ -34,6 +34,7 @@ RANGES = {
 }
 WORDS = {
     "enabled": ("always", "madvise", "never"),
+    "shmem_enabled": ("always", "within_size", "advise", "never", "deny", "force"),
     "kernel_khugepaged": ("leave", "quiet"),
 }
 # Refused by kstrtoul whatever the range.
@@ -173,7 +174,8 @@ def test_with_values_refuses_all_or_nothing(bad):
 
 
 KERNEL = {  # what ThpSysfs.snapshot() plus the counters look like on a stock kernel
-    "enabled": "always", "defrag": 0, "max_ptes_none": 100, "max_ptes_swap": 32,
+    "enabled": "always", "shmem_enabled": "advise", "defrag": 0, "max_ptes_none": 100,
+    "max_ptes_swap": 32,
     "max_ptes_shared": 128, "pages_to_scan": 4096, "scan_sleep_millisecs": 10000,
     "alloc_sleep_millisecs": 30000, "pages_collapsed": 17, "full_scans": 3,
 }

@@ -1,7 +1,7 @@
 """Scenario 4, the cost of watching.
 
 a) Scan throughput: GiB of address space classified per CPU-second by hugepaged's decision
-   (hugepaged.scan.mm.scan_process: smaps, PAGEMAP_SCAN or pagemap, kpageflags, the vectorised
+   (hugepaged.scan.process.scan_process: smaps, PAGEMAP_SCAN or pagemap, kpageflags, the vectorised
    checks) over an N GiB MADV_HUGEPAGE region, first 4 KiB-mapped, then PMD-mapped (collapsed by
    the benchmark); with PAGEMAP_SCAN and with plain pagemap reads. Median of REPEAT scans
    after one warm-up; CPU is this thread's (time.thread_time: user + system).
@@ -64,7 +64,8 @@ def run(ctx: Context) -> dict:
 
 def scan_throughput(ctx: Context) -> dict:
     from hugepaged.kernel import Kernel
-    from hugepaged.scan.mm import scan_process
+    from hugepaged.policy import CollapseControl
+    from hugepaged.scan.process import scan_process
     from hugepaged.tunables import Tunables
 
     kernel = Kernel()
@@ -79,7 +80,8 @@ def scan_throughput(ctx: Context) -> dict:
         def case(label: str, use_scan: bool) -> None:
             def once():
                 t = time.thread_time()
-                scan = scan_process(kernel, w.pid, tunables, kpf, use_pagemap_scan=use_scan)
+                scan = scan_process(kernel, w.pid, CollapseControl.from_tunables(tunables), kpf,
+                                    use_pagemap_scan=use_scan)
                 return time.thread_time() - t, scan
             _, scan = once()
             secs = [once()[0] for _ in range(repeat)]

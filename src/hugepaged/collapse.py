@@ -13,8 +13,6 @@ from hugepaged.errors import AccessDenied, ProcessGone
 from hugepaged.kernel.madvise import MADV_COLLAPSE, process_madvise
 from hugepaged.results import ScanResult
 
-HPAGE_PMD_SIZE = 2 << 20
-
 
 @dataclass(frozen=True)
 class CollapseOutcome:
@@ -44,8 +42,8 @@ def result_of_errno(err: int, still_mapped: Callable[[], bool]) -> ScanResult:
     return ScanResult.FAIL  # EAGAIN after the retry: page locked, pinned or off the LRU
 
 
-def collapse_window(pidfd: int, pid: int, address: int, still_mapped: Callable[[], bool],
-                    size: int = HPAGE_PMD_SIZE) -> CollapseOutcome:
+def collapse_window(pidfd: int, pid: int, address: int, size: int,
+                    still_mapped: Callable[[], bool]) -> CollapseOutcome:
     """Collapse one window now; EAGAIN (transient) is retried once."""
     t0 = time.perf_counter()
     attempts = 0
@@ -66,7 +64,8 @@ def collapse_window(pidfd: int, pid: int, address: int, still_mapped: Callable[[
     return CollapseOutcome(address, result_of_errno(err, still_mapped), err, seconds, attempts)
 
 
-def collapse_windows(pidfd: int, pid: int, addresses: list[int],
+def collapse_windows(pidfd: int, pid: int, addresses: list[int], size: int,
                      still_mapped: Callable[[int], bool]) -> list[CollapseOutcome]:
     """Collapse each window in turn; stops early only if the process exits."""
-    return [collapse_window(pidfd, pid, a, lambda a=a: still_mapped(a)) for a in addresses]
+    return [collapse_window(pidfd, pid, a, size, lambda a=a: still_mapped(a))
+            for a in addresses]

@@ -3,7 +3,6 @@
 import os
 import re
 import stat
-import tomllib
 from dataclasses import dataclass, field
 
 from hugepaged.errors import HugepagedError, InvalidTunable
@@ -204,6 +203,8 @@ def check_pattern(pattern: str, where: str = "exclude_comm") -> re.Pattern:
 
 
 def _loads(text: str, path: str) -> dict:
+    import tomllib  # only commands that read a configuration pay for the parser
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -32,8 +32,6 @@ from hugepaged.kernel.procfs import parse_smaps
 
 log = logging.getLogger("hugepaged")
 DEFAULT_HOST = "127.0.0.1"
-PAGE_SIZE = resource.getpagesize()
-HPAGE_PMD_SIZE = 2 << 20
 STATES = ("scanning", "idle", "alloc-backoff", "cpu-capped", "stopping")
 
 

@@ -12,7 +12,7 @@ from rich.text import Text
 from hugepaged.collapse import CollapseOutcome
 from hugepaged.names import printable
 from hugepaged.results import ScanResult
-from hugepaged.scan.mm import ProcessScan
+from hugepaged.scan.process import ProcessScan
 
 JSON_VERSION = 1
 REFERENCED_UNKNOWN = ("referenced: unknown (no per-page access source on this machine: "
@@ -41,7 +41,8 @@ def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str]) -> d
     for s in scans:
         total.update(s.results())
     return {
-        "version": JSON_VERSION, "tunables": tunables, "referenced_known": False,
+        "version": JSON_VERSION, "tunables": tunables,
+        "referenced_known": bool(scans) and all(s.referenced_known for s in scans),
         "processes": procs,
         "total": {
             "processes": len(procs),
@@ -100,7 +101,7 @@ def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run
         skipped = Counter(r.name for a, r in scan.windows() if a not in tried)
     return {
         "version": JSON_VERSION, "pid": scan.pid, "comm": scan.comm,
-        "dry_run": dry_run, "force": force, "referenced_known": False,
+        "dry_run": dry_run, "force": force, "referenced_known": scan.referenced_known,
         "windows": [{"address": hex(o.address), "result": o.result.name,
                      "errno": o.errno_name or None, "ms": round(o.seconds * 1000, 3)}
                     for o in outcomes],

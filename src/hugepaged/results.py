@@ -1,6 +1,6 @@
 """Result codes with the kernel's names and numbers (enum scan_result, 6.18 tracepoint order)."""
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class ScanResult(IntEnum):
@@ -41,3 +41,22 @@ class ScanResult(IntEnum):
 
 # Windows the kernel would not even try: nothing to do, not a failure.
 NOTHING_TO_DO = frozenset({ScanResult.PMD_NULL, ScanResult.PMD_NONE, ScanResult.PMD_MAPPED})
+
+
+class Ineligible(StrEnum):
+    """hugepaged's own names (not the kernel's) for memory that is in no candidate window.
+
+    The kernel says nothing about memory thp_vma_allowable_order() turns away; an operator
+    asking "why did nothing happen?" needs the reason and its size. One per VMA, the first
+    that applies in the kernel's order of checks.
+    """
+
+    THP_DISABLED_PRCTL = "THP_DISABLED_PRCTL"  # the process set PR_SET_THP_DISABLE
+    SPECIAL = "SPECIAL"  # VM_IO, VM_PFNMAP, VM_MIXEDMAP, VM_DONTEXPAND, hugetlb
+    VM_NOHUGEPAGE = "VM_NOHUGEPAGE"  # MADV_NOHUGEPAGE
+    FILE_BACKED = "FILE_BACKED"  # a regular file's page cache (READ_ONLY_THP_FOR_FS only)
+    SHARED_MEMORY = "SHARED_MEMORY"  # shmem, memfd, MAP_SHARED|MAP_ANONYMOUS
+    ENABLED_NEVER = "ENABLED_NEVER"  # the policy's mode is never
+    NO_MADV_HUGEPAGE = "NO_MADV_HUGEPAGE"  # mode madvise and no MADV_HUGEPAGE on the VMA
+    TOO_SMALL = "TOO_SMALL"  # no whole aligned huge-page window inside the VMA
+    MISALIGNED = "MISALIGNED"  # shared memory whose address and file offset differ mod 2 MiB

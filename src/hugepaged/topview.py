@@ -18,7 +18,7 @@ from rich.text import Text
 from hugepaged.names import printable
 from hugepaged.report import human_kb
 from hugepaged.results import ScanResult
-from hugepaged.scan.mm import ProcessScan
+from hugepaged.scan.process import ProcessScan
 
 HPAGE_KB = 2048
 HEADER_LINES = 4  # title, totals, daemon line, table header

@@ -4,9 +4,12 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from hugepaged.errors import InvalidTunable
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
 
 UINT_MAX = 2**32 - 1
-HPAGE_PMD_NR = 512
+# The kernel refuses max_ptes_* above HPAGE_PMD_NR - 1.
+HPAGE_PMD_NR = DEFAULT_GEOMETRY.pmd_nr
+SHMEM_MODES = ("always", "within_size", "advise", "never", "deny", "force")
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,11 @@ class Spec:
 SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("enabled", choices=("always", "madvise", "never"),
          doc="which VMAs are candidates: all, MADV_HUGEPAGE only, none"),
-    Spec("defrag", 0, 1, doc="1: collapse even when no free 2 MiB block exists "
-                             "(the kernel compacts); 0: only while one exists"),
+    Spec("shmem_enabled", choices=SHMEM_MODES,
+         doc="which shared-memory mappings are candidates (the kernel's shmem_enabled)"),
+    Spec("defrag", 0, 1, doc="khugepaged's defrag, hugepaged's meaning: 1: collapse even "
+                             "when no free 2 MiB block exists (the kernel compacts); 0: only "
+                             "while one exists"),
     Spec("max_ptes_none", 0, HPAGE_PMD_NR - 1,
          doc="empty or zero-page PTEs a window may have and still collapse"),
     Spec("max_ptes_swap", 0, HPAGE_PMD_NR - 1,
@@ -80,6 +86,7 @@ class Tunables:
     """The effective settings of one hugepaged run."""
 
     enabled: str = "madvise"
+    shmem_enabled: str = "never"
     defrag: int = 1
     max_ptes_none: int = 511
     max_ptes_swap: int = 64
@@ -101,8 +108,8 @@ class Tunables:
 
 
 # Inherited from the kernel unless set, so an admin's tuning carries over.
-INHERITED = ("enabled", "defrag", "max_ptes_none", "max_ptes_swap", "max_ptes_shared",
-             "alloc_sleep_millisecs")
+INHERITED = ("enabled", "shmem_enabled", "defrag", "max_ptes_none", "max_ptes_swap",
+             "max_ptes_shared", "alloc_sleep_millisecs")
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

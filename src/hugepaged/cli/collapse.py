@@ -4,13 +4,9 @@ import argparse
 import os
 import time
 
-from hugepaged import report
-from hugepaged.cli.common import add_common, check_pids, kernel_of, require_root, tunables_of
-from hugepaged.collapse import collapse_windows
-from hugepaged.kernel.madvise import pidfd_open, require_collapse_support
-from hugepaged.kernel.procfs import mapped_at
+from hugepaged.cli.common import add_common, check_pids, control_of, kernel_of, tunables_of
+from hugepaged.preflight import require_collapse_support
 from hugepaged.results import NOTHING_TO_DO, ScanResult
-from hugepaged.scan.mm import scan_process
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,24 +32,28 @@ def targets(scan, force: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hugepaged import report
+    from hugepaged.collapse import CollapseOutcome, collapse_windows
+    from hugepaged.kernel.madvise import pidfd_open
+    from hugepaged.kernel.procfs import mapped_at
+    from hugepaged.scan.process import scan_process
+
     kernel = kernel_of(args)
     check_pids(kernel, [args.pid])
     tunables = tunables_of(args, kernel)
-    require_root()
-    kernel.thp.require()
-    require_collapse_support()
+    require_collapse_support(kernel)
     pidfd = pidfd_open(args.pid)
     try:
         t0 = time.perf_counter()
         before = kernel.procfs.status(args.pid).rss_anon_kb
         with kernel.kpageflags() as kpf:
-            scan = scan_process(kernel, args.pid, tunables, kpf, force=args.force)
+            scan = scan_process(kernel, args.pid, control_of(tunables, args.force), kpf)
         addresses = targets(scan, args.force)
         outcomes = [] if args.dry_run else collapse_windows(
-            pidfd, args.pid, addresses,
+            pidfd, args.pid, addresses, kernel.geometry.pmd_size,
             lambda a: mapped_at(kernel.procfs.maps_text(args.pid), a))
         if args.dry_run:
-            outcomes = [report.CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
+            outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
         after = kernel.procfs.status(args.pid).rss_anon_kb
         doc = report.collapse_json(scan, outcomes, dry_run=args.dry_run, force=args.force,
                                    seconds=time.perf_counter() - t0,

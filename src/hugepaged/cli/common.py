@@ -1,11 +1,11 @@
-"""Options and set-up every subcommand shares: kernel roots, --set, preconditions."""
+"""Options and set-up every subcommand shares: kernel roots, --set, --socket, the policy."""
 
 import argparse
-import os
 
-from hugepaged.config import ConfigError, check_socket_path
-from hugepaged.errors import AccessDenied, UsageError
+from hugepaged.config import DEFAULT_SOCKET, ConfigError, check_socket_path
+from hugepaged.errors import UsageError
 from hugepaged.kernel import Kernel
+from hugepaged.policy import CollapseControl
 from hugepaged.tunables import SPECS, Tunables, parse_assignments, resolve
 
 
@@ -17,27 +17,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
 
 
+def add_socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
+                   help=f"control socket (default {DEFAULT_SOCKET})")
+
+
 def kernel_of(args: argparse.Namespace) -> Kernel:
     return Kernel(proc_root=args.proc_root, sys_root=args.sys_root)
-
-
-def kernel_tunables(kernel: Kernel) -> dict[str, int | str]:
-    """The kernel's current values of the tunables it shares with hugepaged."""
-    values: dict[str, int | str] = {"enabled": kernel.thp.effective_enabled()}
-    values.update({k: v for k, v in kernel.thp.khugepaged().items() if k in SPECS})
-    return values
 
 
 def tunables_of(args: argparse.Namespace, kernel: Kernel, *layers: dict) -> Tunables:
     """Defaults < the kernel's current values < config layers < --set; checked first."""
     assigned = parse_assignments(args.assignments)
-    return resolve(kernel_tunables(kernel), *layers, assigned)
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise AccessDenied("hugepaged needs root: PFNs and /proc/kpageflags need "
-                           "CAP_SYS_ADMIN, MADV_COLLAPSE on another process CAP_SYS_NICE")
+    return resolve(kernel.thp.current(), *layers, assigned)
 
 
 def check_pids(kernel: Kernel, pids: list[int]) -> list[int]:
@@ -55,3 +47,8 @@ def check_socket(path: str) -> str:
         return check_socket_path(path, "--socket")
     except ConfigError as err:
         raise UsageError(str(err)) from None
+
+
+def control_of(tunables: Tunables, force: bool = False) -> CollapseControl:
+    """The policy of a one-shot command: the global one (MADV_COLLAPSE's with --force)."""
+    return CollapseControl.from_tunables(tunables, force=force)

@@ -2,9 +2,7 @@
 
 import argparse
 
-from hugepaged.cli.common import check_socket
-from hugepaged.cli.status import add_socket
-from hugepaged.control.client import request
+from hugepaged.cli.common import add_socket, check_socket
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,5 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_socket(args.socket)
+    from hugepaged.control.client import request
+
     print(request(args.socket, {"cmd": "get", "key": args.key})["value"])
     return 0

@@ -2,8 +2,9 @@
 
 import argparse
 
-from hugepaged.cli.common import kernel_of, require_root
+from hugepaged.cli.common import kernel_of
 from hugepaged.daemon.kernel_quiet import STATE_FILE, KernelQuieter
+from hugepaged.preflight import require_root
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

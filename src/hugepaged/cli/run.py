@@ -4,11 +4,6 @@ import argparse
 
 from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
 from hugepaged.config import DEFAULT_PATH
-from hugepaged.control.server import ControlServer
-from hugepaged.daemon.service import Service, require_daemon_support
-from hugepaged.logs import setup_logging
-from hugepaged.metrics import MetricsServer
-from hugepaged.sdnotify import SdNotify, attach
 from hugepaged.tunables import parse_assignments
 
 
@@ -33,6 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hugepaged.control.server import ControlServer
+    from hugepaged.daemon.service import Service
+    from hugepaged.logs import setup_logging
+    from hugepaged.preflight import require_collapse_support
+    from hugepaged.sdnotify import SdNotify, attach
+
     kernel = kernel_of(args)
     check_pids(kernel, args.pid)
     if args.socket is not None:
@@ -42,13 +43,15 @@ def run(args: argparse.Namespace) -> int:
                "metrics_top_processes": args.metrics_top_processes,
                "log_format": args.log_format, "log_level": args.log_level}
     service = Service(kernel, args.config, overrides, options, pids=args.pid)
-    require_daemon_support(kernel)
+    require_collapse_support(kernel)
     setup_logging(service.options.log_format, service.options.log_level)
     control = ControlServer(service.options.socket, service, service.options.socket_group)
     metrics = None
     notifier = SdNotify.from_environ()
     try:
         if service.options.metrics:
+            from hugepaged.metrics import MetricsServer
+
             metrics = MetricsServer(service, service.options.metrics)
         attach(service, notifier)  # READY=1 once the loop starts; WATCHDOG=1; STOPPING=1
         return service.run(control)

@@ -3,10 +3,9 @@
 import argparse
 import os
 
-from hugepaged import report
-from hugepaged.cli.common import add_common, check_pids, kernel_of, require_root, tunables_of
-from hugepaged.errors import AccessDenied, ProcessGone
-from hugepaged.scan.mm import ProcessScan, scan_process
+from hugepaged.cli.common import add_common, check_pids, control_of, kernel_of, tunables_of
+from hugepaged.errors import ProcessGone
+from hugepaged.preflight import require_scan_support
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,44 +19,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def scan_many(kernel, pids: list[int], tunables, *, explicit: bool
-              ) -> tuple[list[ProcessScan], list[str]]:
-    """Scan each pid; vanished ones are dropped, unreadable ones summed up in one line."""
-    scans, denied = [], []
-    with kernel.kpageflags() as kpf:
-        for pid in pids:
-            try:
-                s = scan_process(kernel, pid, tunables, kpf)
-            except ProcessGone:
-                if explicit:
-                    raise
-                continue
-            except AccessDenied:
-                if explicit:
-                    raise
-                denied.append(pid)
-                continue
-            if explicit or s.anon_kb or s.eligible_windows:
-                scans.append(s)
-    skipped = []
-    if denied:
-        skipped.append(f"{len(denied)} process(es) not readable (permission denied): "
-                       + ", ".join(map(str, denied[:10])) + (" ..." if len(denied) > 10 else ""))
-    return scans, skipped
-
-
 def run(args: argparse.Namespace) -> int:
+    from hugepaged import report
+    from hugepaged.scan.process import scan_processes
+
     kernel = kernel_of(args)
     check_pids(kernel, args.pid)
     tunables = tunables_of(args, kernel)
-    require_root()
-    kernel.thp.require()
+    require_scan_support(kernel)
     explicit = bool(args.pid)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     for pid in args.pid:
         if not kernel.procfs.exists(pid):
             raise ProcessGone(f"pid {pid}: no such process")
-    scans, skipped = scan_many(kernel, pids, tunables, explicit=explicit)
+    scans, skipped = scan_processes(kernel, pids, control_of(tunables), explicit=explicit)
     if args.json:
         report.print_json(report.scan_json(scans, tunables.as_dict(), skipped))
     else:

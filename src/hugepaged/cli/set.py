@@ -2,9 +2,7 @@
 
 import argparse
 
-from hugepaged.cli.common import check_socket
-from hugepaged.cli.status import add_socket
-from hugepaged.control.client import request
+from hugepaged.cli.common import add_socket, check_socket
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,5 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_socket(args.socket)
+    from hugepaged.control.client import request
+
     request(args.socket, {"cmd": "set", "key": args.key, "value": args.value})
     return 0

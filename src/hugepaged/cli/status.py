@@ -2,15 +2,7 @@
 
 import argparse
 
-from hugepaged import report
-from hugepaged.cli.common import check_socket
-from hugepaged.config import DEFAULT_SOCKET
-from hugepaged.control.client import request
-
-
-def add_socket(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
-                   help=f"control socket (default {DEFAULT_SOCKET})")
+from hugepaged.cli.common import add_socket, check_socket
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_socket(args.socket)
+    from hugepaged import report
+    from hugepaged.control.client import request
+
     status = request(args.socket, {"cmd": "status"})["status"]
     if args.json:
         report.print_json(status)

@@ -4,24 +4,18 @@ import argparse
 import os
 import time
 
-from rich.console import Console
-from rich.live import Live
-
 from hugepaged.cli.common import (
     add_common,
+    add_socket,
     check_pids,
     check_socket,
+    control_of,
     kernel_of,
-    kernel_tunables,
-    require_root,
+    tunables_of,
 )
-from hugepaged.cli.scan import scan_many
-from hugepaged.cli.status import add_socket
-from hugepaged.control.client import request
 from hugepaged.errors import DaemonUnreachable, UsageError
-from hugepaged.report import console as make_console
-from hugepaged.topview import HEADER_LINES, Frame, render, rows_of
-from hugepaged.tunables import parse_assignments, resolve
+from hugepaged.preflight import require_scan_support
+from hugepaged.tunables import parse_assignments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,20 +38,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def daemon_status(path: str) -> tuple[dict | None, str | None]:
+    from hugepaged.control.client import request
+
     try:
         return request(path, {"cmd": "status"})["status"], None
     except DaemonUnreachable as err:
         return None, str(err)
 
 
-def take_frame(args: argparse.Namespace, kernel) -> Frame:
+def take_frame(args: argparse.Namespace, kernel):
     """One refresh: the daemon's status first (its tunables decide), then the scan."""
     status, error = daemon_status(args.socket)
+    from hugepaged.scan.process import scan_processes
+    from hugepaged.topview import Frame, rows_of
+
     layers = [status["tunables"]] if status else []
-    tunables = resolve(kernel_tunables(kernel), *layers, parse_assignments(args.assignments))
+    tunables = tunables_of(args, kernel, *layers)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     t0 = time.monotonic()
-    scans, skipped = scan_many(kernel, pids, tunables, explicit=False)
+    scans, skipped = scan_processes(kernel, pids, control_of(tunables), explicit=False)
     return Frame(rows=rows_of(scans, status), status=status, daemon_error=error,
                  skipped=skipped, interval=None if args.once else args.interval,
                  scan_seconds=time.monotonic() - t0)
@@ -72,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     check_pids(kernel, args.pid)
     check_socket(args.socket)
     parse_assignments(args.assignments)  # refused before anything else
-    require_root()
-    kernel.thp.require()
+    require_scan_support(kernel)
+    from hugepaged.report import console as make_console
+
     console = make_console()
     frames = 1 if args.once else args.iterations
     try:
@@ -86,13 +86,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit(args: argparse.Namespace, console: Console, live: bool) -> int | None:
+def _limit(args: argparse.Namespace, console, live: bool) -> int | None:
+    from hugepaged.topview import HEADER_LINES
+
     if args.limit is not None:
         return args.limit
     return max(1, console.size.height - HEADER_LINES - 3) if live else None
 
 
-def _live(args, kernel, console: Console, frames: int | None) -> None:
+def _live(args, kernel, console, frames: int | None) -> None:
+    from rich.live import Live
+
+    from hugepaged.topview import render
+
     with Live(console=console, auto_refresh=False, screen=True) as live:
         n = 0
         while frames is None or n < frames:
@@ -104,7 +110,9 @@ def _live(args, kernel, console: Console, frames: int | None) -> None:
                 time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))
 
 
-def _printed(args, kernel, console: Console, frames: int | None) -> None:
+def _printed(args, kernel, console, frames: int | None) -> None:
+    from hugepaged.topview import render
+
     n = 0
     while frames is None or n < frames:
         t0 = time.monotonic()

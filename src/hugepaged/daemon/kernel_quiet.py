@@ -4,7 +4,6 @@ The kernel's values are saved to a state file before they change, so that even a
 SIGKILL the next start (or `hugepaged restore-kernel`) puts them back.
 """
 
-import json
 import logging
 import os
 
@@ -25,6 +24,8 @@ class KernelQuieter:
         """Restore values left behind by a run that could not restore them."""
         try:
             with open(self.state_file) as f:
+                import json
+
                 saved = json.load(f)
         except (FileNotFoundError, ValueError):
             return False
@@ -39,6 +40,8 @@ class KernelQuieter:
         self.saved = self.thp.snapshot(tuple(QUIET))
         os.makedirs(os.path.dirname(self.state_file), exist_ok=True)
         with open(self.state_file, "w") as f:
+            import json
+
             json.dump(self.saved, f)
         for name, value in QUIET.items():
             self.thp.write(name, value)

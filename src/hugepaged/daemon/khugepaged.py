@@ -14,17 +14,16 @@ from hugepaged.collapse import CollapseOutcome, collapse_window
 from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
 from hugepaged.kernel import Kernel, KPageFlags
 from hugepaged.kernel.procfs import PF_KTHREAD, mapped_at
+from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
-from hugepaged.scan.decide import HPAGE_PMD_NR
-from hugepaged.scan.eligibility import aligned_range, uffd_armed, vma_skip_reason
-from hugepaged.scan.mm import CHUNK_WINDOWS, MmScanner, limits_of
+from hugepaged.scan.eligibility import aligned_range
+from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
 from hugepaged.tunables import Tunables
 
 from .budget import CpuBudget
 from .registry import RESCAN_MAX, MmSlot, Registry
 
 log = logging.getLogger("hugepaged")
-HPAGE_PMD_SIZE = 2 << 20
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -68,6 +67,7 @@ class Khugepaged:
         self.counters = Counters()
         self.budget = CpuBudget(tunables.max_cpu_percent, clock())
         self.tunables = tunables
+        self.control = CollapseControl.from_tunables(tunables)  # the global policy
         self._kpf: KPageFlags | None = None  # opened at the first scan, after the start-up checks
         self.backoff_until = 0.0
         self.cpu_wait_until = 0.0
@@ -78,6 +78,7 @@ class Khugepaged:
 
     def set_tunables(self, tunables: Tunables) -> None:
         old, self.tunables = self.tunables, tunables
+        self.control = CollapseControl.from_tunables(tunables)
         self.budget.set_percent(tunables.max_cpu_percent)
         if (old.enabled, old.max_ptes_none, old.max_ptes_swap, old.max_ptes_shared) != \
            (tunables.enabled, tunables.max_ptes_none, tunables.max_ptes_swap,
@@ -96,6 +97,11 @@ class Khugepaged:
         if self._kpf is not None:
             self._kpf.close()
             self._kpf = None
+
+    def control_for(self, slot: MmSlot) -> CollapseControl:
+        """The policy this slot's process is decided and collapsed by (the kernel passes a
+        struct collapse_control down the same way); today every slot has the global one."""
+        return self.control
 
     # --- the registry's feeds -------------------------------------------------------
     def enter(self, pid: int, settle: float = 0.0) -> MmSlot | None:
@@ -220,33 +226,33 @@ class Khugepaged:
 
     def _scan_vmas(self, slot: MmSlot, budget: int) -> tuple[int, bool, int]:
         """Walk the VMAs from the cursor; (progress, reached the end, windows collapsed)."""
-        cur, t = self.registry.cursor, self.tunables
+        cur = self.registry.cursor
         if cur.address == 0 or slot.visit is None:
             thp_enabled = self.kernel.procfs.status(slot.pid).thp_enabled
             slot.visit = (thp_enabled, self.kernel.procfs.smaps(slot.pid))
         thp_enabled, vmas = slot.visit
         if slot.exited():
             raise ProcessGone(f"pid {slot.pid}: process has exited")
+        geo = self.kernel.geometry
         progress, collapsed = 1, 0
-        with MmScanner(self.kernel, slot.pid, self.kpf, limits_of(t)) as mm:
+        with ProcessScanner(self.kernel, slot.pid, self.kpf, self.control_for(slot)) as mm:
             for vma in vmas:
                 if vma.end <= cur.address:
                     continue
-                if vma_skip_reason(vma, t.enabled, not thp_enabled) is not None:
+                if mm.ineligible(vma, not thp_enabled) is not None:
                     progress += 1
                     continue
-                hstart, hend = aligned_range(vma)
+                hstart, hend = aligned_range(vma, geo)
                 addr = max(cur.address, hstart)
                 while addr < hend:
                     if progress >= budget:
                         cur.address = addr
                         return progress, False, collapsed
-                    want = max(1, -(-(budget - progress) // HPAGE_PMD_NR))
-                    n = min((hend - addr) >> 21, want, CHUNK_WINDOWS)
-                    codes = mm.decide_range(addr, addr + n * HPAGE_PMD_SIZE,
-                                            uffd_armed(vma)).codes
+                    want = max(1, -(-(budget - progress) // geo.pmd_nr))
+                    n = min((hend - addr) >> geo.pmd_shift, want, CHUNK_WINDOWS)
+                    codes = mm.decide_range(vma, addr, addr + n * geo.pmd_size).codes
                     for i, code in enumerate(codes.tolist()):
-                        a = addr + i * HPAGE_PMD_SIZE
+                        a = addr + i * geo.pmd_size
                         cur.address = a
                         result = ScanResult(code)
                         if result == ScanResult.SUCCEED:
@@ -254,8 +260,8 @@ class Khugepaged:
                             collapsed += result == ScanResult.SUCCEED
                         self.counters.results[result.name] += 1
                         slot.last_result = result.name
-                        progress += HPAGE_PMD_NR
-                    addr += n * HPAGE_PMD_SIZE
+                        progress += geo.pmd_nr
+                    addr += n * geo.pmd_size
                 cur.address = hend
         return progress, True, collapsed
 
@@ -273,6 +279,7 @@ class Khugepaged:
             raise Stop
         cpu0 = time.thread_time()
         outcome = collapse_window(slot.pidfd, slot.pid, address,
+                                  self.kernel.geometry.pmd_size,
                                   lambda: mapped_at(self.kernel.procfs.maps_text(slot.pid),
                                                     address))
         cpu = time.thread_time() - cpu0

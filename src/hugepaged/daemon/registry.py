@@ -122,13 +122,6 @@ class Registry:
     def first_pid(self) -> int | None:
         return next(iter(self.slots), None)
 
-    def reap(self) -> list[int]:
-        """Drop slots whose process has exited; returns their pids."""
-        gone = [pid for pid, s in self.slots.items() if s.exited()]
-        for pid in gone:
-            self.exit(pid)
-        return gone
-
     def next_due(self) -> float | None:
         return min((s.due for s in self.slots.values()), default=None)
 

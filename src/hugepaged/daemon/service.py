@@ -14,7 +14,7 @@ from typing import Any
 
 from hugepaged import __version__
 from hugepaged.config import Config, DaemonOptions, check_pattern, load_config
-from hugepaged.errors import HugepagedError, InvalidTunable, Unsupported
+from hugepaged.errors import HugepagedError, InvalidTunable
 from hugepaged.kernel import Kernel
 from hugepaged.kernel.connector import ProcConnector
 from hugepaged.tunables import NAMES, Tunables, parse, resolve
@@ -29,12 +29,6 @@ IDLE_MIN = 5.0  # an idle pass (nothing due, nothing done) is not repeated soone
 BUDDY_POLL = 1.0  # during an allocation back-off
 NEW_PROCESS_SETTLE = 1.0  # "insert behind the cursor, to let the area settle down"
 COUNTERS = ("pages_collapsed", "full_scans")
-
-
-def kernel_tunables(kernel: Kernel) -> dict[str, int | str]:
-    values: dict[str, int | str] = {"enabled": kernel.thp.effective_enabled()}
-    values.update({k: v for k, v in kernel.thp.khugepaged().items() if k in NAMES})
-    return values
 
 
 class Service:
@@ -69,7 +63,7 @@ class Service:
         return cfg
 
     def tunables_from(self, cfg: Config) -> Tunables:
-        return resolve(kernel_tunables(self.kernel), cfg.tunables, self.overrides)
+        return resolve(self.kernel.thp.current(), cfg.tunables, self.overrides)
 
     def _set_exclude(self) -> None:
         pattern = self.config.options.exclude_comm
@@ -296,15 +290,3 @@ class Service:
             return now + sleep
         due = core.registry.next_due()
         return max(now + max(sleep, IDLE_MIN), due if due is not None else now + IDLE_MIN)
-
-
-def require_daemon_support(kernel: Kernel) -> None:
-    """Start-up checks: root, THP compiled in, MADV_COLLAPSE."""
-    from hugepaged.cli.common import require_root
-    from hugepaged.kernel.madvise import require_collapse_support
-
-    require_root()
-    kernel.thp.require()
-    require_collapse_support()
-    if not os.path.exists(f"{kernel.proc_root}/kpageflags"):
-        raise Unsupported(f"{kernel.proc_root}/kpageflags is missing (CONFIG_PROC_PAGE_MONITOR)")

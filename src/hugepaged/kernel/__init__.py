@@ -4,12 +4,30 @@ Everything takes its root paths as parameters so tests can point it at a fixture
 where this machine cannot produce a state (swap, for example).
 """
 
-from dataclasses import dataclass, field
+from __future__ import annotations
 
-from hugepaged.kernel.kpageflags import KPageFlags
-from hugepaged.kernel.pagemap import PageMap, pagemap_scan_supported
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hugepaged.kernel.geometry import Geometry, read_geometry
 from hugepaged.kernel.procfs import ProcFS
 from hugepaged.kernel.sysfs import MmStats, ThpSysfs
+
+if TYPE_CHECKING:
+    from hugepaged.kernel.kpageflags import KPageFlags
+    from hugepaged.kernel.pagemap import PageMap
+
+_LAZY = {"KPageFlags": "hugepaged.kernel.kpageflags", "PageMap": "hugepaged.kernel.pagemap"}
+
+
+def __getattr__(name: str):
+    """KPageFlags and PageMap pull in numpy: imported when first used, so that commands
+    that read no page state start fast."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
 
 
 @dataclass
@@ -28,11 +46,23 @@ class Kernel:
         self.mm = MmStats(self.proc_root)
         self._scan_ok: bool | None = None
         self._drain = None
+        self._geometry: Geometry | None = None
+
+    @property
+    def geometry(self) -> Geometry:
+        """Page and PMD sizes, read once."""
+        if self._geometry is None:
+            self._geometry = read_geometry(self.sys_root)
+        return self._geometry
 
     def pagemap(self, pid: int) -> PageMap:
+        from hugepaged.kernel.pagemap import PageMap
+
         return PageMap(self.proc_root, pid)
 
     def kpageflags(self) -> KPageFlags:
+        from hugepaged.kernel.kpageflags import KPageFlags
+
         return KPageFlags(self.proc_root)
 
     def drain_lru(self) -> None:
@@ -40,13 +70,15 @@ class Kernel:
         if self._drain is None:
             from hugepaged.kernel.madvise import LruDrain
 
-            self._drain = LruDrain()
+            self._drain = LruDrain(self.geometry.pmd_size)
         self._drain()
 
     def has_pagemap_scan(self) -> bool:
         if self._scan_ok is None:
+            from hugepaged.kernel.pagemap import pagemap_scan_supported
+
             self._scan_ok = pagemap_scan_supported(self.proc_root)
         return self._scan_ok
 
 
-__all__ = ["Kernel", "KPageFlags", "PageMap", "ProcFS", "ThpSysfs", "MmStats"]
+__all__ = ["Geometry", "Kernel", "KPageFlags", "PageMap", "ProcFS", "ThpSysfs", "MmStats"]

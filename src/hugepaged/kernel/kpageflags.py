@@ -94,11 +94,3 @@ class KPageFlags:
         out = np.zeros(flat.size, dtype=np.uint64)
         out[nz] = np.take(buf, idx)
         return out.reshape(shape)
-
-
-def spans(sorted_pfns: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut sorted unique pfns into [start, end) spans, bridging holes of up to `gap` frames."""
-    breaks = np.flatnonzero(np.diff(sorted_pfns) > gap + 1) + 1
-    starts = sorted_pfns[np.concatenate(([0], breaks))]
-    ends = sorted_pfns[np.concatenate((breaks - 1, [sorted_pfns.size - 1]))] + 1
-    return starts.astype(np.int64), ends.astype(np.int64)

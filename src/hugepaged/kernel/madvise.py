@@ -15,7 +15,6 @@ MADV_COLLAPSE = 25
 _SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440, "arm64": 440, "riscv64": 440,
                         "ppc64le": 440, "s390x": 440}
 MIN_KERNEL = (6, 1)
-HPAGE_PMD_SIZE = 2 << 20
 
 
 class _IoVec(ctypes.Structure):
@@ -74,17 +73,18 @@ class LruDrain:
     nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pmd_size: int) -> None:
         import mmap
 
-        size = 3 * HPAGE_PMD_SIZE
+        size = 3 * pmd_size
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        first = (base + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        first = (base + pmd_size - 1) & ~(pmd_size - 1)
         self._map[first - base] = 1  # gives the VMA its anon_vma
-        self._empty = first + HPAGE_PMD_SIZE - base  # offset of the untouched window
+        self._empty = first + pmd_size - base  # offset of the untouched window
+        self._size = pmd_size
 
     def __call__(self) -> None:
         with contextlib.suppress(OSError):  # EINVAL is the answer; the drain has happened
-            self._map.madvise(MADV_COLLAPSE, self._empty, HPAGE_PMD_SIZE)
+            self._map.madvise(MADV_COLLAPSE, self._empty, self._size)
 

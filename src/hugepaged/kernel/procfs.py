@@ -140,10 +140,6 @@ class ProcFS:
         """The cgroup path of each hierarchy in /proc/PID/cgroup (v2 `0::/p`, v1 `N:ctl:/p`)."""
         return parse_cgroups(self.read_text(pid, "cgroup"))
 
-    def self_stat_ticks(self) -> int:
-        """Clock ticks per second, for converting utime/stime."""
-        return os.sysconf("SC_CLK_TCK")
-
 
 _SMAPS_KEYS = {"Rss": "rss_kb", "Anonymous": "anonymous_kb", "AnonHugePages": "anon_huge_kb"}
 

@@ -1,5 +1,6 @@
-"""THP settings under /sys/kernel/mm/transparent_hugepage, /proc/buddyinfo, /proc/vmstat."""
+"""THP settings under /sys/kernel/mm/transparent_hugepage, and /proc/buddyinfo."""
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ def combined_enabled(global_mode: str, pmd_mode: str | None) -> str:
     if pmd_mode is None or pmd_mode == "inherit":
         return global_mode
     return pmd_mode
+MODES = ("enabled", "shmem_enabled")  # files that show their choices with one [selected]
 
 
 def _bracketed(text: str) -> str:
@@ -56,9 +58,9 @@ class ThpSysfs:
             return f.read().strip()
 
     def read(self, name: str) -> str | int:
-        """`enabled`/`defrag_mode` as the selected word, khugepaged knobs as ints."""
+        """`enabled`/`shmem_enabled` as the selected word, khugepaged knobs as ints."""
         raw = self.read_raw(name)
-        if name in ("enabled", "defrag_mode", "shmem_enabled"):
+        if name in MODES:
             return _bracketed(raw)
         return int(raw)
 
@@ -88,6 +90,11 @@ class ThpSysfs:
             return int(self.read_raw("hpage_pmd_size"))
         except OSError:
             return 2 << 20
+    def page_fault_defrag(self) -> str:
+        """The top-level `defrag` (always, defer, defer+madvise, madvise, never): how a page
+        fault allocates; not khugepaged's `defrag`, which is a 0/1 knob of its own."""
+        with process_errors(None, f"{self.dir}/defrag"), open(f"{self.dir}/defrag") as f:
+            return _bracketed(f.read())
 
     def shmem_enabled_pmd(self) -> str:
         """hugepages-<PMD size>kB/shmem_enabled, the per-size shmem mode (6.11+); `inherit`
@@ -101,6 +108,14 @@ class ThpSysfs:
 
     def khugepaged(self) -> dict[str, int]:
         return {n: int(self.read_raw(n)) for n in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS}
+
+    def current(self) -> dict[str, int | str]:
+        """The kernel's current values of everything it shares with hugepaged's tunables."""
+        values: dict[str, int | str] = {"enabled": self.effective_enabled()}
+        with contextlib.suppress(OSError):  # absent without CONFIG_SHMEM
+            values["shmem_enabled"] = str(self.read("shmem_enabled"))
+        values.update({k: v for k, v in self.khugepaged().items() if k in KHUGEPAGED_KNOBS})
+        return values
 
     def write(self, name: str, value: str | int) -> None:
         with process_errors(None, self._path(name)), open(self._path(name), "w") as f:
@@ -145,18 +160,8 @@ def free_huge_blocks(text: str, order: int = HUGE_ORDER) -> int:
     return total
 
 
-def thp_vmstat(text: str) -> dict[str, int]:
-    """The thp_* counters of /proc/vmstat text."""
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key.startswith("thp_"):
-            out[key] = int(value)
-    return out
-
-
 class MmStats:
-    """/proc/buddyinfo and /proc/vmstat."""
+    """/proc/buddyinfo."""
 
     def __init__(self, proc_root: str = "/proc") -> None:
         self.proc_root = proc_root
@@ -167,6 +172,3 @@ class MmStats:
 
     def free_huge_blocks(self) -> int:
         return free_huge_blocks(self._read("buddyinfo"))
-
-    def thp_vmstat(self) -> dict[str, int]:
-        return thp_vmstat(self._read("vmstat"))

@@ -10,26 +10,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
 from hugepaged.kernel.kpageflags import (
     KPF_ANON,
-    KPF_COMPOUND_HEAD,
     KPF_LOCKED,
     KPF_LRU,
     KPF_NOPAGE,
-    KPF_THP,
     KPF_ZERO_PAGE,
 )
 from hugepaged.kernel.pagemap import (
     PM_FILE,
     PM_MMAP_EXCLUSIVE,
-    PM_PFN_MASK,
     PM_PRESENT,
     PM_SWAP,
     PM_UFFD_WP,
 )
 from hugepaged.results import ScanResult as R
 
-HPAGE_PMD_NR = 512
+HPAGE_PMD_NR = DEFAULT_GEOMETRY.pmd_nr  # the arrays' second axis
 _NONE = HPAGE_PMD_NR  # "no failing PTE" sentinel index
 _U = np.uint64
 
@@ -106,22 +104,8 @@ def clean_windows(pagemap: np.ndarray, kflags: np.ndarray) -> np.ndarray:
     return clean.all(axis=1)
 
 
-def pmd_mapped_from_pages(pagemap: np.ndarray, head_flags: np.ndarray) -> np.ndarray:
-    """Without PAGEMAP_SCAN: 512 present PTEs of one order-9 folio read as PMD-mapped.
-
-    `head_flags` are the kpageflags of each window's first frame. A PTE-mapped order-9
-    folio looks the same from userspace; the kernel would copy it again.
-    """
-    present = _bit(pagemap, PM_PRESENT).all(axis=1)
-    pfn = (pagemap & _U(PM_PFN_MASK)).astype(np.int64)
-    consecutive = (np.diff(pfn, axis=1) == 1).all(axis=1)
-    aligned = (pfn[:, 0] % HPAGE_PMD_NR) == 0
-    head = _bit(head_flags, KPF_COMPOUND_HEAD) & _bit(head_flags, KPF_THP)
-    return present & consecutive & aligned & head
-
-
 def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
-           pmd_mapped: np.ndarray | None = None, referenced: np.ndarray | None = None,
+           referenced: np.ndarray | None = None,
            uffd_armed: np.ndarray | bool = False) -> Verdicts:
     """Result code per window from pagemap entries and kpageflags, both (n, 512) uint64.
 
@@ -152,8 +136,6 @@ def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
                                   armed[slow])
             for name in ("codes", "present", "none", "swap", "shared"):
                 getattr(out, name)[slow] = getattr(rest, name)
-    if pmd_mapped is not None:
-        out.codes[pmd_mapped] = int(R.PMD_MAPPED)
     return out
 
 

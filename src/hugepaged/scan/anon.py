@@ -1,17 +1,13 @@
-"""Read one process's page state through the kernel layer and decide every window.
+"""The PTE rules for private anonymous memory: hpage_collapse_scan_pmd's reader half.
 
-The reader half of khugepaged_scan_mm_slot: PAGEMAP_SCAN (where the kernel has it) tells
-which windows are empty or already PMD-mapped without reading 512 entries each; only the
-rest are read entry by entry, with kpageflags for their present frames.
+PAGEMAP_SCAN (where the kernel has it) tells which windows are empty or already PMD-mapped
+without reading every entry; only the rest are read entry by entry, with kpageflags for their
+present frames, and decided by scan.decide.
 """
-
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel import Kernel, KPageFlags, PageMap
 from hugepaged.kernel.kpageflags import KPF_COMPOUND_HEAD, KPF_THP, KPF_ZERO_PAGE
 from hugepaged.kernel.pagemap import (
     PAGE_IS_HUGE,
@@ -22,71 +18,24 @@ from hugepaged.kernel.pagemap import (
     PM_PRESENT,
 )
 from hugepaged.kernel.procfs import Vma
+from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
-from hugepaged.scan.decide import HPAGE_PMD_NR, Limits, Verdicts, decide
-from hugepaged.scan.eligibility import HPAGE_PMD_SIZE, aligned_range, uffd_armed, vma_skip_reason
-from hugepaged.tunables import Tunables
+from hugepaged.scan.decide import HPAGE_PMD_NR, Verdicts, decide
+from hugepaged.scan.eligibility import uffd_armed
 
-HPAGE_SHIFT = 21
-CHUNK_WINDOWS = 512  # 1 GiB of address space per read
 _U = np.uint64
 _STEPS = np.arange(HPAGE_PMD_NR, dtype=np.uint64)
 _VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared")
 
 
-@dataclass
-class VmaScan:
-    """One VMA: why it was skipped, or its windows and their verdicts."""
-
-    vma: Vma
-    skip: str | None
-    starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
-    codes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int8))
-    present: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-
-
-@dataclass
-class ProcessScan:
-    """What `hugepaged scan` reports for one process."""
-
-    pid: int
-    comm: str
-    anon_kb: int
-    anon_huge_kb: int
-    vmas: list[VmaScan]
-    referenced_known: bool = False
-
-    @property
-    def eligible_windows(self) -> int:
-        return sum(v.codes.size for v in self.vmas)
-
-    def results(self) -> Counter:
-        counts: Counter = Counter()
-        for v in self.vmas:
-            vals, nums = np.unique(v.codes, return_counts=True)
-            counts.update({ScanResult(int(c)): int(k) for c, k in zip(vals, nums, strict=True)})
-        return counts
-
-    def windows(self, *codes: ScanResult) -> Iterator[tuple[int, ScanResult]]:
-        """(address, result) of windows whose result is one of `codes` (all when none)."""
-        wanted = {int(c) for c in codes}
-        for v in self.vmas:
-            for addr, code in zip(v.starts.tolist(), v.codes.tolist(), strict=True):
-                if not wanted or code in wanted:
-                    yield addr, ScanResult(code)
-
-    @property
-    def coverage(self) -> float:
-        return 100.0 * self.anon_huge_kb / self.anon_kb if self.anon_kb else 0.0
-
-
-def window_masks(regions: np.ndarray, start: int, nwin: int) -> tuple[np.ndarray, np.ndarray]:
+def window_masks(regions: np.ndarray, start: int, nwin: int, shift: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per window: touched by any region, and wholly PMD-mapped (PAGE_IS_HUGE)."""
     def cover(rows: np.ndarray) -> np.ndarray:
         diff = np.zeros(nwin + 1, dtype=np.int64)
         if rows.size:
-            first = ((rows[:, 0] - start) >> HPAGE_SHIFT).astype(np.int64)
-            last = ((rows[:, 1] - 1 - start) >> HPAGE_SHIFT).astype(np.int64)
+            first = ((rows[:, 0] - start) >> shift).astype(np.int64)
+            last = ((rows[:, 1] - 1 - start) >> shift).astype(np.int64)
             np.add.at(diff, first, 1)
             np.add.at(diff, last + 1, -1)
         return np.cumsum(diff[:nwin]) > 0
@@ -106,7 +55,7 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
 
 
 def pmd_candidates(pm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Windows that pmd_mapped_from_pages can accept, from pagemap alone: 512 present
+    """Windows that a PMD mapping can be, from pagemap alone: 512 present
     entries with consecutive PFNs from a 512-aligned first one. Only these need the
     kpageflags of their first frame to tell whether they are PMD-mapped.
 
@@ -137,32 +86,24 @@ def pmd_candidates(pm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cand, uniform
 
 
-class MmScanner:
-    """An open view of one process's memory: pagemap fd plus a shared kpageflags fd."""
+class AnonScanner:
+    """Private anonymous windows of one process, over its pagemap and a shared kpageflags."""
 
-    def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, limits: Limits,
-                 use_pagemap_scan: bool | None = None) -> None:
-        self.kernel, self.pid, self.kpf, self.limits = kernel, pid, kpf, limits
+    def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
+                 pagemap: PageMap, use_pagemap_scan: bool | None = None) -> None:
+        self.kpf, self.limits, self.pagemap = kpf, control.limits(), pagemap
+        self.shift = kernel.geometry.pmd_shift
         self.use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None \
             else use_pagemap_scan
-        self.pagemap = kernel.pagemap(pid)
 
-    def close(self) -> None:
-        self.pagemap.close()
-
-    def __enter__(self) -> "MmScanner":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def decide_range(self, start: int, end: int, armed: bool = False) -> Verdicts:
-        """Verdicts for the aligned windows of [start, end)."""
-        nwin = (end - start) >> HPAGE_SHIFT
+    def decide_range(self, vma: Vma, start: int, end: int) -> Verdicts:
+        """Verdicts for the aligned windows of [start, end) inside `vma`."""
+        armed = uffd_armed(vma)
+        nwin = (end - start) >> self.shift
         if self.use_scan:
             regions = self.pagemap.scan(start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                                         PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_HUGE)
-            touched, huge = window_masks(regions, start, nwin)
+            touched, huge = window_masks(regions, start, nwin, self.shift)
         else:
             touched, huge = np.ones(nwin, dtype=bool), np.zeros(nwin, dtype=bool)
         detail = np.flatnonzero(touched & ~huge)
@@ -184,7 +125,8 @@ class MmScanner:
         return out
 
     def _decide_unscanned(self, pm: np.ndarray, armed: bool) -> Verdicts:
-        """Without PAGEMAP_SCAN: PMD-mapped windows as pmd_mapped_from_pages tells them,
+        """Without PAGEMAP_SCAN: PMD-mapped windows (512 present PTEs of one
+        order-9 folio with a THP head),
         reading kpageflags for their first frame only; every other window in full."""
         n = pm.shape[0]
         cand, uniform = pmd_candidates(pm)
@@ -193,7 +135,7 @@ class MmScanner:
         rows = np.flatnonzero(cand)
         if rows.size:
             head[rows] = self.kpf.read(pm[rows, 0] & _U(PM_PFN_MASK))
-            # pmd_mapped_from_pages, the candidates' PFN checks being done already.
+            # A THP head on the first frame; the candidates' PFN checks are done already.
             pmd[rows] = ((head[rows] & _U(KPF_COMPOUND_HEAD)) != 0) \
                 & ((head[rows] & _U(KPF_THP)) != 0)
         if not pmd.any():
@@ -232,7 +174,7 @@ class MmScanner:
         pm = np.empty((detail.size, HPAGE_PMD_NR), dtype=np.uint64)
         row = 0
         for a, b in _runs(detail):
-            self.pagemap.read(start + (a << HPAGE_SHIFT), start + (b << HPAGE_SHIFT),
+            self.pagemap.read(start + (a << self.shift), start + (b << self.shift),
                               out=pm[row:row + b - a])
             row += b - a
         return pm
@@ -244,39 +186,3 @@ class MmScanner:
         if absent.any():
             pfns[absent] = 0
         return self.kpf.read(pfns)
-
-    def scan_vma(self, vma: Vma, tunables: Tunables, thp_disabled: bool,
-                 force: bool = False) -> VmaScan:
-        """Every window of one VMA, read CHUNK_WINDOWS at a time."""
-        enabled = "always" if force else tunables.enabled
-        skip = vma_skip_reason(vma, enabled, thp_disabled)
-        if skip is not None:
-            return VmaScan(vma, skip)
-        hstart, hend = aligned_range(vma)
-        chunk = CHUNK_WINDOWS * HPAGE_PMD_SIZE
-        parts = [self.decide_range(a, min(a + chunk, hend), uffd_armed(vma))
-                 for a in range(hstart, hend, chunk)]
-        starts = np.arange(hstart, hend, HPAGE_PMD_SIZE, dtype=np.uint64)
-        return VmaScan(vma, None, starts, np.concatenate([p.codes for p in parts]),
-                       np.concatenate([p.present for p in parts]))
-
-
-def limits_of(tunables: Tunables, force: bool = False) -> Limits:
-    return Limits(tunables.max_ptes_none, tunables.max_ptes_swap, tunables.max_ptes_shared,
-                  khugepaged=not force)
-
-
-def scan_process(kernel: Kernel, pid: int, tunables: Tunables, kpf: KPageFlags, *,
-                 force: bool = False, use_pagemap_scan: bool | None = None) -> ProcessScan:
-    """Decide every window of every VMA of `pid` (raises ProcessGone if it exits)."""
-    status = kernel.procfs.status(pid)
-    vmas = kernel.procfs.smaps(pid)
-    kernel.drain_lru()  # as khugepaged_do_scan and madvise_collapse do first
-    with MmScanner(kernel, pid, kpf, limits_of(tunables, force), use_pagemap_scan) as mm:
-        scans = [mm.scan_vma(v, tunables, not status.thp_enabled, force) for v in vmas]
-    return ProcessScan(
-        pid=pid, comm=status.name,
-        anon_kb=sum(v.anonymous_kb for v in vmas),
-        anon_huge_kb=sum(v.anon_huge_kb for v in vmas),
-        vmas=scans,
-    )

@@ -1,0 +1,51 @@
+"""The policy one process is decided and collapsed by: the kernel's struct collapse_control.
+
+The kernel passes a collapse_control down from khugepaged or madvise_collapse to the scan and
+the collapse; hugepaged resolves one per process (the daemon per registered slot, `scan` and
+`collapse` once per run) and passes it down the same way. The kernel's fields come from the
+tunables; `target`, `priority`, `max_cpu_percent` and `max_bloat_kb` are hugepaged's own (a
+target is a set of processes an administrator names with a policy of its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hugepaged.tunables import Tunables
+
+if TYPE_CHECKING:
+    from hugepaged.scan.decide import Limits
+
+
+@dataclass(frozen=True)
+class CollapseControl:
+    """What eligibility, the window decision and the collapse of one process obey."""
+
+    enabled: str = "madvise"  # anonymous memory: always | madvise | never
+    shmem_enabled: str = "never"  # always | within_size | advise | never | deny | force
+    max_ptes_none: int = 511
+    max_ptes_swap: int = 64
+    max_ptes_shared: int = 256
+    # cc->is_khugepaged: False is MADV_COLLAPSE's semantics (`--force`): the sysfs mode and
+    # the max_ptes_* limits do not apply.
+    is_khugepaged: bool = True
+    # hugepaged's own: the target this process matched (None: the global policy), its
+    # priority in the pass, its share of the collapse CPU cap and its bloat budget.
+    target: str | None = None
+    priority: int = 0
+    max_cpu_percent: int | None = None
+    max_bloat_kb: int | None = None
+
+    @classmethod
+    def from_tunables(cls, t: Tunables, *, force: bool = False) -> CollapseControl:
+        """The global policy: the tunables' values, MADV_COLLAPSE's with `force`."""
+        return cls(enabled=t.enabled, shmem_enabled=t.shmem_enabled,
+                   max_ptes_none=t.max_ptes_none, max_ptes_swap=t.max_ptes_swap,
+                   max_ptes_shared=t.max_ptes_shared, is_khugepaged=not force)
+
+    def limits(self) -> Limits:
+        from hugepaged.scan.decide import Limits  # numpy: only where windows are decided
+
+        return Limits(self.max_ptes_none, self.max_ptes_swap, self.max_ptes_shared,
+                      khugepaged=self.is_khugepaged)

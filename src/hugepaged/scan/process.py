@@ -1,0 +1,182 @@
+"""One process's memory, VMA by VMA: the one entry that dispatches by memory kind.
+
+As khugepaged_scan_mm_slot does, every VMA goes through one eligibility check and then to the
+scanner of its kind: private anonymous memory by the PTE rules (scan.anon), shared memory by
+the file rules. SCANNERS is the only place that chooses; a new kind is one more entry.
+"""
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel.procfs import Vma
+from hugepaged.policy import CollapseControl
+from hugepaged.results import Ineligible, ScanResult
+from hugepaged.scan.anon import AnonScanner
+from hugepaged.scan.decide import Verdicts
+from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
+
+CHUNK_WINDOWS = 512  # windows decided per read: bounds the arrays of one step
+SCANNERS = {MemoryKind.ANON: AnonScanner}
+
+
+@dataclass
+class VmaScan:
+    """One VMA: why it is not a candidate, or its windows and their verdicts."""
+
+    vma: Vma
+    skip: Ineligible | None
+    starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    codes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int8))
+    present: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    none: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+
+@dataclass
+class ProcessScan:
+    """What `hugepaged scan` reports for one process."""
+
+    pid: int
+    comm: str
+    anon_kb: int
+    anon_huge_kb: int
+    vmas: list[VmaScan]
+    referenced_known: bool = False  # no per-page access source is read (see README)
+
+    @property
+    def eligible_windows(self) -> int:
+        return sum(v.codes.size for v in self.vmas)
+
+    def results(self) -> Counter:
+        counts: Counter = Counter()
+        for v in self.vmas:
+            vals, nums = np.unique(v.codes, return_counts=True)
+            counts.update({ScanResult(int(c)): int(k) for c, k in zip(vals, nums, strict=True)})
+        return counts
+
+    def ineligible(self) -> dict[Ineligible, int]:
+        """kB of resident memory per reason it is in no candidate window."""
+        out: Counter = Counter()
+        for v in self.vmas:
+            if v.skip is not None and v.vma.rss_kb:
+                out[v.skip] += v.vma.rss_kb
+        return dict(out)
+
+    def windows(self, *codes: ScanResult) -> Iterator[tuple[int, ScanResult]]:
+        """(address, result) of windows whose result is one of `codes` (all when none)."""
+        wanted = {int(c) for c in codes}
+        for v in self.vmas:
+            for addr, code in zip(v.starts.tolist(), v.codes.tolist(), strict=True):
+                if not wanted or code in wanted:
+                    yield addr, ScanResult(code)
+
+    def none_ptes(self, addresses: set[int]) -> int:
+        """Empty or zero-page PTEs of these windows: what collapsing them fills."""
+        total = 0
+        for v in self.vmas:
+            if v.codes.size:
+                total += int(v.none[np.isin(v.starts, list(addresses))].sum())
+        return total
+
+    @property
+    def coverage(self) -> float:
+        return 100.0 * self.anon_huge_kb / self.anon_kb if self.anon_kb else 0.0
+
+
+class ProcessScanner:
+    """An open view of one process's memory under one policy; one scanner per memory kind."""
+
+    def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
+                 use_pagemap_scan: bool | None = None) -> None:
+        self.kernel, self.pid, self.kpf, self.control = kernel, pid, kpf, control
+        self.geometry = kernel.geometry
+        self.pagemap = kernel.pagemap(pid)
+        self._use_scan = use_pagemap_scan
+        self._scanners: dict[MemoryKind, object] = {}
+
+    def close(self) -> None:
+        self.pagemap.close()
+
+    def __enter__(self) -> "ProcessScanner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ineligible(self, vma: Vma, thp_disabled: bool) -> Ineligible | None:
+        return ineligible(vma, self.control, thp_disabled, self.geometry)
+
+    def _scanner(self, kind: MemoryKind):
+        if kind not in self._scanners:
+            self._scanners[kind] = SCANNERS[kind](self.kernel, self.pid, self.kpf, self.control,
+                                                  self.pagemap, self._use_scan)
+        return self._scanners[kind]
+
+    def decide_range(self, vma: Vma, start: int, end: int) -> Verdicts:
+        """Verdicts for the aligned windows of [start, end) of a candidate VMA."""
+        return self._scanner(memory_kind(vma)).decide_range(vma, start, end)
+
+    def scan_vma(self, vma: Vma, thp_disabled: bool) -> VmaScan:
+        """Every window of one VMA, CHUNK_WINDOWS at a time."""
+        skip = self.ineligible(vma, thp_disabled)
+        if skip is not None:
+            return VmaScan(vma, skip)
+        hstart, hend = aligned_range(vma, self.geometry)
+        size = self.geometry.pmd_size
+        chunk = CHUNK_WINDOWS * size
+        parts = [self.decide_range(vma, a, min(a + chunk, hend))
+                 for a in range(hstart, hend, chunk)]
+        starts = np.arange(hstart, hend, size, dtype=np.uint64)
+        return VmaScan(vma, None, starts, np.concatenate([p.codes for p in parts]),
+                       np.concatenate([p.present for p in parts]),
+                       np.concatenate([p.none for p in parts]))
+
+
+def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageFlags, *,
+                 use_pagemap_scan: bool | None = None) -> ProcessScan:
+    """Decide every window of every VMA of `pid` (raises ProcessGone if it exits)."""
+    status = kernel.procfs.status(pid)
+    vmas = kernel.procfs.smaps(pid)
+    kernel.drain_lru()  # as khugepaged_do_scan and madvise_collapse do first
+    with ProcessScanner(kernel, pid, kpf, control, use_pagemap_scan) as mm:
+        scans = [mm.scan_vma(v, not status.thp_enabled) for v in vmas]
+    return ProcessScan(
+        pid=pid, comm=status.name,
+        anon_kb=sum(v.anonymous_kb for v in vmas),
+        anon_huge_kb=sum(v.anon_huge_kb for v in vmas),
+        vmas=scans,
+    )
+
+
+def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
+                   explicit: bool) -> tuple[list[ProcessScan], list[str]]:
+    """Scan each pid; vanished ones are dropped, unreadable ones summed up in one line.
+
+    `explicit`: the pids were named by the user, so a vanished or unreadable one is an error.
+    """
+    from hugepaged.errors import AccessDenied, ProcessGone
+
+    scans, denied = [], []
+    with kernel.kpageflags() as kpf:
+        for pid in pids:
+            try:
+                s = scan_process(kernel, pid, control, kpf)
+            except ProcessGone:
+                if explicit:
+                    raise
+                continue
+            except AccessDenied:
+                if explicit:
+                    raise
+                denied.append(pid)
+                continue
+            if explicit or s.anon_kb or s.eligible_windows:
+                scans.append(s)
+    skipped = []
+    if denied:
+        skipped.append(f"{len(denied)} process(es) not readable (permission denied): "
+                       + ", ".join(map(str, denied[:10])) + (" ..." if len(denied) > 10 else ""))
+    return scans, skipped
