@@ -42,6 +42,12 @@ class MmSlot:
     # kept until the visit ends: a pass that stops mid-process (budget, CPU cap) resumes
     # without re-reading smaps, whose page-table walk costs ~12 ms per GiB mapped.
     visit: tuple | None = None
+    # The process's policy (a CollapseControl: its target's, or the global one), resolved at
+    # registration, on exec and on reload; None until resolved. `priority` orders the scan.
+    control: object = None
+    priority: int = 0
+    # Where a visit that left the slot early (its target's CPU share ran dry) resumes.
+    resume: int = 0
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)
@@ -70,7 +76,8 @@ class Cursor:
 
 
 class Registry:
-    """Slots in scan order; new ones enter at the tail, behind the cursor."""
+    """Slots in scan order: by priority, highest first, then in registration order; a new
+    slot enters at the tail of its priority, behind the cursor."""
 
     def __init__(self, own_pid: int | None = None) -> None:
         self.slots: dict[int, MmSlot] = {}  # insertion order is the scan order
@@ -78,6 +85,7 @@ class Registry:
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self._order: list[int] | None = None  # scan order and positions, rebuilt on change
         self._pos: dict[int, int] = {}
+        self._mixed = False  # more than one priority among the slots
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -110,17 +118,38 @@ class Registry:
         slot.close()
         return True
 
-    def next_pid(self, pid: int) -> int | None:
-        """The pid after `pid` in scan order, or None at the end of the list (O(1): a pass
-        over hundreds of settled slots does this for each)."""
-        if self._order is None:
-            self._order = list(self.slots)
+    def reorder(self) -> None:
+        """A slot's priority changed (exec, reload): the scan order is rebuilt."""
+        self._order = None
+
+    def _ordered(self) -> list[int]:
+        if self._order is None:  # sorted() is stable: registration order within a priority
+            self._order = sorted(self.slots, key=lambda p: -self.slots[p].priority)
             self._pos = {p: i for i, p in enumerate(self._order)}
+            self._mixed = len({s.priority for s in self.slots.values()}) > 1
+        return self._order
+
+    def next_pid(self, pid: int, now: float | None = None) -> int | None:
+        """The pid after `pid` in scan order, or None at the end of the list (O(1): a pass
+        over hundreds of settled slots does this for each). With `now`, a due slot of higher
+        priority than that next one comes first (checked only while priorities differ)."""
+        order = self._ordered()
         i = self._pos[pid] + 1
-        return self._order[i] if i < len(self._order) else None
+        nxt = order[i] if i < len(order) else None
+        if now is None or not self._mixed or nxt is None:
+            return nxt  # at the tail: the wrap is a full scan, the head is the top priority
+        floor = self.slots[nxt].priority
+        for p in order:
+            s = self.slots[p]
+            if s.priority <= floor:
+                break
+            if p != pid and s.due <= now:
+                return p
+        return nxt
 
     def first_pid(self) -> int | None:
-        return next(iter(self.slots), None)
+        order = self._ordered()
+        return order[0] if order else None
 
     def next_due(self) -> float | None:
         return min((s.due for s in self.slots.values()), default=None)

@@ -1,0 +1,76 @@
+"""What the daemon keeps per target: its CPU bucket, its bloat ledger, its counters.
+
+A target's `max_cpu_percent` is a share within the global cap: a collapse for one of its
+processes needs both the global bucket and the target's own. Its `max_bloat_mb` is a ledger
+of the RSS its collapses added by filling empty or zero-page PTEs (4 KiB each), kept per
+live process and forgotten when that process exits.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .budget import CpuBudget
+
+PTE_KB = 4  # one filled PTE adds one base page of RSS
+
+
+@dataclass
+class TargetState:
+    """One target's share of the daemon's work, by the target's name."""
+
+    name: str
+    budget: CpuBudget | None = None  # None: only the global cap applies
+    max_bloat_kb: int | None = None
+    bloat_kb: dict[int, int] = field(default_factory=dict)  # pid -> kB added, live ones only
+    collapsed: int = 0
+    cpu_seconds: float = 0.0
+    results: Counter = field(default_factory=Counter)
+
+    @property
+    def bloat_used_kb(self) -> int:
+        return sum(self.bloat_kb.values())
+
+    def bloat_allows(self, none_ptes: int) -> bool:
+        """Whether a window that fills `none_ptes` PTEs stays within the budget."""
+        if self.max_bloat_kb is None or none_ptes == 0:
+            return True
+        return self.bloat_used_kb + none_ptes * PTE_KB <= self.max_bloat_kb
+
+    def charge_bloat(self, pid: int, none_ptes: int) -> None:
+        if none_ptes:
+            self.bloat_kb[pid] = self.bloat_kb.get(pid, 0) + none_ptes * PTE_KB
+
+    def forget(self, pid: int) -> None:
+        self.bloat_kb.pop(pid, None)
+
+
+class TargetStates:
+    """The states of the configured targets; a reload keeps what a kept name had."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, TargetState] = {}
+
+    def configure(self, specs: list[tuple[str, int | None, int | None]], now: float) -> None:
+        """(name, max_cpu_percent or None, max_bloat_kb or None) per target, in file order."""
+        old, self.by_name = self.by_name, {}
+        for name, percent, bloat_kb in specs:
+            st = old.get(name) or TargetState(name)
+            if percent:
+                if st.budget is None:
+                    st.budget = CpuBudget(percent, now)
+                else:
+                    st.budget.set_percent(percent)
+            else:
+                st.budget = None
+            st.max_bloat_kb = bloat_kb
+            self.by_name[name] = st
+
+    def get(self, name: str | None) -> TargetState | None:
+        return None if name is None else self.by_name.get(name)
+
+    def forget(self, pid: int) -> None:
+        for st in self.by_name.values():
+            st.forget(pid)
+
+    def __iter__(self):
+        return iter(self.by_name.values())
