@@ -165,6 +165,22 @@ class Redis:
         self.command("DEBUG", "POPULATE", self.keys, "key", value_size)
         return self.keys
 
+    def fill(self, keys: int, value_size: int = 1024, batch: int = 2000) -> int:
+        """SET key:%012d for 0..keys-1, pipelined: the names `redis-benchmark -r KEYS` asks
+        for (its __rand_int__ is 12 digits, zero-padded), so its GETs all hit."""
+        assert self.client is not None
+        value = b"x" * value_size
+        head = b"*3\r\n$3\r\nSET\r\n$16\r\n"
+        tail = b"\r\n$%d\r\n%s\r\n" % (value_size, value)
+        for lo in range(0, keys, batch):
+            hi = min(keys, lo + batch)
+            self.client.sock.sendall(b"".join(head + b"key:%012d" % i + tail
+                                              for i in range(lo, hi)))
+            for _ in range(lo, hi):
+                self.client._reply()
+        self.keys = keys
+        return keys
+
     def used_memory(self) -> int:
         info = self.command("INFO", "memory").decode()
         for line in info.splitlines():
