@@ -26,7 +26,7 @@ name = "redis"               # the label in status, metrics and logs
 comm = "^redis-server$"
 enabled = "always"
 max_ptes_none = 64
-max_ptes_swap = "8"
+max_ptes_swap = 8
 max_ptes_shared = 0
 priority = 10
 max_cpu_percent = 3
@@ -75,6 +75,9 @@ HEAD = '# targets\n[[target]]\nname = "t"\n'  # the target's keys start on line 
     (HEAD + 'comm = "a"\nmax_ptes_nonne = 3\n', 5, "unknown key 'max_ptes_nonne'"),
     (HEAD + 'comm = "a"\npages_to_scan = 3\n', 5, "unknown key 'pages_to_scan'"),
     (HEAD + 'comm = 5\n', 4, "comm: expected a regular expression"),
+    (HEAD + 'comm = "' + "a" * 4097 + '"\n', 4, "comm: regular expression too long"),
+    (HEAD + 'comm = "a"\nmax_ptes_none = "64"\n', 5, "max_ptes_none: expected an integer"),
+    (HEAD + 'comm = "a"\nenabled = 1\n', 5, "enabled: expected one of always, madvise"),
     (HEAD + 'exe = "redis-server"\n', 4, "exe: expected an absolute path"),
     (HEAD + 'cgroup = "system.slice"\n', 4, "cgroup: expected an absolute path"),
     (HEAD + 'pid = []\n', 4, "pid: expected a non-empty list"),

@@ -105,8 +105,9 @@ def _int_in(value: object, lo: int, hi: int) -> int | None:
 
 def _target_value(key: str, value: object) -> object:
     """One key of a target, checked; a refusal is a ValueError with the one-line reason."""
-    if key in TUNABLE_KEYS:  # as the tunable of that name is checked
-        if isinstance(value, bool) or not isinstance(value, int | str):
+    if key in TUNABLE_KEYS:  # as the tunable of that name is checked (see _tunable)
+        wanted = str if SPECS[key].choices else int
+        if isinstance(value, bool) or not isinstance(value, wanted):
             raise ValueError(f"{key}: expected {SPECS[key].describe()}")
         try:
             return parse(key, str(value))
@@ -119,10 +120,13 @@ def _target_value(key: str, value: object) -> object:
     if key == "comm":
         if not isinstance(value, str):
             raise ValueError("comm: expected a regular expression (a string)")
+        if len(value) > MAX_PATTERN:
+            raise ValueError(f"comm: regular expression too long ({len(value)} characters, "
+                             f"at most {MAX_PATTERN})")
         try:
             re.compile(value)
-        except re.error as err:
-            raise ValueError(f"comm: invalid regular expression {value!r}: {err}") from err
+        except (re.error, RecursionError, OverflowError) as err:
+            raise ValueError(f"comm: invalid regular expression {value!r}: {err}") from None
         return value
     if key in ("exe", "cgroup"):
         if not isinstance(value, str) or not value.startswith("/"):
