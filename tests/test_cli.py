@@ -239,7 +239,8 @@ def test_not_root_exits_3(command):
 
     The interpreter lives under /root here, which nobody cannot read, so the child imports
     hugepaged as root and then drops to uid/gid 65534 (and no groups, no capabilities) before
-    the command runs: the same code path as a non-root `hugepaged`.
+    the command runs: the same code path as a non-root `hugepaged`. The modules a command
+    imports only when it runs are imported before the drop too, for the same reason.
     """
     if not ROOT:
         res = hugepaged(*[a.replace("self", str(os.getpid())) for a in command])
@@ -249,6 +250,8 @@ def test_not_root_exits_3(command):
     code = (
         "import os, sys\n"
         "from hugepaged.cli import main\n"
+        "import gettext, locale, hugepaged.report, hugepaged.scan.process, hugepaged.collapse\n"
+        "import hugepaged.kernel.madvise\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "assert os.geteuid() == 65534\n"
         f"sys.exit(main({argv!r}))\n"

@@ -2,7 +2,7 @@
 
 The pass runs against a fixture kernel: a /proc whose processes, VMAs and per-window page
 counts the test lays out, so that progress and cursor positions can be checked exactly against
-the seed's accounting (progress++ on entry, +1 per VMA skipped, +HPAGE_PMD_NR per window,
+khugepaged's accounting (progress++ on entry, +1 per VMA skipped, +HPAGE_PMD_NR per window,
 stop once progress >= pages_to_scan). The slots still hold real pidfds of real (sleeping)
 processes, so exits are the kernel's, not the fixture's.
 """
@@ -348,7 +348,7 @@ def test_targeted_mode_registers_only_the_given_pids(world, sleepers):
 
 
 # --------------------------------------------------------------------------------------------
-# The pass: progress accounting as the seed's
+# The pass: progress accounting as khugepaged_scan_mm_slot's
 
 
 def test_progress_accounting_is_the_kernels(world, sleepers):

@@ -1,4 +1,4 @@
-"""Scenario 2, huge pages come back (the seed's message: a VM quits and frees its memory).
+"""Scenario 2, huge pages come back (khugepaged's founding case: a VM quits and frees its memory).
 
 Per contender, on a fresh copy of the same layout:
 1. kernel at enabled=madvise; filler.py fragments physical memory: one pinned 4 KiB page in

@@ -1,4 +1,4 @@
-"""Scenario 1, fragmented heap (the seed's case).
+"""Scenario 1, fragmented heap (khugepaged's founding case).
 
 A process with N GiB of anonymous memory faulted in as 4 KiB pages and pattern-filled: a
 "heap" region of 15/16 N, every page written, and a "sparse" region of N/16 with every

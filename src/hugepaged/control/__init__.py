@@ -1,1 +1,2 @@
-"""The control socket: the seed's sysfs directory, as a Unix socket speaking JSON lines."""
+"""The control socket: what khugepaged's sysfs directory is to the kernel, as a Unix socket
+speaking JSON lines."""

@@ -306,7 +306,8 @@ class Khugepaged:
                         "ms": ms, "reason": why})
 
     def end_backoff_if_free(self) -> bool:
-        """The seed's reason to exist: free huge pages are used at once."""
+        """Free huge pages are used at once: the reason khugepaged exists (a VM that exits and
+        frees gigabytes should hand them to the processes that are left)."""
         if self.backoff_until and self.kernel.mm.free_huge_blocks() > 0:
             self.backoff_until = 0.0
             log.info("back-off ended: free huge page available",

@@ -1,4 +1,4 @@
-"""The seed's mm_slot list: one slot per process, each holding a pidfd, and the scan cursor.
+"""The mm_slot list (mm/khugepaged.c): one slot per process, each holding a pidfd, and the cursor.
 
 A pidfd pins the identity: once its process exits the pidfd polls readable, so a reused
 pid is never taken for the old process.
@@ -14,9 +14,9 @@ from hugepaged.kernel.madvise import pidfd_exited, pidfd_open
 # A slot whose last visit found nothing to do is checked again after this many seconds,
 # doubling up to SETTLE_MAX while its fault counters stay put. A full rescan is forced
 # RESCAN_MIN seconds after the last one even so (MADV_HUGEPAGE changes no counter); each
-# forced rescan that finds nothing doubles that interval, up to RESCAN_MAX. A full scan reads
-# /proc/PID/smaps, ~3 ms for a small Python process here: forced every 300 s for 500 idle
-# processes that alone was ~0.5 % of a core, at the cap it is ~0.04 %.
+# forced rescan that finds nothing doubles that interval, up to RESCAN_MAX: a full scan reads
+# /proc/PID/smaps, a page-table walk, so quiet processes must not pay it often (the cost of
+# watching idle processes is measured in bench/bench_daemon.py idle).
 SETTLE_MIN = 1.0
 SETTLE_MAX = 64.0
 RESCAN_MIN = 300.0
@@ -40,7 +40,7 @@ class MmSlot:
     forced: bool = False  # the visit in progress is a forced rescan
     # (THP enabled for the process, its VMAs) read when a visit starts at address 0 and
     # kept until the visit ends: a pass that stops mid-process (budget, CPU cap) resumes
-    # without re-reading smaps, whose page-table walk costs ~12 ms per GiB mapped.
+    # without re-reading smaps, whose page-table walk grows with the memory mapped.
     visit: tuple | None = None
     # The process's policy (a CollapseControl: its target's, or the global one), resolved at
     # registration, on exec and on reload; None until resolved. `priority` orders the scan.

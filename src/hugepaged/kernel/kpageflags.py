@@ -18,7 +18,8 @@ KPF_KSM = 1 << 21
 KPF_THP = 1 << 22
 KPF_ZERO_PAGE = 1 << 24
 
-# Reading a frame costs ~110 ns, a pread ~1-2 us: bridge gaps up to this many frames.
+# Reading one more frame is far cheaper than one more pread (see bench/bench_scan.py), so gaps
+# of up to this many frames are read through rather than split into two reads.
 SPAN_GAP = 16
 
 
