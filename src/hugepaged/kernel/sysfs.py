@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from hugepaged.errors import Unsupported
 from hugepaged.kernel.errors import process_errors
+from hugepaged.kernel.geometry import read_geometry
 
 THP_DIR = "kernel/mm/transparent_hugepage"
 KHUGEPAGED_KNOBS = ("pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs",
@@ -40,6 +41,7 @@ class ThpSysfs:
     """The kernel's THP and khugepaged knobs; paths relative to a sysfs root."""
 
     def __init__(self, sys_root: str = "/sys") -> None:
+        self.sys_root = sys_root
         self.dir = f"{sys_root}/{THP_DIR}"
 
     def available(self) -> bool:
@@ -69,7 +71,7 @@ class ThpSysfs:
 
     def pmd_size_dir(self) -> str:
         """`hugepages-2048kB` (for the PMD size of this machine): its per-size knobs."""
-        return f"hugepages-{self.hpage_pmd_size() >> 10}kB"
+        return f"hugepages-{read_geometry(self.sys_root).pmd_size >> 10}kB"
 
     def pmd_enabled(self) -> str | None:
         """The per-size `enabled` of the PMD size (always, inherit, madvise, never); None
@@ -85,11 +87,6 @@ class ThpSysfs:
         """What khugepaged obeys for anonymous PMD-size pages: global and per-size combined."""
         return combined_enabled(self.enabled(), self.pmd_enabled())
 
-    def hpage_pmd_size(self) -> int:
-        try:
-            return int(self.read_raw("hpage_pmd_size"))
-        except OSError:
-            return 2 << 20
     def page_fault_defrag(self) -> str:
         """The top-level `defrag` (always, defer, defer+madvise, madvise, never): how a page
         fault allocates; not khugepaged's `defrag`, which is a 0/1 knob of its own."""
@@ -99,7 +96,7 @@ class ThpSysfs:
     def shmem_enabled_pmd(self) -> str:
         """hugepages-<PMD size>kB/shmem_enabled, the per-size shmem mode (6.11+); `inherit`
         (follow the global shmem_enabled) on kernels without per-size controls."""
-        path = f"{self.dir}/hugepages-{self.hpage_pmd_size() >> 10}kB/shmem_enabled"
+        path = f"{self.dir}/{self.pmd_size_dir()}/shmem_enabled"
         try:
             with open(path) as f:
                 return _bracketed(f.read())

@@ -67,7 +67,8 @@ def pmd_candidates(pm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pfn0 = first & _U(PM_PFN_MASK)
     # O(windows) filter first: present at both ends, aligned, the right PFN distance.
     maybe = ((first & _U(PM_PRESENT)) != 0) & ((last & _U(PM_PRESENT)) != 0) \
-        & ((pfn0 % _U(HPAGE_PMD_NR)) == 0) & ((last & _U(PM_PFN_MASK)) == pfn0 + _U(511))
+        & ((pfn0 % _U(HPAGE_PMD_NR)) == 0) \
+        & ((last & _U(PM_PFN_MASK)) == pfn0 + _U(HPAGE_PMD_NR - 1))
     cand, uniform = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     rows = np.flatnonzero(maybe)
     if rows.size == 0:
