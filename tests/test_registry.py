@@ -176,7 +176,8 @@ class FakeScanner:
                 codes.append(ScanResult.EXCEED_NONE_PTE)
             else:
                 codes.append(ScanResult.SUCCEED)
-        return SimpleNamespace(codes=np.array(codes, dtype=np.int8))
+        none = [NR - p.present.get(a, 0) for a in range(start, end, HP)]
+        return SimpleNamespace(codes=np.array(codes, dtype=np.int8), none=np.array(none))
 
 
 class Clock:

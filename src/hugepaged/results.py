@@ -1,4 +1,5 @@
-"""Result codes with the kernel's names and numbers (enum scan_result, 6.18 tracepoint order)."""
+"""Result codes with the kernel's names and numbers (enum scan_result, 6.18 tracepoint order),
+plus hugepaged's own, numbered from 100 so they can never be mistaken for the kernel's."""
 
 from enum import IntEnum, StrEnum
 
@@ -37,6 +38,9 @@ class ScanResult(IntEnum):
     STORE_FAILED = 28
     COPY_MC = 29
     PAGE_FILLED = 30
+    # hugepaged's own, not the kernel's (numbered outside the kernel's enum): a collapsible
+    # window that would take its target past max_bloat_mb by filling empty or zero-page PTEs.
+    EXCEED_BLOAT_BUDGET = 100
 
 
 # Windows the kernel would not even try: nothing to do, not a failure.

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hugepaged.collapse import CollapseOutcome, collapse_window
 from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
@@ -18,10 +18,12 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
 from hugepaged.scan.eligibility import aligned_range
 from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
+from hugepaged.targets import ProcessFacts, Target, first_match
 from hugepaged.tunables import Tunables
 
 from .budget import CpuBudget
 from .registry import RESCAN_MAX, MmSlot, Registry
+from .targets import TargetState, TargetStates
 
 log = logging.getLogger("hugepaged")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -58,6 +60,15 @@ class Stop(Exception):
     """Raised inside a pass to end it at the current window (it is retried later)."""
 
 
+class TargetDry(Exception):
+    """Raised inside a pass when the slot's target has spent its CPU share: the pass leaves
+    that slot where it is (it resumes there when the share is back) and goes on."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
+
+
 class Khugepaged:
     """The scan state machine, free of I/O multiplexing so tests can drive it pass by pass."""
 
@@ -75,16 +86,30 @@ class Khugepaged:
         self.kthreads: set[int] = set()
         self.only_pids: set[int] | None = None  # targeted mode: these processes only
         self.exclude_comm: re.Pattern | None = None
+        self.targets: list[Target] = []
+        self._return_to: int | None = None  # the slot a higher priority one cut in before
+        self.target_states = TargetStates()
 
     def set_tunables(self, tunables: Tunables) -> None:
         old, self.tunables = self.tunables, tunables
         self.control = CollapseControl.from_tunables(tunables)
         self.budget.set_percent(tunables.max_cpu_percent)
+        for slot in self.registry.slots.values():
+            self._apply_target(slot, slot.target)  # the global part of every policy
         if (old.enabled, old.max_ptes_none, old.max_ptes_swap, old.max_ptes_shared) != \
            (tunables.enabled, tunables.max_ptes_none, tunables.max_ptes_swap,
                 tunables.max_ptes_shared):
             for slot in self.registry.slots.values():
                 slot.wake()  # new rules: look at everyone again
+
+    def set_targets(self, targets: list[Target]) -> None:
+        """A new list of targets (start-up, reload): every slot is matched again."""
+        self.targets = list(targets)
+        self.target_states.configure(
+            [(t.name, t.max_cpu_percent, t.max_bloat_kb) for t in targets], self.clock())
+        for slot in list(self.registry.slots.values()):
+            if self.resolve(slot):
+                slot.wake()
 
     @property
     def kpf(self) -> KPageFlags:
@@ -100,8 +125,47 @@ class Khugepaged:
 
     def control_for(self, slot: MmSlot) -> CollapseControl:
         """The policy this slot's process is decided and collapsed by (the kernel passes a
-        struct collapse_control down the same way); today every slot has the global one."""
-        return self.control
+        struct collapse_control down the same way): its target's, resolved at registration,
+        on exec and on reload, or the global one."""
+        return slot.control if slot.control is not None else self.control
+
+    def resolve(self, slot: MmSlot) -> bool:
+        """Match the slot's process against the targets (first match wins); True if its
+        policy changed."""
+        target = first_match(self.targets, ProcessFacts(self.kernel.procfs, slot.pid,
+                                                        slot.comm)) if self.targets else None
+        old = slot.control
+        self._apply_target(slot, target)
+        if target is not None and (old is None or old.target != target.name):
+            log.info("pid %d (%s): target %s", slot.pid, slot.comm, target.name,
+                     extra={"event": "target", "pid": slot.pid, "comm": slot.comm,
+                            "target": target.name})
+        return slot.control != old
+
+    def _apply_target(self, slot: MmSlot, target: Target | None) -> None:
+        slot.target = target
+        control = self.control if target is None else replace(self.control,
+                                                              **target.overrides())
+        if slot.priority != control.priority:
+            slot.priority = control.priority
+            self.registry.reorder()
+        slot.control = control
+
+    def on_exec(self, pid: int) -> None:
+        """The process connector's exec event: a new program, a new comm, maybe a new target."""
+        slot = self.registry.slots.get(pid)
+        if slot is None:
+            return
+        try:
+            slot.comm = self.kernel.procfs.stat(pid).comm
+        except (HugepagedError, OSError):
+            return
+        self.resolve(slot)
+        slot.visit = None
+        slot.wake()
+
+    def _state(self, slot: MmSlot) -> TargetState | None:
+        return self.target_states.get(self.control_for(slot).target)
 
     # --- the registry's feeds -------------------------------------------------------
     def enter(self, pid: int, settle: float = 0.0) -> MmSlot | None:
@@ -122,14 +186,19 @@ class Khugepaged:
         slot = self.registry.enter(pid, st.comm)
         if slot is not None:
             slot.due = self.clock() + settle
-            log.info("registered pid %d (%s)", pid, st.comm,
-                     extra={"event": "register", "pid": pid, "comm": st.comm})
+            self.resolve(slot)
+            target = self.control_for(slot).target
+            log.info("registered pid %d (%s)%s", pid, st.comm,
+                     f", target {target}" if target else "",
+                     extra={"event": "register", "pid": pid, "comm": st.comm,
+                            "target": target})
         return slot
 
     def exit(self, pid: int) -> None:
         self.kthreads.discard(pid)
         if pid in self.registry and self.registry.cursor.pid == pid:
             self._advance(pid)  # collect_mm_slot at the tail still completes a full scan
+        self.target_states.forget(pid)  # its bloat no longer counts against its target
         if self.registry.exit(pid):
             log.info("pid %d gone", pid, extra={"event": "unregister", "pid": pid})
 
@@ -159,6 +228,8 @@ class Khugepaged:
                         break
                     self.registry.cursor.pid = self.registry.first_pid()
                     self.registry.cursor.address = 0
+                if self.registry.cursor.address == 0:
+                    self._preempt()
                 step, visited = self.scan_mm_slot(pages - progress)
                 progress += step
                 worked |= visited
@@ -166,9 +237,23 @@ class Khugepaged:
             worked = True
         return worked
 
+    def _preempt(self) -> None:
+        """A due slot of higher priority goes before the one the cursor is at; the cursor
+        comes back to that one afterwards, so one priority keeps its cursor order."""
+        cur = self.registry.cursor
+        hi = self.registry.preempting(cur.pid, self.clock())
+        if hi is not None:
+            if self._return_to is None:
+                self._return_to = cur.pid
+            cur.pid = hi
+
     def _advance(self, pid: int) -> None:
         """Move the cursor to the next slot; wrapping past the tail is a full scan."""
         cur = self.registry.cursor
+        back, self._return_to = self._return_to, None
+        if back is not None and back != pid and back in self.registry:
+            cur.pid, cur.address = back, 0  # where a higher priority slot cut in
+            return
         cur.pid, cur.address = self.registry.next_pid(pid), 0
         if cur.pid is None:
             self.counters.full_scans += 1
@@ -185,8 +270,19 @@ class Khugepaged:
         if cur.address == 0 and not self._due(slot, now):
             self._advance(pid)
             return 1, False
+        control = self.control_for(slot)
+        if control.target is not None and control.enabled == "never":
+            slot.visit = None  # a target at never: leave the process alone, read nothing
+            slot.settle(now)
+            self._advance(pid)
+            return 1, False
         try:
             progress, finished, collapsed = self._scan_vmas(slot, budget)
+        except TargetDry as dry:
+            slot.resume = cur.address  # the window that waits for the target's share
+            slot.due = now + dry.wait
+            self._advance(pid)
+            return 1, True
         except (ProcessGone, AccessDenied) as err:
             if isinstance(err, AccessDenied):
                 log.warning("pid %d: %s; dropped", pid, err,
@@ -227,10 +323,16 @@ class Khugepaged:
     def _scan_vmas(self, slot: MmSlot, budget: int) -> tuple[int, bool, int]:
         """Walk the VMAs from the cursor; (progress, reached the end, windows collapsed)."""
         cur = self.registry.cursor
+        if cur.address == 0 and slot.resume and slot.visit is not None:
+            cur.address = slot.resume  # back where its target's CPU share ran out
+        slot.resume = 0
         if cur.address == 0 or slot.visit is None:
             thp_enabled = self.kernel.procfs.status(slot.pid).thp_enabled
             slot.visit = (thp_enabled, self.kernel.procfs.smaps(slot.pid))
+            slot.anon_kb = sum(v.anonymous_kb for v in slot.visit[1])
+            slot.anon_huge_kb = sum(v.anon_huge_kb for v in slot.visit[1])
         thp_enabled, vmas = slot.visit
+        state = self._state(slot)
         if slot.exited():
             raise ProcessGone(f"pid {slot.pid}: process has exited")
         geo = self.kernel.geometry
@@ -250,15 +352,18 @@ class Khugepaged:
                         return progress, False, collapsed
                     want = max(1, -(-(budget - progress) // geo.pmd_nr))
                     n = min((hend - addr) >> geo.pmd_shift, want, CHUNK_WINDOWS)
-                    codes = mm.decide_range(vma, addr, addr + n * geo.pmd_size).codes
-                    for i, code in enumerate(codes.tolist()):
+                    verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
+                    nones = verdicts.none.tolist()
+                    for i, code in enumerate(verdicts.codes.tolist()):
                         a = addr + i * geo.pmd_size
                         cur.address = a
                         result = ScanResult(code)
                         if result == ScanResult.SUCCEED:
-                            result = self._collapse(slot, a)
+                            result = self._collapse_for(slot, state, a, nones[i])
                             collapsed += result == ScanResult.SUCCEED
                         self.counters.results[result.name] += 1
+                        if state is not None:
+                            state.results[result.name] += 1
                         slot.last_result = result.name
                         progress += geo.pmd_nr
                     addr += n * geo.pmd_size
@@ -266,7 +371,23 @@ class Khugepaged:
         return progress, True, collapsed
 
     # --- collapse_huge_page ----------------------------------------------------------
-    def _collapse(self, slot: MmSlot, address: int) -> ScanResult:
+    def _collapse_for(self, slot: MmSlot, state: TargetState | None, address: int,
+                      none_ptes: int) -> ScanResult:
+        """A SUCCEED window, within its target's bloat budget: a collapse fills its empty and
+        zero-page PTEs with new pages, so it may not take the target past max_bloat_mb.
+        A full window adds nothing and always goes ahead."""
+        if state is not None and not state.bloat_allows(none_ptes):
+            return ScanResult.EXCEED_BLOAT_BUDGET
+        result = self._collapse(slot, address, state)
+        if result == ScanResult.SUCCEED:
+            slot.anon_huge_kb += self.kernel.geometry.pmd_size >> 10
+            if state is not None:
+                state.collapsed += 1
+                state.charge_bloat(slot.pid, none_ptes)
+        return result
+
+    def _collapse(self, slot: MmSlot, address: int,
+                  state: TargetState | None = None) -> ScanResult:
         """One collapse, within the CPU cap and outside an allocation back-off."""
         now = self.clock()
         if self.stopping or now < self.backoff_until:
@@ -274,6 +395,8 @@ class Khugepaged:
         if not self.budget.allows(now):
             self.cpu_wait_until = now + self.budget.wait(now)
             raise Stop
+        if state is not None and state.budget is not None and not state.budget.allows(now):
+            raise TargetDry(state.budget.wait(now))
         if self.tunables.defrag == 0 and self.kernel.mm.free_huge_blocks() == 0:
             self._back_off(slot, address, "defrag=0 and no free huge page")
             raise Stop
@@ -284,10 +407,15 @@ class Khugepaged:
                                                     address))
         cpu = time.thread_time() - cpu0
         self.budget.charge(cpu)
+        if state is not None:
+            state.cpu_seconds += cpu
+            if state.budget is not None:
+                state.budget.charge(cpu)
         self.counters.collapse_cpu_seconds += cpu
         self.counters.observe(outcome)
         log.debug("collapse pid %d %#x: %s", slot.pid, address, outcome.result.name,
                   extra={"event": "collapse", "pid": slot.pid, "comm": slot.comm,
+                         "target": state.name if state is not None else None,
                          "address": hex(address), "result": outcome.result.name,
                          "errno": outcome.errno_name or None,
                          "duration_ms": round(outcome.seconds * 1000, 3)})

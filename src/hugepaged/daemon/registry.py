@@ -45,7 +45,10 @@ class MmSlot:
     # The process's policy (a CollapseControl: its target's, or the global one), resolved at
     # registration, on exec and on reload; None until resolved. `priority` orders the scan.
     control: object = None
+    target: object = None  # the Target it matched, None: the global policy
     priority: int = 0
+    anon_kb: int = 0  # Anonymous and AnonHugePages of its last smaps read (+ collapses since)
+    anon_huge_kb: int = 0
     # Where a visit that left the slot early (its target's CPU share ran dry) resumes.
     resume: int = 0
 
@@ -129,23 +132,27 @@ class Registry:
             self._mixed = len({s.priority for s in self.slots.values()}) > 1
         return self._order
 
-    def next_pid(self, pid: int, now: float | None = None) -> int | None:
+    def next_pid(self, pid: int) -> int | None:
         """The pid after `pid` in scan order, or None at the end of the list (O(1): a pass
-        over hundreds of settled slots does this for each). With `now`, a due slot of higher
-        priority than that next one comes first (checked only while priorities differ)."""
+        over hundreds of settled slots does this for each)."""
         order = self._ordered()
         i = self._pos[pid] + 1
-        nxt = order[i] if i < len(order) else None
-        if now is None or not self._mixed or nxt is None:
-            return nxt  # at the tail: the wrap is a full scan, the head is the top priority
-        floor = self.slots[nxt].priority
+        return order[i] if i < len(order) else None
+
+    def preempting(self, pid: int, now: float) -> int | None:
+        """A due slot of higher priority than `pid`'s, highest first, if there is one (looked
+        for only while the slots' priorities differ)."""
+        order = self._ordered()
+        if not self._mixed:
+            return None
+        floor = self.slots[pid].priority
         for p in order:
             s = self.slots[p]
             if s.priority <= floor:
-                break
-            if p != pid and s.due <= now:
+                return None
+            if s.due <= now:
                 return p
-        return nxt
+        return None
 
     def first_pid(self) -> int | None:
         order = self._ordered()

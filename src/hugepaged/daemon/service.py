@@ -21,6 +21,7 @@ from hugepaged.tunables import NAMES, Tunables, parse, resolve
 
 from .kernel_quiet import STATE_FILE, KernelQuieter
 from .khugepaged import Khugepaged
+from .targets import summaries
 
 log = logging.getLogger("hugepaged")
 DISCOVER_INTERVAL = 10.0  # /proc walk without the connector
@@ -44,6 +45,7 @@ class Service:
         self.core = Khugepaged(kernel, self.tunables_from(self.config))
         self.core.only_pids = set(pids) if pids else None
         self._set_exclude()
+        self.core.set_targets(self.config.targets)
         self.started = time.monotonic()
         self.stop_requested = self.reload_requested = False
         self.next_pass = 0.0
@@ -96,6 +98,7 @@ class Service:
                       extra={"event": "reload_refused", "error": str(err)})
             return
         self._apply(tunables, source="reload")
+        self.core.set_targets(cfg.targets)
 
     def _apply(self, new: Tunables, source: str) -> None:
         old = self.core.tunables
@@ -163,7 +166,10 @@ class Service:
             "results": dict(sorted(c.results.items())),
             "collapse_failures": dict(c.collapse_failures),
             "registered": len(reg),
+            "targets": summaries(self.core.targets, self.core.target_states,
+                                 reg.slots.values()),
             "processes": [{"pid": s.pid, "comm": s.comm, "last_result": s.last_result,
+                           "target": self.core.control_for(s).target,
                            "settled_seconds": s.settled_for} for s in reg.slots.values()],
             "cursor": {"pid": reg.cursor.pid, "address": hex(reg.cursor.address)},
             "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
@@ -196,9 +202,8 @@ class Service:
             if ev.what == "exit":
                 self.core.exit(ev.pid)
             elif ev.what == "exec" and ev.pid in self.core.registry:
-                slot = self.core.registry.slots[ev.pid]
-                slot.wake()
-                slot.due = now + NEW_PROCESS_SETTLE
+                self.core.on_exec(ev.pid)  # a new program: its comm, exe, target
+                self.core.registry.slots[ev.pid].due = now + NEW_PROCESS_SETTLE
             elif self.core.enter(ev.pid, settle=NEW_PROCESS_SETTLE):
                 self.next_pass = min(self.next_pass, now + NEW_PROCESS_SETTLE)
 

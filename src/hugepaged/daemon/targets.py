@@ -74,3 +74,28 @@ class TargetStates:
 
     def __iter__(self):
         return iter(self.by_name.values())
+
+
+def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
+    """One record per configured target, in file order, for status, top and metrics:
+    its processes, their anonymous memory and THP (as of their last visit), what was
+    collapsed for it, its bloat used and limit, its CPU used."""
+    out = []
+    for t in targets:
+        mine = [s for s in slots if getattr(s.target, "name", None) == t.name]
+        st = states.get(t.name)
+        anon = sum(s.anon_kb for s in mine)
+        huge = min(anon, sum(s.anon_huge_kb for s in mine))
+        out.append({
+            "name": t.name, "match": t.describe(), "enabled": t.enabled,
+            "priority": t.priority, "processes": len(mine), "pids": [s.pid for s in mine],
+            "anon_kb": anon, "anon_huge_kb": huge,
+            "coverage_pct": round(100.0 * huge / anon, 1) if anon else 0.0,
+            "windows_collapsed": st.collapsed if st else 0,
+            "bloat_used_kb": st.bloat_used_kb if st else 0,
+            "bloat_limit_kb": t.max_bloat_kb,
+            "cpu_seconds": round(st.cpu_seconds, 3) if st else 0.0,
+            "max_cpu_percent": t.max_cpu_percent,
+            "results": dict(sorted(st.results.items())) if st else {},
+        })
+    return out
