@@ -37,13 +37,15 @@ def kernel_test(f):
     return pytest.mark.kernel(needs_root(needs_thp(f)))
 
 
-SCAN_KEYS = {"version", "tunables", "referenced_known", "processes", "total", "skipped"}
+SCAN_KEYS = {"version", "tunables", "target", "referenced_known", "processes", "total",
+             "skipped"}
 PROCESS_KEYS = {"pid", "comm", "anon_kb", "anon_huge_kb", "coverage_pct", "eligible_windows",
-                "collapsible", "results"}
+                "collapsible", "results", "ineligible"}
 TOTAL_KEYS = {"processes", "anon_kb", "anon_huge_kb", "eligible_windows", "collapsible",
-              "results"}
-COLLAPSE_KEYS = {"version", "pid", "comm", "dry_run", "force", "referenced_known", "windows",
-                 "collapsed", "would_collapse", "failed", "skipped", "seconds", "rss_growth_kb"}
+              "results", "ineligible"}
+COLLAPSE_KEYS = {"version", "pid", "comm", "dry_run", "force", "target", "max_cpu_percent",
+                 "referenced_known", "windows", "collapsed", "would_collapse", "failed",
+                 "skipped", "seconds", "rss_growth_kb", "rss_growth_predicted_kb", "ineligible"}
 WINDOW_KEYS = {"address", "result", "errno", "ms"}
 MADVISE = ["--set", "enabled=madvise"]
 
@@ -172,6 +174,10 @@ def test_scan_human_table(thp_never):
         lines = res.stdout.splitlines()
         mine = [ln for ln in lines if ln.split() and ln.split()[0] == str(w.pid)]
         assert len(mine) == 1, res.stdout
+        # The plain VMA of LAYOUT has no MADV_HUGEPAGE: said, with its size.
+        (why,) = [ln for ln in lines if ln.startswith(f"pid {w.pid} (python): not eligible: ")]
+        assert "NO_MADV_HUGEPAGE (enabled=madvise: a target with enabled=always would take " \
+               "it)" in why, why
         assert "SUCCEED:" in mine[0] and "EXCEED_NONE_PTE:" in mine[0]
         assert any(ln.split() and ln.split()[0] == "TOTAL" for ln in lines), res.stdout
         assert "referenced" in res.stdout  # says LACK_REFERENCED_PAGE is not applied

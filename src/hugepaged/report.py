@@ -35,13 +35,41 @@ def results_text(counts: Counter) -> str:
     return " ".join(f"{r.name}:{n}" for r, n in sorted(counts.items(), key=lambda i: -i[1]))
 
 
-def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str]) -> dict[str, Any]:
+# Why memory is in no candidate window, and what would change that (hugepaged's own names).
+HINTS = {
+    "NO_MADV_HUGEPAGE": "enabled=madvise: a target with enabled=always would take it",
+    "ENABLED_NEVER": "enabled=never",
+    "THP_DISABLED_PRCTL": "the process set PR_SET_THP_DISABLE: even MADV_COLLAPSE is refused",
+    "VM_NOHUGEPAGE": "MADV_NOHUGEPAGE: the application asked for small pages",
+}
+
+
+def ineligible_text(ineligible: dict[str, int]) -> str:
+    """`not eligible: 1.2G NO_MADV_HUGEPAGE (hint), 8.0M THP_DISABLED_PRCTL (hint)`, largest
+    first; empty when everything is in candidate windows."""
+    if not ineligible:
+        return ""
+    parts = []
+    for reason, kb in sorted(ineligible.items(), key=lambda i: -i[1]):
+        hint = HINTS.get(str(reason))
+        parts.append(f"{human_kb(kb)} {reason}" + (f" ({hint})" if hint else ""))
+    return "not eligible: " + ", ".join(parts)
+
+
+def _ineligible_json(s: ProcessScan) -> dict[str, int]:
+    return {str(r): kb for r, kb in sorted(s.ineligible().items(), key=lambda i: -i[1])}
+
+
+def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str],
+              target: str | None = None) -> dict[str, Any]:
     procs = [scan_record(s) for s in scans]
     total = Counter()
+    why: Counter = Counter()
     for s in scans:
         total.update(s.results())
+        why.update(_ineligible_json(s))
     return {
-        "version": JSON_VERSION, "tunables": tunables,
+        "version": JSON_VERSION, "tunables": tunables, "target": target,
         "referenced_known": bool(scans) and all(s.referenced_known for s in scans),
         "processes": procs,
         "total": {
@@ -51,6 +79,7 @@ def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str]) -> d
             "eligible_windows": sum(p["eligible_windows"] for p in procs),
             "collapsible": total[ScanResult.SUCCEED],
             "results": {r.name: n for r, n in sorted(total.items())},
+            "ineligible": dict(why.most_common()),
         },
         "skipped": skipped,
     }
@@ -63,6 +92,7 @@ def scan_record(s: ProcessScan) -> dict[str, Any]:
         "coverage_pct": round(s.coverage, 1), "eligible_windows": s.eligible_windows,
         "collapsible": counts[ScanResult.SUCCEED],
         "results": {r.name: n for r, n in sorted(counts.items())},
+        "ineligible": _ineligible_json(s),
     }
 
 
@@ -87,21 +117,29 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
                   str(total[ScanResult.SUCCEED]), results_text(total))
     out = console()
     out.print(table)
+    for s in scans:
+        why = ineligible_text(_ineligible_json(s))
+        if why:
+            out.print(f"pid {s.pid} ({printable(s.comm)}): {why}", markup=False)
     out.print(REFERENCED_UNKNOWN)
     for line in skipped:
         out.print(printable(line), markup=False)
 
 
 def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run: bool,
-                  force: bool, seconds: float, rss_growth_kb: int) -> dict[str, Any]:
+                  force: bool, seconds: float, rss_growth_kb: int, rss_predicted_kb: int,
+                  target: str | None = None, max_cpu_percent: int = 0,
+                  refused: dict[int, str] | None = None) -> dict[str, Any]:
     failed = Counter(o.result.name for o in outcomes if o.result != ScanResult.SUCCEED)
-    skipped = {r.name: n for r, n in scan.results().items() if r != ScanResult.SUCCEED}
-    if force:
-        tried = {o.address for o in outcomes}
-        skipped = Counter(r.name for a, r in scan.windows() if a not in tried)
+    # Every window not tried, by its result; hugepaged's own refusals (a target's bloat
+    # budget) by theirs.
+    tried = {o.address for o in outcomes}
+    refused = refused or {}
+    skipped = Counter(refused.get(a, r.name) for a, r in scan.windows() if a not in tried)
     return {
         "version": JSON_VERSION, "pid": scan.pid, "comm": scan.comm,
-        "dry_run": dry_run, "force": force, "referenced_known": scan.referenced_known,
+        "dry_run": dry_run, "force": force, "target": target,
+        "max_cpu_percent": max_cpu_percent, "referenced_known": scan.referenced_known,
         "windows": [{"address": hex(o.address), "result": o.result.name,
                      "errno": o.errno_name or None, "ms": round(o.seconds * 1000, 3)}
                     for o in outcomes],
@@ -109,6 +147,8 @@ def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run
         "would_collapse": len(outcomes) if dry_run else None,
         "failed": dict(failed), "skipped": dict(skipped),
         "seconds": round(seconds, 4), "rss_growth_kb": rss_growth_kb,
+        "rss_growth_predicted_kb": rss_predicted_kb,
+        "ineligible": _ineligible_json(scan),
     }
 
 
@@ -120,12 +160,18 @@ def print_collapse(doc: dict[str, Any], verbose: bool) -> None:
             out.print(f"  {w['address']}  {w['result']}{err}  {w['ms']:.2f} ms", markup=False)
     verb = "would collapse" if doc["dry_run"] else "collapsed"
     n = doc["would_collapse"] if doc["dry_run"] else doc["collapsed"]
-    out.print(f"pid {doc['pid']} ({printable(doc['comm'])}): {verb} {n} window(s) in "
-              f"{doc['seconds']:.3f} s, RSS +{doc['rss_growth_kb']} kB", markup=False)
+    rss = f"RSS +{doc['rss_growth_predicted_kb']} kB" if doc["dry_run"] else \
+        f"RSS +{doc['rss_growth_kb']} kB (predicted +{doc['rss_growth_predicted_kb']} kB)"
+    target = f", target {doc['target']}" if doc.get("target") else ""
+    out.print(f"pid {doc['pid']} ({printable(doc['comm'])}){target}: {verb} {n} window(s) in "
+              f"{doc['seconds']:.3f} s, {rss}", markup=False)
     if doc["failed"]:
         out.print("  failed:  " + " ".join(f"{k}:{v}" for k, v in doc["failed"].items()))
     if doc["skipped"]:
         out.print("  skipped: " + " ".join(f"{k}:{v}" for k, v in doc["skipped"].items()))
+    why = ineligible_text(doc["ineligible"])
+    if why:
+        out.print("  " + why)
 
 
 def print_json(doc: Any) -> None:

@@ -4,7 +4,7 @@ import argparse
 import os
 import time
 
-from hugepaged.cli.common import add_common, check_pids, control_of, kernel_of, tunables_of
+from hugepaged.cli.common import add_common, add_target_options, check_pids, kernel_of, policy_of
 from hugepaged.preflight import require_collapse_support
 from hugepaged.results import NOTHING_TO_DO, ScanResult
 
@@ -20,6 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "max_ptes_* and enabled ignored")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per window")
+    p.add_argument("--max-cpu-percent", type=cpu_percent, default=0, metavar="N",
+                   help="pace the collapses: sleep between windows so their CPU stays at N%% "
+                        "of one core (0..100; 0, the default: unpaced)")
+    add_target_options(p)
     add_common(p)
     p.set_defaults(run=run)
 
@@ -31,33 +35,85 @@ def targets(scan, force: bool) -> list[int]:
     return [a for a, r in scan.windows() if r not in NOTHING_TO_DO]
 
 
+def cpu_percent(text: str) -> int:
+    """Checked as the max_cpu_percent tunable is (0..100)."""
+    from hugepaged.errors import InvalidTunable
+    from hugepaged.tunables import parse
+
+    try:
+        return int(parse("max_cpu_percent", text))
+    except InvalidTunable as err:
+        raise argparse.ArgumentTypeError(str(err).replace("max_cpu_percent", "N")) from None
+
+
+def within_bloat(scan, addresses: list[int], limit_kb: int | None, page_kb: int
+                 ) -> tuple[list[int], dict[int, str]]:
+    """The windows a target's bloat budget allows, in address order (each fills its empty
+    and zero-page PTEs: page_kb each), and those it holds back as EXCEED_BLOAT_BUDGET."""
+    if limit_kb is None:
+        return addresses, {}
+    nones = scan.none_by_window()
+    kept, refused, used = [], {}, 0
+    for a in addresses:
+        kb = nones.get(a, 0) * page_kb
+        if kb and used + kb > limit_kb:
+            refused[a] = ScanResult.EXCEED_BLOAT_BUDGET.name
+            continue
+        used += kb
+        kept.append(a)
+    return kept, refused
+
+
+def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], percent: int) -> list:
+    """One window per call, as collapse_windows does, sleeping between them at `percent`."""
+    from hugepaged.collapse import collapse_window
+    from hugepaged.kernel.procfs import mapped_at
+    from hugepaged.pacing import Pacer
+
+    pacer = Pacer(percent)
+    outcomes = []
+    for a in addresses:
+        cpu0 = time.thread_time()
+        outcomes.append(collapse_window(pidfd, pid, a, kernel.geometry.pmd_size,
+                                        lambda a=a: mapped_at(kernel.procfs.maps_text(pid), a)))
+        pacer.charge(time.thread_time() - cpu0)
+    return outcomes
+
+
 def run(args: argparse.Namespace) -> int:
     from hugepaged import report
-    from hugepaged.collapse import CollapseOutcome, collapse_windows
+    from hugepaged.collapse import CollapseOutcome
     from hugepaged.kernel.madvise import pidfd_open
-    from hugepaged.kernel.procfs import mapped_at
     from hugepaged.scan.process import scan_process
 
     kernel = kernel_of(args)
     check_pids(kernel, [args.pid])
-    tunables = tunables_of(args, kernel)
+    _, control, _ = policy_of(args, kernel, args.force)
     require_collapse_support(kernel)
     pidfd = pidfd_open(args.pid)
     try:
         t0 = time.perf_counter()
         before = kernel.procfs.status(args.pid).rss_anon_kb
         with kernel.kpageflags() as kpf:
-            scan = scan_process(kernel, args.pid, control_of(tunables, args.force), kpf)
-        addresses = targets(scan, args.force)
-        outcomes = [] if args.dry_run else collapse_windows(
-            pidfd, args.pid, addresses, kernel.geometry.pmd_size,
-            lambda a: mapped_at(kernel.procfs.maps_text(args.pid), a))
+            scan = scan_process(kernel, args.pid, control, kpf)
+        page_kb = kernel.geometry.page_size >> 10
+        addresses, refused = within_bloat(scan, targets(scan, args.force),
+                                          control.max_bloat_kb, page_kb)
+        # Each collapse fills its window's empty and zero-page PTEs with new pages.
+        predicted = scan.none_ptes(set(addresses)) * page_kb
+        outcomes = [] if args.dry_run else collapse_paced(kernel, pidfd, args.pid, addresses,
+                                                          args.max_cpu_percent)
         if args.dry_run:
             outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
+        else:
+            done = {o.address for o in outcomes if o.result == ScanResult.SUCCEED}
+            predicted = scan.none_ptes(done) * page_kb
         after = kernel.procfs.status(args.pid).rss_anon_kb
         doc = report.collapse_json(scan, outcomes, dry_run=args.dry_run, force=args.force,
                                    seconds=time.perf_counter() - t0,
-                                   rss_growth_kb=after - before)
+                                   rss_growth_kb=0 if args.dry_run else after - before,
+                                   rss_predicted_kb=predicted, target=control.target,
+                                   max_cpu_percent=args.max_cpu_percent, refused=refused)
     finally:
         os.close(pidfd)
     if args.json:

@@ -52,3 +52,35 @@ def check_socket(path: str) -> str:
 def control_of(tunables: Tunables, force: bool = False) -> CollapseControl:
     """The policy of a one-shot command: the global one (MADV_COLLAPSE's with --force)."""
     return CollapseControl.from_tunables(tunables, force=force)
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file: its tunables apply, and its targets for --target "
+                        "(default with --target: /etc/hugepaged/hugepaged.toml)")
+    p.add_argument("--target", metavar="NAME",
+                   help="apply this target's policy (from the configuration file) once")
+
+
+def policy_of(args: argparse.Namespace, kernel: Kernel, force: bool = False):
+    """(tunables, control, target) of a one-shot command: the global policy, or with
+    --target that target's over it. An unknown target is bad input (exit 2)."""
+    from dataclasses import replace
+
+    from hugepaged.config import load_config
+    from hugepaged.errors import UsageError
+    from hugepaged.targets import by_name
+
+    cfg = load_config(args.config) if args.config or args.target else None
+    tunables = tunables_of(args, kernel, *([cfg.tunables] if cfg else []))
+    control = control_of(tunables, force)
+    if not args.target:
+        return tunables, control, None
+    target = by_name(cfg.targets, args.target)
+    if target is None:
+        from hugepaged.config import DEFAULT_PATH
+
+        known = ", ".join(t.name for t in cfg.targets) or "none"
+        raise UsageError(f"{args.config or DEFAULT_PATH}: no target named '{args.target}' "
+                         f"(targets: {known})")
+    return tunables, replace(control, **target.overrides()), target

@@ -3,7 +3,7 @@
 import argparse
 import os
 
-from hugepaged.cli.common import add_common, check_pids, control_of, kernel_of, tunables_of
+from hugepaged.cli.common import add_common, add_target_options, check_pids, kernel_of, policy_of
 from hugepaged.errors import ProcessGone
 from hugepaged.preflight import require_scan_support
 
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pid", type=int, action="append", default=[],
                    help="only this process (repeatable); default: every process")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_target_options(p)
     add_common(p)
     p.set_defaults(run=run)
 
@@ -25,16 +26,35 @@ def run(args: argparse.Namespace) -> int:
 
     kernel = kernel_of(args)
     check_pids(kernel, args.pid)
-    tunables = tunables_of(args, kernel)
+    tunables, control, target = policy_of(args, kernel)
     require_scan_support(kernel)
     explicit = bool(args.pid)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     for pid in args.pid:
         if not kernel.procfs.exists(pid):
             raise ProcessGone(f"pid {pid}: no such process")
-    scans, skipped = scan_processes(kernel, pids, control_of(tunables), explicit=explicit)
+    if target is not None and not explicit:
+        pids = matching(kernel, pids, target)  # the processes this target would take
+    scans, skipped = scan_processes(kernel, pids, control, explicit=explicit)
     if args.json:
-        report.print_json(report.scan_json(scans, tunables.as_dict(), skipped))
+        report.print_json(report.scan_json(scans, tunables.as_dict(), skipped,
+                                           target=control.target))
     else:
         report.print_scan(scans, skipped)
     return 0
+
+
+def matching(kernel, pids: list[int], target) -> list[int]:
+    """The pids `target` matches (comm, exe, cgroup, pid); vanished ones are dropped."""
+    from hugepaged.errors import HugepagedError
+    from hugepaged.targets import ProcessFacts
+
+    out = []
+    for pid in pids:
+        try:
+            comm = kernel.procfs.stat(pid).comm
+        except (HugepagedError, OSError):
+            continue
+        if target.matches(ProcessFacts(kernel.procfs, pid, comm)):
+            out.append(pid)
+    return out

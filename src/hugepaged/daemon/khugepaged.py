@@ -376,14 +376,15 @@ class Khugepaged:
         """A SUCCEED window, within its target's bloat budget: a collapse fills its empty and
         zero-page PTEs with new pages, so it may not take the target past max_bloat_mb.
         A full window adds nothing and always goes ahead."""
-        if state is not None and not state.bloat_allows(none_ptes):
+        bloat_kb = none_ptes * (self.kernel.geometry.page_size >> 10)  # one new page each
+        if state is not None and not state.bloat_allows(bloat_kb):
             return ScanResult.EXCEED_BLOAT_BUDGET
         result = self._collapse(slot, address, state)
         if result == ScanResult.SUCCEED:
             slot.anon_huge_kb += self.kernel.geometry.pmd_size >> 10
             if state is not None:
                 state.collapsed += 1
-                state.charge_bloat(slot.pid, none_ptes)
+                state.charge_bloat(slot.pid, bloat_kb)
         return result
 
     def _collapse(self, slot: MmSlot, address: int,

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 
 from .budget import CpuBudget
 
-PTE_KB = 4  # one filled PTE adds one base page of RSS
-
 
 @dataclass
 class TargetState:
@@ -30,15 +28,15 @@ class TargetState:
     def bloat_used_kb(self) -> int:
         return sum(self.bloat_kb.values())
 
-    def bloat_allows(self, none_ptes: int) -> bool:
-        """Whether a window that fills `none_ptes` PTEs stays within the budget."""
-        if self.max_bloat_kb is None or none_ptes == 0:
+    def bloat_allows(self, kb: int) -> bool:
+        """Whether a window whose collapse adds `kb` of RSS stays within the budget."""
+        if self.max_bloat_kb is None or kb == 0:
             return True
-        return self.bloat_used_kb + none_ptes * PTE_KB <= self.max_bloat_kb
+        return self.bloat_used_kb + kb <= self.max_bloat_kb
 
-    def charge_bloat(self, pid: int, none_ptes: int) -> None:
-        if none_ptes:
-            self.bloat_kb[pid] = self.bloat_kb.get(pid, 0) + none_ptes * PTE_KB
+    def charge_bloat(self, pid: int, kb: int) -> None:
+        if kb:
+            self.bloat_kb[pid] = self.bloat_kb.get(pid, 0) + kb
 
     def forget(self, pid: int) -> None:
         self.bloat_kb.pop(pid, None)

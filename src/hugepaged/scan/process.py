@@ -21,6 +21,7 @@ from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, me
 
 CHUNK_WINDOWS = 512  # windows decided per read: bounds the arrays of one step
 SCANNERS = {MemoryKind.ANON: AnonScanner}
+_SHARED = (Ineligible.SHARED_MEMORY, Ineligible.MISALIGNED)  # sized by Rss, not Anonymous
 
 
 @dataclass
@@ -58,11 +59,18 @@ class ProcessScan:
         return counts
 
     def ineligible(self) -> dict[Ineligible, int]:
-        """kB of resident memory per reason it is in no candidate window."""
+        """kB per reason a VMA is in no candidate window: its `Anonymous` kB (what a collapse
+        would have made huge: private anonymous pages, also the copied-on-write pages of a
+        private file mapping), except shared memory, whose pages smaps counts as `Rss` only.
+        A VMA with none of those pages is left out; so is the unaligned head and tail of a
+        candidate VMA (smaps gives no per-range sizes)."""
         out: Counter = Counter()
         for v in self.vmas:
-            if v.skip is not None and v.vma.rss_kb:
-                out[v.skip] += v.vma.rss_kb
+            if v.skip is None:
+                continue
+            kb = v.vma.rss_kb if v.skip in _SHARED else v.vma.anonymous_kb
+            if kb:
+                out[v.skip] += kb
         return dict(out)
 
     def windows(self, *codes: ScanResult) -> Iterator[tuple[int, ScanResult]]:
@@ -72,6 +80,13 @@ class ProcessScan:
             for addr, code in zip(v.starts.tolist(), v.codes.tolist(), strict=True):
                 if not wanted or code in wanted:
                     yield addr, ScanResult(code)
+
+    def none_by_window(self) -> dict[int, int]:
+        """Empty or zero-page PTEs per candidate window's address."""
+        out: dict[int, int] = {}
+        for v in self.vmas:
+            out.update(zip(v.starts.tolist(), v.none.tolist(), strict=True))
+        return out
 
     def none_ptes(self, addresses: set[int]) -> int:
         """Empty or zero-page PTEs of these windows: what collapsing them fills."""
