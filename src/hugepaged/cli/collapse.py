@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "max_ptes_* and enabled ignored")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per window")
-    p.add_argument("--max-cpu-percent", type=cpu_percent, default=0, metavar="N",
+    p.add_argument("--max-cpu-percent", default="0", metavar="N",
                    help="pace the collapses: sleep between windows so their CPU stays at N%% "
                         "of one core (0..100; 0, the default: unpaced)")
     add_target_options(p)
@@ -36,14 +36,14 @@ def targets(scan, force: bool) -> list[int]:
 
 
 def cpu_percent(text: str) -> int:
-    """Checked as the max_cpu_percent tunable is (0..100)."""
+    """Checked as the max_cpu_percent tunable is (0..100); a refusal is one line, exit 2."""
     from hugepaged.errors import InvalidTunable
     from hugepaged.tunables import parse
 
     try:
         return int(parse("max_cpu_percent", text))
     except InvalidTunable as err:
-        raise argparse.ArgumentTypeError(str(err).replace("max_cpu_percent", "N")) from None
+        raise InvalidTunable(str(err).replace("max_cpu_percent", "--max-cpu-percent")) from None
 
 
 def within_bloat(scan, addresses: list[int], limit_kb: int | None, page_kb: int
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from hugepaged.scan.process import scan_process
 
     kernel = kernel_of(args)
+    percent = cpu_percent(args.max_cpu_percent)
     check_pids(kernel, [args.pid])
     _, control, _ = policy_of(args, kernel, args.force)
     require_collapse_support(kernel)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         # Each collapse fills its window's empty and zero-page PTEs with new pages.
         predicted = scan.none_ptes(set(addresses)) * page_kb
         outcomes = [] if args.dry_run else collapse_paced(kernel, pidfd, args.pid, addresses,
-                                                          args.max_cpu_percent)
+                                                          percent)
         if args.dry_run:
             outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
         else:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                    seconds=time.perf_counter() - t0,
                                    rss_growth_kb=0 if args.dry_run else after - before,
                                    rss_predicted_kb=predicted, target=control.target,
-                                   max_cpu_percent=args.max_cpu_percent, refused=refused)
+                                   max_cpu_percent=percent, refused=refused)
     finally:
         os.close(pidfd)
     if args.json:
