@@ -18,6 +18,7 @@ from hugepaged.collapse import CollapseOutcome
 from hugepaged.config import DaemonOptions
 from hugepaged.daemon.khugepaged import LATENCY_BUCKETS, Counters
 from hugepaged.daemon.registry import Registry
+from hugepaged.daemon.targets import TargetStates
 from hugepaged.errors import UsageError
 from hugepaged.kernel import Kernel
 from hugepaged.metrics import build_registry, parse_listen
@@ -58,7 +59,8 @@ def test_parse_listen_refuses(spec):
 
 def fake_service(counters: Counters, top: int = 0):
     """What the collector reads of a Service, with real Counters and Registry."""
-    core = SimpleNamespace(counters=counters, registry=Registry())
+    core = SimpleNamespace(counters=counters, registry=Registry(), targets=[],
+                           target_states=TargetStates())
     return SimpleNamespace(core=core, kernel=Kernel(), tunables=Tunables(),
                            options=DaemonOptions(metrics_top_processes=top),
                            state=lambda: "idle")
@@ -115,60 +117,79 @@ def listening_addresses(port: int) -> list[str]:
 @pytest.mark.kernel
 @needs_root
 @needs_thp
-def test_scrape_a_real_daemon():
+def test_scrape_a_real_daemon(tmp_path):
     big = {"name": "big", "windows": 6, "fill": "all", "hugepage": True}
     small = {"name": "small", "windows": 2, "fill": "all", "hugepage": True}
+    cfg = tmp_path / "hugepaged.toml"
     with saved_thp(enabled="never"), Workload(regions=[big]) as w1, \
-            Workload(regions=[small]) as w2, \
-            Daemon([w1.pid, w2.pid], sets={"enabled": "madvise"},
-                   args=["--metrics", ":0", "--metrics-top-processes", "1"]) as d:
-        port = d.wait_event("metrics_listen")["port"]
-        assert d.wait_event("metrics_listen")["host"] == "127.0.0.1"
-        assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
-        st = d.wait_for(lambda s: s["counters"]["pages_collapsed"] >= 8, what="8 collapses")
-        text = scrape(port)
-        fams = families(text)
-        st = d.status()
+            Workload(regions=[small]) as w2:
+        cfg.write_text(f'[[target]]\nname = "big"\npid = [{w1.pid}]\nmax_bloat_mb = 64\n'
+                       '[[target]]\nname = "unused"\npid = [1]\n')
+        with Daemon([w1.pid, w2.pid], sets={"enabled": "madvise"}, config=str(cfg),
+                    args=["--metrics", ":0", "--metrics-top-processes", "1"]) as d:
+            scrape_checks(d, w1)
 
-        def one(family: str, sample: str | None = None, **labels) -> float:
-            want = tuple(sorted(labels.items()))
-            return samples(fams, family)[(sample or family, want)]
 
-        assert one("hugepaged_pages_collapsed", "hugepaged_pages_collapsed_total") \
-            == st["counters"]["pages_collapsed"] == 8
-        assert one("hugepaged_collapse_attempts", "hugepaged_collapse_attempts_total") \
-            == st["counters"]["collapse_attempts"]
-        assert one("hugepaged_full_scans", "hugepaged_full_scans_total") >= 1
-        assert one("hugepaged_scan_windows", "hugepaged_scan_windows_total",
-                   result="SUCCEED") == 8
-        assert one("hugepaged_registered_processes") == 2
-        assert one("hugepaged_free_huge_blocks") >= 0
-        assert one("hugepaged_cpu_seconds", "hugepaged_cpu_seconds_total") > 0
-        assert one("hugepaged_tunable", name="pages_to_scan") == st["tunables"]["pages_to_scan"]
-        assert one("hugepaged_settings_info", enabled="madvise",
-                   shmem_enabled=st["tunables"]["shmem_enabled"],
-                   kernel_khugepaged="leave") == 1
-        assert sum(s.value for s in fams["hugepaged_state"].samples) == 1
-        assert fams["hugepaged_collapse_duration_seconds"].type == "histogram"
-        count = one("hugepaged_collapse_duration_seconds",
-                    "hugepaged_collapse_duration_seconds_count")
-        assert count == st["counters"]["collapse_attempts"]
-        assert one("hugepaged_collapse_duration_seconds",
-                   "hugepaged_collapse_duration_seconds_bucket", le="+Inf") == count
-        # --metrics-top-processes 1: only the largest process has coverage series
-        cover = fams["hugepaged_process_thp_coverage_ratio"].samples
-        assert [s.labels["pid"] for s in cover] == [str(w1.pid)]
-        anon = one("hugepaged_process_anon_bytes", pid=str(w1.pid), comm="python")
-        huge = one("hugepaged_process_anon_huge_bytes", pid=str(w1.pid), comm="python")
-        assert huge == 6 * 2 * 1024 * 1024 and anon >= huge
-        assert cover[0].value == pytest.approx(huge / anon)
-        assert "process_cpu_seconds_total" in text  # the client's standard process metrics
+def scrape_checks(d: Daemon, w1: Workload) -> None:
+    """What one scrape of a daemon that collapsed w1's 6 windows (and 2 more) shows."""
+    port = d.wait_event("metrics_listen")["port"]
+    assert d.wait_event("metrics_listen")["host"] == "127.0.0.1"
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
+    st = d.wait_for(lambda s: s["counters"]["pages_collapsed"] >= 8, what="8 collapses")
+    text = scrape(port)
+    fams = families(text)
+    st = d.status()
 
-        promtool = require_tool("promtool", "apt-get install prometheus")
-        check = subprocess.run([promtool, "check", "metrics"], input=text,
-                               capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, check.stdout + check.stderr
-        assert check.stdout + check.stderr == ""  # no lint complaint either
+    def one(family: str, sample: str | None = None, **labels) -> float:
+        want = tuple(sorted(labels.items()))
+        return samples(fams, family)[(sample or family, want)]
+
+    assert one("hugepaged_pages_collapsed", "hugepaged_pages_collapsed_total") \
+        == st["counters"]["pages_collapsed"] == 8
+    assert one("hugepaged_collapse_attempts", "hugepaged_collapse_attempts_total") \
+        == st["counters"]["collapse_attempts"]
+    assert one("hugepaged_full_scans", "hugepaged_full_scans_total") >= 1
+    assert one("hugepaged_scan_windows", "hugepaged_scan_windows_total",
+               result="SUCCEED") == 8
+    assert one("hugepaged_registered_processes") == 2
+    assert one("hugepaged_free_huge_blocks") >= 0
+    assert one("hugepaged_cpu_seconds", "hugepaged_cpu_seconds_total") > 0
+    assert one("hugepaged_tunable", name="pages_to_scan") == st["tunables"]["pages_to_scan"]
+    assert one("hugepaged_settings_info", enabled="madvise",
+               shmem_enabled=st["tunables"]["shmem_enabled"],
+               kernel_khugepaged="leave") == 1
+    assert sum(s.value for s in fams["hugepaged_state"].samples) == 1
+    assert fams["hugepaged_collapse_duration_seconds"].type == "histogram"
+    count = one("hugepaged_collapse_duration_seconds",
+                "hugepaged_collapse_duration_seconds_count")
+    assert count == st["counters"]["collapse_attempts"]
+    assert one("hugepaged_collapse_duration_seconds",
+               "hugepaged_collapse_duration_seconds_bucket", le="+Inf") == count
+    # --metrics-top-processes 1: only the largest process has coverage series
+    cover = fams["hugepaged_process_thp_coverage_ratio"].samples
+    assert [s.labels["pid"] for s in cover] == [str(w1.pid)]
+    anon = one("hugepaged_process_anon_bytes", pid=str(w1.pid), comm="python")
+    huge = one("hugepaged_process_anon_huge_bytes", pid=str(w1.pid), comm="python")
+    assert huge == 6 * 2 * 1024 * 1024 and anon >= huge
+    assert cover[0].value == pytest.approx(huge / anon)
+    assert "process_cpu_seconds_total" in text  # the client's standard process metrics
+    # Per target: the target's name is the only label, one series per configured target.
+    assert one("hugepaged_target_processes", target="big") == 1
+    assert one("hugepaged_target_processes", target="unused") == 0
+    assert one("hugepaged_target_pages_collapsed", "hugepaged_target_pages_collapsed_total",
+               target="big") == 6
+    assert one("hugepaged_target_anon_huge_bytes", target="big") == 6 * 2 * 1024 * 1024
+    assert one("hugepaged_target_bloat_bytes", target="big") == 0  # full windows
+    assert one("hugepaged_target_bloat_limit_bytes", target="big") == 64 << 20
+    for name, fam in fams.items():
+        if name.startswith("hugepaged_target_"):
+            assert all(set(x.labels) == {"target"} for x in fam.samples), name
+
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    check = subprocess.run([promtool, "check", "metrics"], input=text,
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout + check.stderr == ""  # no lint complaint either
 
 
 @needs_root

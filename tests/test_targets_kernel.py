@@ -135,6 +135,8 @@ def test_bloat_budget_caps_the_rss_sparse_windows_add(tmp_path):
                     sets={"enabled": "madvise", "max_cpu_percent": 0}) as d:
             st = d.wait_for(lambda st: all(mapped(w, "full")) and settled(st, w.pid),
                             timeout=30, what="a settled slot")
+            human = d.cli("status").stdout
+            top = d.cli("top", "--once").stdout
         growth = rss_anon_kb(w.pid) - before
         assert sum(mapped(w, "sparse")) == 2
         assert growth <= 4096, growth
@@ -143,6 +145,11 @@ def test_bloat_budget_caps_the_rss_sparse_windows_add(tmp_path):
         assert t["bloat_used_kb"] == 2 * 448 * 4 and t["bloat_limit_kb"] == 4096
         assert t["results"]["EXCEED_BLOAT_BUDGET"] >= 14
         assert st["results"]["EXCEED_BLOAT_BUDGET"] >= 14
+        (row,) = [ln.split() for ln in human.splitlines() if ln.startswith("lean ")]
+        # TARGET PRIO ENABLED PROCS ANON THP COVER COLLAPSED BLOAT CPU
+        assert row[:4] == ["lean", "0", "(global)", "1"] and row[8] == "3.5M/4.0M", human
+        (mine,) = [ln.split() for ln in top.splitlines() if ln.split()[:1] == [str(w.pid)]]
+        assert mine[2] == "lean", top  # top shows each process's target
         w.verify()
 
 

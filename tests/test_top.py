@@ -45,13 +45,13 @@ STATUS = {
     "counters": {"pages_collapsed": 9, "full_scans": 3, "passes": 40, "collapse_attempts": 11,
                  "alloc_backoffs": 1},
     "collapse_failures": {"EAGAIN": 2},
-    "processes": [{"pid": 200, "comm": "postgres", "last_result": "SUCCEED"},
+    "processes": [{"pid": 200, "comm": "postgres", "last_result": "SUCCEED", "target": "pg"},
                   {"pid": 400, "comm": "java", "last_result": "EXCEED_NONE_PTE"}],
     "tunables": {},
 }
 
 
-ROW = re.compile(r"^\s*(\d+)\s+\S+\s+[\d.]+[KMG]\s")
+ROW = re.compile(r"^\s*(\d+)\s+\S+\s+\S+\s+[\d.]+[KMG]\s+[\d.]+[KMG]\s")
 
 
 def table_pids(text: str) -> list[int]:
@@ -78,12 +78,12 @@ def test_frame_with_the_daemon():
                  "attempts 11", "failures EAGAIN:2", "backoffs 1", "free huge blocks 17"):
         assert part in text, part
     header = next(line for line in lines if "COLLAPSIBLE" in line)
-    assert header.split() == ["PID", "COMMAND", "ANON", "THP", "COVER", "ELIGIBLE",
+    assert header.split() == ["PID", "COMMAND", "TARGET", "ANON", "THP", "COVER", "ELIGIBLE",
                               "COLLAPSIBLE", "LAST"]
     assert table_pids(text) == [200, 400, 100, 300]
     row = next(line for line in lines if line.lstrip().startswith("200"))
-    assert row.split() == ["200", "postgres*", "20.0M", "2.0M", "10.0%", "5", "3", "(6.0M)",
-                           "SUCCEED"]
+    assert row.split() == ["200", "postgres*", "pg", "20.0M", "2.0M", "10.0%", "5", "3",
+                           "(6.0M)", "SUCCEED"]  # its target, from the daemon
     row = next(line for line in lines if line.lstrip().startswith("100"))
     assert row.split()[-1] == "-"  # not registered with the daemon
     assert "* registered with the daemon" in text
@@ -104,7 +104,7 @@ def test_narrow_terminal_keeps_one_line_per_process():
     text = render_text(Frame(rows_of(SCANS, STATUS), STATUS), width=60)
     assert table_pids(text) == [200, 400, 100, 300]
     row = next(line for line in text.splitlines() if line.lstrip().startswith("200"))
-    assert row.split()[2:7] == ["20.0M", "2.0M", "10.0%", "5", "3"]  # numbers never cut
+    assert row.split()[3:8] == ["20.0M", "2.0M", "10.0%", "5", "3"]  # numbers never cut
 
 
 def test_bad_arguments():
@@ -128,8 +128,8 @@ def test_top_once_and_with_a_daemon(tmp_path):
         assert f"daemon: not answering ({sock}: no such socket" in r.stdout
         (row,) = [line for line in r.stdout.splitlines() if line.lstrip().startswith(str(w.pid))]
         cols = row.split()
-        assert cols[1] == "python" and cols[5] == "8"  # 8 eligible windows
-        assert cols[6:8] == ["6", "(12.0M)"] and cols[-1] == "-"
+        assert cols[1] == "python" and cols[2] == "-" and cols[6] == "8"  # 8 eligible windows
+        assert cols[7:9] == ["6", "(12.0M)"] and cols[-1] == "-"
         assert "1 processes" in r.stdout and "collapsible 6 windows (12.0M)" in r.stdout
         # with the daemon: its counters, its tunables (max_ptes_none 256), its last result
         with Daemon([w.pid], sets={"enabled": "madvise", "max_ptes_none": "256"}) as d:
@@ -143,8 +143,9 @@ def test_top_once_and_with_a_daemon(tmp_path):
         rows = [line for line in r.stdout.splitlines() if line.lstrip().startswith(str(w.pid))]
         assert len(rows) == 2
         cols = rows[-1].split()
-        assert cols[1] == "python*" and float(cols[4].rstrip("%")) > 0
-        assert cols[6] == "0"  # nothing left to collapse: the 6 full windows are huge now
+        assert cols[1] == "python*" and float(cols[5].rstrip("%")) > 0
+        assert cols[2] == "-"  # the daemon has no target for it: the global policy
+        assert cols[7] == "0"  # nothing left to collapse: the 6 full windows are huge now
         assert cols[-1] in ("PMD_MAPPED", "EXCEED_NONE_PTE")
 
 
@@ -173,7 +174,7 @@ def test_top_live_in_tmux():
             assert "hugepaged top" in screen and "every 0.3 s" in screen, screen
             (row,) = [line for line in screen.splitlines()
                       if line.lstrip().startswith(str(w.pid))]
-            assert row.split()[6:8] == ["3", "(6.0M)"], row
+            assert row.split()[7:9] == ["3", "(6.0M)"], row
             first = screen.splitlines()[0]
             time.sleep(1.2)  # the clock in the title moves: it refreshes
             again = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],

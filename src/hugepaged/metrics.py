@@ -168,6 +168,39 @@ class HugepagedCollector:
         yield settings
 
         yield from self._processes(slots)
+        yield from self._targets(core, slots)
+
+    def _targets(self, core, slots: list) -> Iterator[Metric]:
+        """Per-target series, labelled by the target's name only: as many series as the
+        configuration file has targets (at most 64)."""
+        from hugepaged.daemon.targets import summaries
+
+        rows = summaries(list(core.targets), core.target_states, slots)
+        specs = (
+            ("processes", GaugeMetricFamily, "Registered processes the target matches", 1),
+            ("anon_bytes", GaugeMetricFamily, "Anonymous memory of its processes, as of "
+             "their last visit", 1024),
+            ("anon_huge_bytes", GaugeMetricFamily, "Of that, PMD-mapped (AnonHugePages)", 1024),
+            ("pages_collapsed", CounterMetricFamily, "Windows collapsed for the target", 1),
+            ("bloat_bytes", GaugeMetricFamily, "RSS its collapses added by filling empty or "
+             "zero-page PTEs, over its live processes", 1024),
+            ("collapse_cpu_seconds", CounterMetricFamily, "CPU spent in its collapses", 1),
+        )
+        keys = {"processes": "processes", "anon_bytes": "anon_kb",
+                "anon_huge_bytes": "anon_huge_kb", "pages_collapsed": "windows_collapsed",
+                "bloat_bytes": "bloat_used_kb", "collapse_cpu_seconds": "cpu_seconds"}
+        for name, family, doc, scale in specs:
+            m = family(f"hugepaged_target_{name}", doc, labels=["target"])
+            for r in rows:
+                m.add_metric([r["name"]], r[keys[name]] * scale)
+            yield m
+        limit = GaugeMetricFamily("hugepaged_target_bloat_limit_bytes",
+                                  "The target's max_bloat_mb (targets that set one)",
+                                  labels=["target"])
+        for r in rows:
+            if r["bloat_limit_kb"] is not None:
+                limit.add_metric([r["name"]], r["bloat_limit_kb"] * 1024)
+        yield limit
 
     def _top(self, slots: list) -> list[tuple[int, str, int]]:
         """(pid, comm, rss_pages) of the largest registered processes by RSS."""

@@ -179,6 +179,25 @@ def print_json(doc: Any) -> None:
     sys.stdout.write("\n")
 
 
+def targets_table(targets: list[dict[str, Any]]) -> Table:
+    """One row per configured target, in the configuration file's order."""
+    table = Table(box=None, pad_edge=False)
+    for col in ("TARGET", "PRIO", "ENABLED", "PROCS", "ANON", "THP", "COVER", "COLLAPSED",
+                "BLOAT", "CPU"):
+        table.add_column(col, justify="left" if col in ("TARGET", "ENABLED") else "right",
+                         no_wrap=True)
+    for t in targets:
+        limit = t["bloat_limit_kb"]
+        bloat = human_kb(t["bloat_used_kb"]) + "/" + (human_kb(limit) if limit is not None
+                                                      else "-")
+        cpu = f"{t['cpu_seconds']:.2f} s" + (f" ({t['max_cpu_percent']}%)"
+                                             if t["max_cpu_percent"] else "")
+        table.add_row(t["name"], str(t["priority"]), t["enabled"] or "(global)",
+                      str(t["processes"]), human_kb(t["anon_kb"]), human_kb(t["anon_huge_kb"]),
+                      f"{t['coverage_pct']:.1f}%", str(t["windows_collapsed"]), bloat, cpu)
+    return table
+
+
 def print_status(st: dict[str, Any]) -> None:
     out = Console(width=None if sys.stdout.isatty() else 160, highlight=False, markup=False)
     c = st["counters"]
@@ -195,6 +214,8 @@ def print_status(st: dict[str, Any]) -> None:
     if st["collapse_failures"]:
         out.print("collapse failures: "
                   + " ".join(f"{k}:{v}" for k, v in st["collapse_failures"].items()))
+    if st.get("targets"):
+        out.print(targets_table(st["targets"]))
     table = Table(box=None, pad_edge=False, title=None)
     table.add_column("TUNABLE")
     table.add_column("VALUE", justify="right")

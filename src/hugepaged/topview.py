@@ -22,7 +22,8 @@ from hugepaged.scan.process import ProcessScan
 
 HPAGE_KB = 2048
 HEADER_LINES = 4  # title, totals, daemon line, table header
-COLUMNS = (("PID", "right"), ("COMMAND", "left"), ("ANON", "right"), ("THP", "right"),
+COLUMNS = (("PID", "right"), ("COMMAND", "left"), ("TARGET", "left"), ("ANON", "right"),
+           ("THP", "right"),
            ("COVER", "right"), ("ELIGIBLE", "right"), ("COLLAPSIBLE", "right"),
            ("LAST", "left"))
 
@@ -39,6 +40,7 @@ class TopRow:
     collapsible: int
     last_result: str = "-"
     registered: bool = False
+    target: str = "-"  # the daemon's target for it; "-": the global policy or unknown
 
     @property
     def coverage(self) -> float:
@@ -73,7 +75,8 @@ def rows_of(scans: list[ProcessScan], status: dict[str, Any] | None) -> list[Top
             pid=s.pid, comm=s.comm, anon_kb=s.anon_kb, anon_huge_kb=s.anon_huge_kb,
             eligible=s.eligible_windows, collapsible=counts[ScanResult.SUCCEED],
             last_result=(proc.get("last_result") or "-") if proc else "-",
-            registered=proc is not None))
+            registered=proc is not None,
+            target=(proc.get("target") or "-") if proc else "-"))
     rows.sort(key=lambda r: (-r.collapsible, -r.anon_kb, r.pid))
     return rows
 
@@ -113,14 +116,15 @@ def render(frame: Frame, limit: int | None = None) -> RenderableType:
     if frame.scan_seconds is not None:
         title += f"  (scan {frame.scan_seconds:.2f} s)"
     shown = frame.rows if limit is None else frame.rows[:max(0, limit)]
-    cells = [[str(r.pid), printable(r.comm) + ("*" if r.registered else ""), human_kb(r.anon_kb),
+    cells = [[str(r.pid), printable(r.comm) + ("*" if r.registered else ""), printable(r.target),
+              human_kb(r.anon_kb),
               human_kb(r.anon_huge_kb), f"{r.coverage:.1f}%", str(r.eligible),
               f"{r.collapsible} ({human_kb(r.collapsible_kb)})" if r.collapsible else "0",
               printable(r.last_result)] for r in shown]
     table = Table(box=None, pad_edge=False, expand=False, header_style="bold reverse")
     for i, (col, just) in enumerate(COLUMNS):
         # Numbers are never cut: on a narrow terminal COMMAND and LAST give way.
-        shrinks = col in ("COMMAND", "LAST")
+        shrinks = col in ("COMMAND", "TARGET", "LAST")
         width = max([len(col)] + [len(row[i]) for row in cells])
         table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",
                          min_width=min(width, 8) if shrinks else width)
