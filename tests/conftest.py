@@ -1,13 +1,8 @@
-"""Shared pytest set-up: kernel tests hold the machine lock while they run."""
-
-import os
-import sys
+"""Shared pytest set-up: kernel tests hold the machine lock; fixtures more than one file uses."""
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from helpers import machine_lock  # noqa: E402
+from .helpers import machine_lock, saved_thp
 
 
 @pytest.fixture(autouse=True)
@@ -17,4 +12,11 @@ def _kernel_lock(request):
         yield
         return
     with machine_lock():
+        yield
+
+
+@pytest.fixture
+def thp_never():
+    """Kernel THP at never for the test: the kernel's khugepaged stays out."""
+    with saved_thp(enabled="never"):
         yield

@@ -1,8 +1,12 @@
-"""A real `hugepaged run` as a subprocess, for the daemon and control tests and the benchmarks.
+"""A real `hugepaged run` as a subprocess: the one daemon runner of the tests and the benchmarks.
 
 Talks to the daemon the way any client does: the control socket (raw bytes or one JSON line
 each way) and the command line. Never imports hugepaged, so that what the tests check is what
 a user sees, and so that a malformed request can be sent byte for byte.
+
+Each daemon gets its own directory for its socket, its kernel-khugepaged state file and its
+log, so that concurrent runs never collide; it dies with the thread that started it
+(PR_SET_PDEATHSIG), and is stopped with SIGTERM, then SIGKILL if it does not exit.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 
 class DaemonError(RuntimeError):
-    pass
+    """The daemon exited, did not answer, or refused a request the caller relied on."""
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -32,13 +36,21 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # SIGTERM, not SIGKILL: a daemon that quietened the kernel's khugepaged puts it back.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def hugepaged_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """`python -m hugepaged ARGS...` to completion, output captured as text."""
-    return subprocess.run([sys.executable, "-m", "hugepaged", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd="/")
+def hugepaged_cmd(*args: str) -> list[str]:
+    """The command line of `hugepaged ARGS...` with this interpreter (and its PYTHONPATH)."""
+    return [sys.executable, "-m", "hugepaged", *args]
+
+
+def hugepaged_cli(*args: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`hugepaged ARGS...` to completion, output captured as text, run from `/`."""
+    kwargs.setdefault("cwd", "/")
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run(hugepaged_cmd(*args), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def request(path: str, payload: bytes | dict, timeout: float = 10.0) -> dict:
@@ -53,70 +65,107 @@ def request(path: str, payload: bytes | dict, timeout: float = 10.0) -> dict:
             s.shutdown(socket.SHUT_WR)
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = s.recv(65536)
+            chunk = s.recv(1 << 20)
             if not chunk:
                 break
             reply += chunk
     return json.loads(reply)
 
 
-class Daemon:
-    """`hugepaged run --socket TMP --log-format json --log-level debug ARGS...`.
+def _accepts(path: str) -> bool:
+    """Whether a Unix socket at `path` accepts a connection (without sending anything)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
-    The socket lives in a fresh directory of mode 0755, so that other users reach the socket
-    itself and its own mode decides. Log records are collected from stderr on a thread.
-    Use as a context manager: the process is killed on the way out, whatever happens.
+
+class Daemon:
+    """`hugepaged run --socket DIR/hugepaged.sock --state-file DIR/... [options]`.
+
+    pids: the processes it may scan (none: discovery mode); sets: --set KEY=VALUE; config: a
+    TOML path; args: more options; env: more environment; log_format/log_level: None leaves
+    the option out (the daemon's default then applies); interpreter_args: options for Python
+    before `-m hugepaged` (a profiler); state_file: where it saves the kernel's khugepaged
+    settings (default: in its own directory); workdir: where its directory is made (kept
+    there after close, with the log as daemon.log; default: a temporary one, removed).
+
+    Log lines (stderr) are read on a thread: all of them into `lines`, the JSON ones into
+    `records`. Use as a context manager: the process is stopped on the way out, whatever
+    happens.
     """
 
-    def __init__(self, *, pids: Sequence[int] = (), sets: dict[str, Any] | None = None,
-                 config: str | None = None, args: Sequence[str] = (),
-                 log_level: str = "debug") -> None:
-        self.dir = tempfile.mkdtemp(prefix="hugepaged-test-")
-        os.chmod(self.dir, 0o755)
+    def __init__(self, pids: Sequence[int] = (), sets: dict[str, Any] | None = None,
+                 config: str | None = None, *, args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, log_format: str | None = "json",
+                 log_level: str | None = "debug", interpreter_args: Sequence[str] = (),
+                 state_file: str | None = None, workdir: str | None = None) -> None:
+        self.keep_dir = workdir is not None
+        self.dir = tempfile.mkdtemp(prefix="hugepaged-daemon-", dir=workdir)
+        os.chmod(self.dir, 0o755)  # other users reach the socket; its own mode decides
         self.socket = os.path.join(self.dir, "hugepaged.sock")
-        cmd = [sys.executable, "-m", "hugepaged", "run", "--socket", self.socket,
-               "--log-format", "json", "--log-level", log_level]
+        self.state_file = state_file or os.path.join(self.dir, "kernel-khugepaged.json")
+        self.log_path = os.path.join(self.dir, "daemon.log")
+        argv = ["run", "--socket", self.socket, "--state-file", self.state_file]
         for pid in pids:
-            cmd += ["--pid", str(pid)]
+            argv += ["--pid", str(pid)]
         for key, value in (sets or {}).items():
-            cmd += ["--set", f"{key}={value}"]
+            argv += ["--set", f"{key}={value}"]
         if config is not None:
-            cmd += ["--config", config]
-        self.cmd = cmd + list(args)
+            argv += ["--config", config]
+        if log_format is not None:
+            argv += ["--log-format", log_format]
+        if log_level is not None:
+            argv += ["--log-level", log_level]
+        self.cmd = [sys.executable, *interpreter_args, "-m", "hugepaged", *argv, *args]
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
         self.records: list[dict] = []
-        self.raw: list[str] = []
+        self.stop_seconds: float | None = None
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._watchers: list[tuple[Callable[[dict], Any], Callable[[dict], Any] | None,
                                    threading.Event]] = []
 
     # -- lifecycle
-    def start(self, timeout: float = 15.0) -> Daemon:
-        # SIGKILLed if the test or benchmark dies without its finally blocks (kill -9).
+    def start(self, timeout: float = 30.0, ready: str = "status",
+              tick: Callable[[], Any] | None = None) -> Daemon:
+        """Start it and wait until it is ready: "status" (a status request is answered) or
+        "socket" (the socket accepts connections: its first pass may be under way, and a
+        request would wait for that pass to end). tick() is called meanwhile."""
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     cwd="/", preexec_fn=_die_with_parent)
+                                     cwd="/", env=self.env, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout
         try:
-            while True:
+            while not self._ready(ready):
                 if self.proc.poll() is not None:
                     self._reader.join(5)
                     raise DaemonError(f"daemon exited with {self.proc.returncode}: "
-                                      + "\n".join(self.raw[-20:]))
-                try:
-                    self.status()
-                    return self
-                except (OSError, ValueError):
-                    if time.monotonic() > deadline:
-                        raise DaemonError("daemon did not answer on its socket: "
-                                          + "\n".join(self.raw[-20:])) from None
-                    time.sleep(0.05)
+                                      + self.log_tail())
+                if time.monotonic() > deadline:
+                    raise DaemonError("daemon did not answer on its socket: " + self.log_tail())
+                if tick is not None:
+                    tick()
+                time.sleep(0.02)
         except BaseException:
             self.close()
             raise
+        return self
+
+    def _ready(self, ready: str) -> bool:
+        if ready == "socket":
+            return _accepts(self.socket)
+        try:
+            self.status()
+        except (OSError, ValueError):
+            return False
+        return True
 
     def __enter__(self) -> Daemon:
         return self.start()
@@ -125,32 +174,41 @@ class Daemon:
         self.close()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self._reader is not None:
-            self._reader.join(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop it if it runs (SIGTERM, then SIGKILL), finish reading its log, tidy up."""
+        try:
+            if self.alive():
+                self.stop()
+            elif self._reader is not None:
+                self._reader.join(5)
+        finally:
+            if not self.keep_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def send(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
-        """Send `sig` and wait: (exit status, seconds until the process had exited)."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send `sig` and wait; SIGKILL after `timeout`. The exit status; the seconds it took
+        to exit are in `stop_seconds`."""
         t0 = time.monotonic()
-        self.send(sig)
-        rc = self.proc.wait(timeout)
-        took = time.monotonic() - t0
+        if self.alive():
+            self.send(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.stop_seconds = time.monotonic() - t0
         if self._reader is not None:
             self._reader.join(5)
-        return rc, took
+        return rc
 
     def wait_exit(self, timeout: float = 10.0) -> int:
         """The exit status, once the process has exited and its log is read to the end."""
@@ -161,16 +219,18 @@ class Daemon:
 
     # -- the log
     def _read(self) -> None:
-        for line in self.proc.stderr:
-            text = line.decode(errors="replace").rstrip("\n")
-            with self._cond:
-                self.raw.append(text)
-                with contextlib.suppress(ValueError):
-                    rec = json.loads(text)
-                    if isinstance(rec, dict):
-                        self.records.append(rec)
-                        self._watch(rec)
-                self._cond.notify_all()
+        with open(self.log_path, "wb") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                text = line.decode(errors="replace").rstrip("\n")
+                with self._cond:
+                    self.lines.append(text)
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(text)
+                        if isinstance(rec, dict):
+                            self.records.append(rec)
+                            self._watch(rec)
+                    self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
 
@@ -182,6 +242,15 @@ class Daemon:
                 if action is not None:
                     action(rec)
                 done.set()
+
+    def stderr(self) -> str:
+        """Everything it wrote to stderr so far, one line per line."""
+        with self._cond:
+            return "".join(line + "\n" for line in self.lines)
+
+    def log_tail(self, n: int = 20) -> str:
+        with self._cond:
+            return "\n".join(self.lines[-n:])
 
     def when(self, pred: Callable[[dict], Any],
              action: Callable[[dict], Any] | None = None) -> threading.Event:
@@ -203,22 +272,35 @@ class Daemon:
         return done
 
     def events(self, event: str, **match: Any) -> list[dict]:
+        """Log records with this `event` whose fields equal `match`."""
         with self._cond:
             return [r for r in self.records if r.get("event") == event
                     and all(r.get(k) == v for k, v in match.items())]
 
-    def wait_log(self, pred: Callable[[list[dict]], Any], timeout: float = 10.0) -> None:
-        """Block until pred(records) holds (checked on every new line)."""
+    def wait_log(self, pred: Callable[[list[dict]], Any], timeout: float = 15.0,
+                 what: str = "") -> Any:
+        """Block until pred(records) is truthy (checked on every new line); its value."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not pred(self.records):
+            while True:
+                value = pred(self.records)
+                if value:
+                    return value
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError("log condition not met: " + "\n".join(self.raw[-10:]))
+                    raise TimeoutError(f"{what or 'log condition'} not met in {timeout} s: "
+                                       + self.log_tail(10))
                 if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise DaemonError(f"daemon exited with {self.proc.returncode}: "
-                                      + "\n".join(self.raw[-10:]))
+                    raise DaemonError(f"daemon exited with {self.proc.returncode} before "
+                                      f"{what or 'the log condition'}: " + self.log_tail(10))
                 self._cond.wait(min(left, 0.2))
+
+    def wait_event(self, event: str, timeout: float = 15.0, **match: Any) -> dict:
+        """The first record of `event` with fields `match`, waiting for it to be logged."""
+        def first(records: list[dict]) -> dict | None:
+            return next((r for r in records if r.get("event") == event
+                         and all(r.get(k) == v for k, v in match.items())), None)
+        return self.wait_log(first, timeout, f"event {event} {match}")
 
     def collapsed(self, pid: int | None = None) -> list[int]:
         """Addresses the log says were collapsed (of `pid`), in order."""
@@ -256,7 +338,7 @@ class Daemon:
         while True:
             if not self.alive():
                 raise DaemonError(f"daemon exited with {self.proc.returncode}: "
-                                  + "\n".join(self.raw[-20:]))
+                                  + self.log_tail())
             st = self.status()
             if pred(st):
                 return st
@@ -276,10 +358,3 @@ def settled(st: dict, pid: int) -> bool:
     """The slot of `pid` finished a full scan that found nothing (left) to do."""
     slot = slot_of(st, pid)
     return slot is not None and slot["settled_seconds"] > 0
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (or kernel thread) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

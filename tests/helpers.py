@@ -240,6 +240,16 @@ def read_knob(name: str) -> str:
     return _read_knob(_knob_path(name))
 
 
+def write_knob(name: str, value) -> None:
+    """Write one THP knob (the names of _saved_thp); the caller restores it (saved_thp)."""
+    _write_knob(_knob_path(name), value)
+
+
+def read_counter(name: str) -> int:
+    """One of khugepaged's counters: pages_collapsed or full_scans."""
+    return int((KHUGEPAGED_DIR / name).read_text())
+
+
 _LOCK_PATH = "/run/lock/hugepaged-tests.lock"
 _lock_state = {"depth": 0, "fd": -1}
 

@@ -17,24 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
+
+from .helpers import (
     HPAGE,
-    THP_DIR,
     Workload,
     anon_huge_kb,
     drain_lru,
     pmd_mapped_windows,
-    saved_thp,
 )
+from .marks import kernel_test, needs_thp
 
 ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not ROOT, reason="needs root: PFNs, kpageflags, MADV_COLLAPSE")
-needs_thp = pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP")
-
-
-def kernel_test(f):
-    """A test on a real workload: the machine lock (conftest), root, THP."""
-    return pytest.mark.kernel(needs_root(needs_thp(f)))
 
 
 SCAN_KEYS = {"version", "tunables", "target", "referenced_known", "processes", "total",
@@ -73,8 +66,6 @@ def absent_pid() -> int:
     return next(p for p in range(top - 1, 1, -1) if not Path(f"/proc/{p}").exists())
 
 
-
-
 def hg_windows(pid: int) -> int:
     """Aligned 2 MiB windows in private anonymous VMAs with `hg` and without `nh`, from smaps
     (what enabled=madvise makes candidates), counted here without hugepaged's code."""
@@ -95,12 +86,6 @@ def hg_windows(pid: int) -> int:
                     hi = end & ~(HPAGE - 1)
                     total += max(0, hi - lo) // HPAGE
     return total
-
-
-@pytest.fixture
-def thp_never():
-    with saved_thp(enabled="never"):
-        yield
 
 
 LAYOUT = [

@@ -7,12 +7,14 @@ import os
 import subprocess
 
 import pytest
-from ops_daemon import hugepaged_cli, require_tool
 
 from hugepaged.cli import COMMANDS, build_parser
 from hugepaged.cli.completion import script, subparsers
 from hugepaged.cli.manpage import page
 from hugepaged.tunables import SPECS
+
+from .daemon_runner import hugepaged_cli
+from .marks import require_tool
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_runner import Daemon, hugepaged_cli
-from helpers import THP_DIR, saved_thp
 
 from hugepaged import config as config_mod
 from hugepaged.config import ConfigError, load_config, parse_config
@@ -18,8 +16,9 @@ from hugepaged.errors import InvalidTunable
 from hugepaged.kernel import Kernel
 from hugepaged.tunables import Tunables
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
+from .daemon_runner import Daemon, hugepaged_cli
+from .helpers import THP_DIR, saved_thp
+from .marks import needs_root
 
 # --------------------------------------------------------------------------------------------
 # Parsing

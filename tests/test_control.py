@@ -21,8 +21,6 @@ import threading
 import time
 
 import pytest
-from daemon_runner import Daemon, request
-from helpers import KHUGEPAGED_DIR, THP_DIR, read_knob, saved_thp
 
 from hugepaged.cli import main as cli_main
 from hugepaged.control import server as server_mod
@@ -32,8 +30,11 @@ from hugepaged.control.server import ControlServer
 from hugepaged.errors import DaemonUnreachable, InvalidTunable
 from hugepaged.tunables import Tunables, parse
 
+from .daemon_runner import Daemon, request
+from .helpers import KHUGEPAGED_DIR, read_knob, saved_thp
+from .marks import kernel_test, needs_root
+
 NOBODY = 65534
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,13 +277,6 @@ def test_run_as_non_root_exits_3_with_one_line(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # The real daemon
-
-def kernel_test(fn):
-    for mark in (pytest.mark.kernel, needs_root,
-                 pytest.mark.skipif(not (THP_DIR / "enabled").exists(),
-                                    reason="kernel without THP")):
-        fn = mark(fn)
-    return fn
 
 
 @pytest.fixture

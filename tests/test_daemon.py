@@ -8,7 +8,6 @@ Workload contents are verified after every collapse.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -20,23 +19,15 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from daemon_runner import Daemon, hugepaged_cli, settled, slot_of
-from helpers import THP_DIR, Workload, pmd_mapped_windows, read_knob, saved_thp
 
 from hugepaged.daemon import service as service_mod
-from hugepaged.daemon.kernel_quiet import QUIET, STATE_FILE, KernelQuieter
+from hugepaged.daemon.kernel_quiet import QUIET, KernelQuieter
 from hugepaged.kernel import Kernel
 from hugepaged.kernel.sysfs import ThpSysfs
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-needs_thp = pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP")
-
-
-def kernel_test(fn):
-    for mark in (pytest.mark.kernel, needs_root, needs_thp):
-        fn = mark(fn)
-    return fn
-
+from .daemon_runner import Daemon, hugepaged_cli, settled, slot_of
+from .helpers import Workload, pmd_mapped_windows, read_knob, saved_thp
+from .marks import kernel_test, needs_root
 
 FAST = {"enabled": "madvise", "max_cpu_percent": 0, "scan_sleep_millisecs": 0}
 
@@ -71,7 +62,7 @@ def collapse_of(pid: int):
 
 
 def no_tracebacks(d: Daemon) -> None:
-    assert not [line for line in d.raw if "Traceback" in line], "\n".join(d.raw[-30:])
+    assert not [line for line in d.lines if "Traceback" in line], "\n".join(d.lines[-30:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,22 +317,12 @@ def test_stop_signal_exits_0_within_a_second_and_restores_the_kernel(sig):
         w.verify()
 
 
-@pytest.fixture
-def state_file():
-    """The daemon's state file is fixed at STATE_FILE (the service gives no way to move it):
-    refuse to run over another run's file, and never leave one behind."""
-    if os.path.exists(STATE_FILE):
-        pytest.skip(f"{STATE_FILE} exists: another daemon's kernel settings are saved there")
-    try:
-        yield Path(STATE_FILE)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(STATE_FILE)
-
-
 @kernel_test
 def test_sigkill_with_quiet_leaves_a_state_file_that_restore_kernel_and_the_next_start_use(
-        state_file):
+        tmp_path):
+    state_file = tmp_path / "kernel-khugepaged.json"  # one for the three daemons below
+    at = {"state_file": str(state_file)}
+    restore = ("restore-kernel", "--state-file", str(state_file))
     original = khugepaged_knobs()
     quiet = {k: str(v) for k, v in QUIET.items()}
     target = subprocess.Popen(["sleep", "300"])
@@ -349,28 +330,28 @@ def test_sigkill_with_quiet_leaves_a_state_file_that_restore_kernel_and_the_next
         with saved_thp(enabled="never", **original):
             # 1. SIGKILL: nothing can restore; the state file holds the kernel's values.
             with Daemon(pids=[target.pid], sets={"enabled": "madvise",
-                                                 "kernel_khugepaged": "quiet"}) as d:
+                                                 "kernel_khugepaged": "quiet"}, **at) as d:
                 assert khugepaged_knobs() == quiet
                 assert json.loads(state_file.read_text()) == {k: int(v)
                                                               for k, v in original.items()}
                 d.stop(signal.SIGKILL)
             assert khugepaged_knobs() == quiet and state_file.exists()
-            r = hugepaged_cli("restore-kernel")
+            r = hugepaged_cli(*restore)
             assert (r.returncode, r.stdout) == (0, "restored\n"), r.stderr
             assert khugepaged_knobs() == original and not state_file.exists()
-            r = hugepaged_cli("restore-kernel")
+            r = hugepaged_cli(*restore)
             assert (r.returncode, r.stdout) == (0, "nothing to restore\n")
 
             # 2. SIGKILL again; this time the next start (even with "leave") puts them back.
             with Daemon(pids=[target.pid], sets={"enabled": "madvise",
-                                                 "kernel_khugepaged": "quiet"}) as d:
+                                                 "kernel_khugepaged": "quiet"}, **at) as d:
                 assert khugepaged_knobs() == quiet
                 d.stop(signal.SIGKILL)
             assert khugepaged_knobs() == quiet
-            with Daemon(pids=[target.pid], sets={"enabled": "madvise"}) as d:
+            with Daemon(pids=[target.pid], sets={"enabled": "madvise"}, **at) as d:
                 assert khugepaged_knobs() == original and not state_file.exists()
                 assert d.events("kernel_restore")
-                rc, _ = d.stop()
+                rc = d.stop()
                 assert rc == 0
             assert khugepaged_knobs() == original
     finally:

@@ -12,11 +12,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
-from ops_daemon import require_tool
 
 from hugepaged.cli import build_parser
 from hugepaged.config import DEFAULT_PATH, DEFAULT_SOCKET, parse_config
 from hugepaged.metrics import parse_listen
+
+from .marks import require_tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MANIFEST = DEPLOY / "kubernetes" / "daemonset.yaml"

@@ -12,35 +12,27 @@ import errno
 import json
 import os
 
-import marks
 import pytest
-from helpers import (
+
+from hugepaged.cli import main
+from hugepaged.collapse import collapse_window
+from hugepaged.results import ScanResult as R
+
+from . import marks
+from .helpers import (
     HPAGE,
     Workload,
     anon_huge_kb,
     drain_lru,
     pmd_mapped_windows,
     present_per_window,
-    saved_thp,
     vm_flags,
 )
-
-from hugepaged.cli import main
-from hugepaged.collapse import collapse_window
-from hugepaged.results import ScanResult as R
 
 pytestmark = marks.KERNEL
 
 DEFAULTS = ["--set", "enabled=madvise", "--set", "max_ptes_none=511",
             "--set", "max_ptes_shared=256", "--set", "max_ptes_swap=64"]
-
-
-
-
-@pytest.fixture
-def thp_never():
-    with saved_thp(enabled="never"):
-        yield
 
 
 @pytest.fixture

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 
-import marks
 import pytest
-from helpers import (
+
+from hugepaged.collapse import collapse_window
+from hugepaged.kernel import Kernel
+from hugepaged.policy import CollapseControl
+from hugepaged.results import ScanResult as R
+from hugepaged.scan.process import ProcessScan, scan_process
+from hugepaged.tunables import Tunables
+
+from . import marks
+from .helpers import (
     HPAGE,
     PM_PFN_MASK,
     Workload,
@@ -24,13 +32,6 @@ from helpers import (
     saved_thp,
     vm_flags,
 )
-
-from hugepaged.collapse import collapse_window
-from hugepaged.kernel import Kernel
-from hugepaged.policy import CollapseControl
-from hugepaged.results import ScanResult as R
-from hugepaged.scan.process import ProcessScan, scan_process
-from hugepaged.tunables import Tunables
 
 pytestmark = marks.KERNEL
 

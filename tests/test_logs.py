@@ -5,22 +5,21 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import signal
 from types import SimpleNamespace
 
 import pytest
-from helpers import THP_DIR, Workload, saved_thp
-from ops_daemon import Daemon
 
 from hugepaged.daemon.khugepaged import Khugepaged
 from hugepaged.kernel import Kernel
 from hugepaged.logs import setup_logging
 from hugepaged.tunables import Tunables
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (PFNs, kpageflags)")
-needs_thp = pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP")
+from .daemon_runner import Daemon
+from .helpers import Workload, saved_thp
+from .marks import needs_root, needs_thp
+
 WINDOWS = 4
 
 
@@ -72,7 +71,7 @@ def test_json_debug_log_of_a_real_daemon(tmp_path):
         # a tunable changed over the control socket, then by a reload (SIGHUP)
         old = d.get("max_ptes_none")  # inherited from the kernel
         new = 100 if old != 100 else 101
-        d.set("max_ptes_none", new)
+        assert d.set("max_ptes_none", new)["ok"]
         change = d.wait_event("tunable", key="max_ptes_none")
         assert (change["old"], change["value"], change["source"]) == (old, new,
                                                                        "control socket")

@@ -9,8 +9,6 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
-from helpers import THP_DIR, Workload, saved_thp
-from ops_daemon import Daemon, hugepaged_cli, require_tool
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,8 +23,9 @@ from hugepaged.metrics import build_registry, parse_listen
 from hugepaged.results import ScanResult
 from hugepaged.tunables import Tunables
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (PFNs, kpageflags)")
-needs_thp = pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP")
+from .daemon_runner import Daemon, hugepaged_cli
+from .helpers import Workload, saved_thp
+from .marks import needs_root, needs_thp, require_tool
 
 
 def families(text: str) -> dict:

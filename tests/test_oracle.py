@@ -19,10 +19,18 @@ import sys
 import time
 from collections import Counter
 
-import marks
 import numpy as np
 import pytest
-from helpers import (
+
+from hugepaged.collapse import collapse_window
+from hugepaged.kernel import Kernel
+from hugepaged.policy import CollapseControl
+from hugepaged.results import ScanResult as R
+from hugepaged.scan.process import scan_process
+from hugepaged.tunables import Tunables
+
+from . import marks
+from .helpers import (
     HPAGE,
     KHUGEPAGED_DIR,
     Workload,
@@ -33,13 +41,6 @@ from helpers import (
     present_per_window,
     saved_thp,
 )
-
-from hugepaged.collapse import collapse_window
-from hugepaged.kernel import Kernel
-from hugepaged.policy import CollapseControl
-from hugepaged.results import ScanResult as R
-from hugepaged.scan.process import scan_process
-from hugepaged.tunables import Tunables
 
 pytestmark = marks.ORACLE
 
@@ -79,7 +80,6 @@ for _r in LAYOUT:
     _r.setdefault("hugepage", not _r.get("nohugepage", False))
 
 
-
 def _pages(fill: str) -> list[int]:
     if fill == "all":
         return list(range(512))
@@ -112,8 +112,6 @@ def expected(spec: dict, max_ptes_none: int, max_ptes_shared: int) -> list[R] | 
     if spec["name"] == "pre":
         codes[0] = R.PMD_MAPPED
     return codes
-
-
 
 
 def full_scans() -> int:

@@ -14,10 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import THP_DIR, Workload, saved_thp
-from ops_daemon import Daemon, hugepaged_cli, require_tool
 
 from hugepaged.sdnotify import Keeper, SdNotify, attach, socket_address, watchdog_seconds
+
+from .daemon_runner import Daemon, hugepaged_cli
+from .helpers import THP_DIR, Workload, saved_thp
+from .marks import require_tool
 
 UNIT = resources.files("hugepaged").joinpath("data/hugepaged.service")
 SYSTEMD = "part of systemd (apt-get install systemd)"

@@ -10,16 +10,16 @@ import time
 
 import numpy as np
 import pytest
-from helpers import THP_DIR, Workload, saved_thp
-from ops_daemon import Daemon, hugepaged_cli, hugepaged_cmd, require_tool
 
 from hugepaged.kernel.procfs import Vma
 from hugepaged.results import ScanResult
 from hugepaged.scan.process import ProcessScan, VmaScan
 from hugepaged.topview import Frame, render_text, rows_of
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (PFNs, kpageflags)")
-needs_thp = pytest.mark.skipif(not (THP_DIR / "enabled").exists(), reason="kernel without THP")
+from .daemon_runner import Daemon, hugepaged_cli, hugepaged_cmd
+from .helpers import Workload, saved_thp
+from .marks import needs_root, needs_thp, require_tool
+
 S, P, M, N = (ScanResult.SUCCEED, ScanResult.PMD_MAPPED, ScanResult.PMD_NONE,
               ScanResult.EXCEED_NONE_PTE)
 

@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 
-import marks
 import numpy as np
 import pytest
-from helpers import (
+
+from . import marks
+from .helpers import (
     HPAGE,
     KHUGEPAGED_DIR,
     PAGE,
@@ -45,13 +46,6 @@ pytestmark = marks.KERNEL
 MADV_COLLAPSE = 25
 KPF_ZERO_PAGE = 1 << 24
 SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440}.get(platform.machine())
-
-
-@pytest.fixture
-def thp_never():
-    """Kernel THP at never for the test: the kernel's khugepaged stays out."""
-    with saved_thp(enabled="never"):
-        yield
 
 
 def collapse(pid: int, start: int, end: int) -> None:

@@ -4,6 +4,7 @@ import argparse
 
 from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
 from hugepaged.config import DEFAULT_PATH
+from hugepaged.daemon.kernel_quiet import STATE_FILE
 from hugepaged.tunables import parse_assignments
 
 
@@ -23,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--pid", type=int, action="append", default=[],
                    help="targeted mode: only these processes (repeatable); default: all")
+    p.add_argument("--state-file", default=STATE_FILE, metavar="PATH",
+                   help="where the kernel's khugepaged settings are saved while "
+                        "kernel_khugepaged=quiet (default %(default)s)")
     add_common(p)
     p.set_defaults(run=run)
 
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"socket": args.socket, "metrics": args.metrics,
                "metrics_top_processes": args.metrics_top_processes,
                "log_format": args.log_format, "log_level": args.log_level}
-    service = Service(kernel, args.config, overrides, options, pids=args.pid)
+    service = Service(kernel, args.config, overrides, options, pids=args.pid,
+                      state_file=args.state_file)
     require_collapse_support(kernel)
     setup_logging(service.options.log_format, service.options.log_level)
     control = ControlServer(service.options.socket, service, service.options.socket_group)
