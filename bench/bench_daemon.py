@@ -50,29 +50,22 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from scenarios import cpu as cpu_probe
+from scenarios.cpu import cpu_seconds
 
-from daemon_runner import Daemon, proc_cpu_seconds, settled  # noqa: E402
-from helpers import Workload, machine_lock, pmd_mapped_windows, saved_thp  # noqa: E402
-from scenarios import common as scenario_common  # noqa: E402
-from scenarios.common import sched_cpu_seconds  # noqa: E402
+from tests.daemon_runner import Daemon, settled
+from tests.helpers import Workload, machine_lock, pmd_mapped_windows, saved_thp
 
 GOAL_RATIO = 1.10
 GOAL_IDLE_PCT = 0.2
-HPAGE = 2 << 20
 
 
 # --------------------------------------------------------------------------------------------
 # Probes that do not go through hugepaged
 
 
-def cpu(pid: int) -> tuple[float, float]:
-    return proc_cpu_seconds(pid), sched_cpu_seconds(pid)
-
-
 def find_khugepaged() -> int:
-    pid = scenario_common.find_khugepaged()
+    pid = cpu_probe.find_khugepaged()
     if pid is None:
         raise RuntimeError("no khugepaged thread (THP enabled=never?)")
     return pid
@@ -115,15 +108,15 @@ def kernel_once(gib: float) -> dict:
     with saved_thp(enabled="madvise", pages_to_scan=65536, scan_sleep_millisecs=0,
                    max_ptes_none=511, defrag=1):
         kpid = find_khugepaged()
-        q0, qt0 = cpu(kpid), time.monotonic()
+        q0, qt0 = cpu_seconds(kpid), time.monotonic()
         time.sleep(0.5)
-        q1, qt1 = cpu(kpid), time.monotonic()
+        q1, qt1 = cpu_seconds(kpid), time.monotonic()
         spin = [(b - a) / (qt1 - qt0) for a, b in zip(q0, q1, strict=True)]
-        c0, t0 = cpu(kpid), time.monotonic()
+        c0, t0 = cpu_seconds(kpid), time.monotonic()
         with Workload(layout(gib)) as w:
             r = w.regions["a"]
             t1 = wait_huge(w.pid, r.start, windows * 2048, timeout=120)
-            c1 = cpu(kpid)
+            c1 = cpu_seconds(kpid)
             collapsed = sum(pmd_mapped_windows(w.pid, r.start, r.end))
             w.verify()
     used = [(b - a) - s * (t1 - t0) for a, b, s in zip(c0, c1, spin, strict=True)]
@@ -140,13 +133,13 @@ def hugepaged_once(gib: float) -> dict:
         sets = {"enabled": "never", "max_cpu_percent": 0, "scan_sleep_millisecs": 1,
                 "pages_to_scan": 1 << 20}
         with Daemon(pids=[w.pid], sets=sets, log_level="info") as d:
-            c0, t0 = cpu(d.pid), time.monotonic()
+            c0, t0 = cpu_seconds(d.pid), time.monotonic()
             assert d.set("enabled", "madvise")["ok"]
             assert d.set("scan_sleep_millisecs", 0)["ok"]
             t1 = wait_huge(w.pid, r.start, windows * 2048, timeout=120)
-            c1 = cpu(d.pid)
+            c1 = cpu_seconds(d.pid)
             d.wait_for(lambda st: settled(st, w.pid), timeout=60, interval=0.05)
-            c2 = cpu(d.pid)
+            c2 = cpu_seconds(d.pid)
             st = d.status()
         collapsed = sum(pmd_mapped_windows(w.pid, r.start, r.end))
         w.verify()
@@ -195,7 +188,6 @@ def bench_collapse(gib: float, repeat: int) -> dict:
 
 IDLER = r"""
 import ctypes, os, signal, sys
-HPAGE = 2 << 20
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -247,17 +239,15 @@ def bench_idle(procs: int, warmup: float, duration: float, all_processes: bool,
             collapsed_themselves = int(idlers.stdout.readline())
             cfg = Path(tmp) / "hugepaged.toml"
             cfg.write_text("" if all_processes else "exclude_comm = '(?!hpidle).*'\n")
-            d = Daemon(config=str(cfg), log_level="info")
-            if profile:
-                d.cmd[1:1] = ["-m", "cProfile", "-o", profile]
-            with d:
+            python = ("-m", "cProfile", "-o", profile) if profile else ()
+            with Daemon(config=str(cfg), log_level="info", interpreter_args=python) as d:
                 t_start = time.monotonic()
                 d.wait_for(lambda st: st["registered"] >= procs, timeout=60, interval=0.5)
                 time.sleep(max(0.0, warmup - (time.monotonic() - t_start)))
                 before = d.status()["counters"]
-                c0, t0 = cpu(d.pid), time.monotonic()
+                c0, t0 = cpu_seconds(d.pid), time.monotonic()
                 time.sleep(duration)
-                c1, t1 = cpu(d.pid), time.monotonic()
+                c1, t1 = cpu_seconds(d.pid), time.monotonic()
                 st = d.status()
                 if profile:
                     d.stop()

@@ -7,15 +7,12 @@ so its khugepaged stays out, the daemon targeted at it. CPU includes the daemon'
 """
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from helpers import Workload, pmd_mapped_windows, saved_thp  # noqa: E402
-from scenarios.common import stat_cpu_seconds as cpu_seconds  # noqa: E402
+from scenarios.cpu import stat_cpu_seconds
+
+from tests.daemon_runner import Daemon
+from tests.helpers import Workload, pmd_mapped_windows, saved_thp
 
 
 def main() -> None:
@@ -28,20 +25,15 @@ def main() -> None:
     with saved_thp(enabled="never"), Workload(regions=[
             {"name": "heap", "windows": n, "hugepage": True, "fill": "all"}]) as w:
         r = w.regions["heap"]
-        sock = os.path.join(tempfile.mkdtemp(), "hugepaged.sock")
-        daemon = subprocess.Popen([sys.executable, "-m", "hugepaged", "run", "--socket", sock,
-                                   "--pid", str(w.pid), "--set", "enabled=madvise",
-                                   *args.daemon_args], stderr=subprocess.DEVNULL)
+        daemon = Daemon([w.pid], {"enabled": "madvise"}, args=args.daemon_args,
+                        log_format=None, log_level=None)
         t0 = time.monotonic()
-        try:
+        with daemon.start(ready="socket"):
             while time.monotonic() - t0 < args.timeout:
                 time.sleep(0.5)
                 if sum(pmd_mapped_windows(w.pid, r.start, r.end)) >= 0.99 * n:
                     break
-            elapsed, cpu = time.monotonic() - t0, cpu_seconds(daemon.pid)
-        finally:
-            daemon.terminate()
-            daemon.wait()
+            elapsed, cpu = time.monotonic() - t0, stat_cpu_seconds(daemon.pid)
         w.verify()
     print(f"{args.gib:g} GiB, daemon {' '.join(args.daemon_args) or 'defaults'}: "
           f"99% in {elapsed:.1f} s, daemon CPU {cpu:.2f} s, "

@@ -33,18 +33,13 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scenarios import comeback, heap, report, require, tlb, watch
+from scenarios.contenders import CONTENDERS, KERNEL_DEFAULTS
+from scenarios.context import make_context, measure_daemon_startup
+from scenarios.knobs import write_knob
+from scenarios.machine import machine, machine_tag
 
-from scenarios import comeback, heap, report, tlb, watch  # noqa: E402
-from scenarios.common import (  # noqa: E402
-    CONTENDERS,
-    KERNEL_DEFAULTS,
-    H,
-    machine,
-    machine_tag,
-    make_context,
-    measure_daemon_startup,
-)
+from tests import helpers as H
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = {"1": ("heap", heap), "2": ("comeback", comeback), "3": ("tlb", tlb)}
@@ -72,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scenarios", default="1234", help=argparse.SUPPRESS)  # development
     ap.add_argument("--contenders", default=None, help=argparse.SUPPRESS)  # development
     args = ap.parse_args(argv)
+    require("matplotlib")  # for NAME.png
     if os.geteuid() != 0:
         print("compare.py: needs root (kernel THP knobs, pagemap PFNs, MADV_COLLAPSE)",
               file=sys.stderr)
@@ -171,7 +167,6 @@ def run_all(ctx, doc, contenders, which: str) -> None:
 
 def _restore_between_runs() -> None:
     """Kernel defaults between runs (the final restore is saved_thp's)."""
-    from scenarios.common import write_knob
     for k, v in KERNEL_DEFAULTS.items():
         write_knob(k, v)
 

@@ -23,26 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (
-    GIB,
-    HPAGE,
-    MIB,
-    Collapser,
-    Contender,
-    Context,
-    H,
-    HugeProbe,
-    Sample,
-    buddyinfo,
-    free_huge_blocks,
-    independent_huge_windows,
-    quiesce,
-    rss_anon_kb,
-    samples_json,
-    summarise,
-    watch,
-    write_knob,
-)
+from tests.helpers import HPAGE, Workload
+
+from .collapser import Collapser
+from .contenders import Contender
+from .context import Context
+from .coverage import HugeProbe, rss_anon_kb, verify_into
+from .knobs import buddyinfo, free_huge_blocks, write_knob
+from .machine import quiesce
+from .timeline import Sample, samples_json, summarise, watch
+
+GIB, MIB = 1 << 30, 1 << 20
 
 FILLER = Path(__file__).resolve().parent / "filler.py"
 FIRST_FAILURE_MAX = 45.0
@@ -106,7 +97,7 @@ def run(ctx: Context, c: Contender) -> dict:
         result["filler_pagetypeinfo"] = finfo.get("pagetypeinfo")
         if not c.is_kernel:
             write_knob("enabled", "never")
-        with H.Workload(regions=spec, timeout=900) as w:
+        with Workload(regions=spec, timeout=900) as w:
             ranges = [(r.start, r.end) for r in w.regions.values()]
             probe = HugeProbe(w.pid, ranges)
             try:
@@ -157,17 +148,10 @@ def run(ctx: Context, c: Contender) -> dict:
                         for s in post]  # CPU from the filler's exit on
                 info = col.stop()
                 rss1 = rss_anon_kb(w.pid)
-                result["independent_huge_windows"] = independent_huge_windows(w.pid, ranges)
-                try:
-                    w.verify()
-                    result["verified"] = True
-                except AssertionError as err:
-                    result["verified"] = False
-                    result["verify_error"] = str(err)
+                verify_into(result, w, ranges)
             finally:
                 probe.close()
-                if col.daemon is not None:
-                    col.daemon.close()
+                col.close()
     finally:
         filler.kill()
     offset = ctx.hugepaged_startup_cpu if not c.is_kernel else (0.0, 0.0)

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import time
 
-from .common import (
-    GIB,
-    HPAGE,
-    MIB,
-    Collapser,
-    Contender,
-    Context,
-    H,
-    HugeProbe,
-    Sample,
-    independent_huge_windows,
-    quiesce,
-    rss_anon_kb,
-    sampler,
-    samples_json,
-    summarise,
-    watch,
-)
+from tests.helpers import HPAGE, Workload
+
+from .collapser import Collapser
+from .contenders import Contender
+from .context import Context
+from .coverage import HugeProbe, rss_anon_kb, verify_into
+from .machine import quiesce
+from .timeline import Sample, sampler, samples_json, summarise, watch
+
+GIB, MIB = 1 << 30, 1 << 20
 
 
 def layout(gib: float) -> list[dict]:
@@ -44,7 +36,7 @@ def run(ctx: Context, c: Contender) -> dict:
     window = ctx.p(30.0, 60.0) if c.bounded else ctx.p(240.0, 600.0)
     result: dict = {"contender": c.key, "label": c.label, "bounded": c.bounded,
                     "window_seconds": window if c.bounded else None, "layout": spec}
-    with H.Workload(regions=spec, timeout=900) as w:
+    with Workload(regions=spec, timeout=900) as w:
         ranges = [(r.start, r.end) for r in w.regions.values()]
         probe = HugeProbe(w.pid, ranges)
         try:
@@ -62,18 +54,11 @@ def run(ctx: Context, c: Contender) -> dict:
                   min_rises=4 if c.bounded else 0, hard_until=t0 + 2 * window)
             info = col.stop()
             rss1 = rss_anon_kb(w.pid)
-            result["independent_huge_windows"] = independent_huge_windows(w.pid, ranges)
             result["probe_huge_windows"] = probe.huge_bytes() // HPAGE
-            try:
-                w.verify()
-                result["verified"] = True
-            except AssertionError as err:
-                result["verified"] = False
-                result["verify_error"] = str(err)
+            verify_into(result, w, ranges)
         finally:
             probe.close()
-            if col.daemon is not None and col.daemon.alive():
-                col.daemon.close()
+            col.close()
     offset = ctx.hugepaged_startup_cpu if not c.is_kernel else (0.0, 0.0)
     result.update(summarise(samples, probe.total, c.bounded, h_start, cpu_offset=offset))
     result.update({

@@ -5,11 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 ORDER = ("kernel-defaults", "kernel-tuned", "hugepaged-defaults", "hugepaged-tuned")
 COLORS = {"kernel-defaults": "#1f77b4", "kernel-tuned": "#17becf",
           "hugepaged-defaults": "#d62728", "hugepaged-tuned": "#ff7f0e"}
@@ -332,6 +327,11 @@ def _coverage(ax, rr, title, xlabel, key_samples="samples"):
 
 
 def plot(doc: dict, path: Path) -> None:
+    import matplotlib  # the `bench` extra: compare.py checks for it at its start
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     m = doc.get("machine", {})
     fig.suptitle(f"hugepaged vs the kernel's khugepaged — {m.get('cpu_model')}, "

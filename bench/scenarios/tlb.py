@@ -29,21 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (
-    HPAGE,
-    MIB,
-    Collapser,
-    Contender,
-    Context,
-    HugeProbe,
-    Sample,
-    independent_huge_windows,
-    quiesce,
-    sampler,
-    samples_json,
-    summarise,
-    watch,
-)
+from tests.helpers import HPAGE
+
+from .collapser import Collapser
+from .contenders import Contender
+from .context import Context
+from .coverage import HugeProbe, independent_huge_windows
+from .machine import quiesce
+from .timeline import Sample, sampler, samples_json, summarise, watch
+
+MIB = 1 << 20
 
 READER = Path(__file__).resolve().parent / "tlbreader.py"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -194,8 +189,7 @@ def run(ctx: Context, c: Contender) -> dict:
             reports = [(round(t - t0, 3), round(r / 1e6, 3)) for t, r in reader.reports]
     finally:
         probe.close()
-        if col.daemon is not None:
-            col.daemon.close()
+        col.close()
         reader.close()
     offset = ctx.hugepaged_startup_cpu if not c.is_kernel else (0.0, 0.0)
     result.update(summarise(samples, probe.total, c.bounded, h_start, cpu_offset=offset))

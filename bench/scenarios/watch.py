@@ -9,43 +9,32 @@ b) Idle: `hugepaged run` at its defaults (targeted at them, --set enabled=madvis
    idle processes, each holding 2 MiB of MADV_HUGEPAGE memory already collapsed (idlers.py);
    its CPU, once every process has been scanned and found settled, over a measured window.
    The kernel is at enabled=never throughout.
-bench/bench_daemon.py (the daemon's own benchmark) is reused for part b when it can run the
-daemon targeted at the idle processes (a bench_idle() taking `pids` or `targeted`); its
-bench_idle as of this writing runs the daemon over every process with an exclude_comm
-filter instead, and the rule here is that hugepaged runs targeted, never over other users'
-processes: the measurement below is then used, and the result says why.
+(bench/bench_daemon.py's idle benchmark runs the daemon over every process with an
+exclude_comm filter; here hugepaged runs targeted, never over other users' processes.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib.util
-import inspect
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .common import (
-    GIB,
-    HPAGE,
-    Context,
-    Daemon,
-    H,
-    sched_cpu_seconds,
-    stat_cpu_seconds,
-    write_knob,
-)
+from tests.helpers import HPAGE, Workload, pmd_mapped_windows
+
+from .context import Context
+from .cpu import cpu_seconds, sched_cpu_seconds
+from .knobs import write_knob
+from .tlb import collapse_all
+
+GIB = 1 << 30
 
 IDLERS = Path(__file__).resolve().parent / "idlers.py"
-BENCH_DAEMON = Path(__file__).resolve().parents[1] / "bench_daemon.py"
 GOALS = {"scan_4k_gib_per_cpu_s": 20.0, "scan_pmd_gib_per_cpu_s": 200.0,
          "idle_cpu_percent_500": 0.2}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def run(ctx: Context) -> dict:
@@ -73,7 +62,7 @@ def scan_throughput(ctx: Context) -> dict:
     windows = max(16, int(ctx.gib * GIB // HPAGE))
     repeat = ctx.p(3, 5)
     cases: dict = {}
-    with H.Workload(regions=[{"name": "r", "windows": windows, "fill": "all",
+    with Workload(regions=[{"name": "r", "windows": windows, "fill": "all",
                               "hugepage": True}], timeout=900) as w, kernel.kpageflags() as kpf:
         r = w.regions["r"]
 
@@ -96,14 +85,8 @@ def scan_throughput(ctx: Context) -> dict:
 
         case("4 KiB-mapped, PAGEMAP_SCAN", True)
         case("4 KiB-mapped, plain pagemap", False)
-        fd = os.pidfd_open(w.pid)
-        try:
-            for a in range(r.start, r.end, 256 << 20):
-                iov = (ctypes.c_uint64 * 2)(a, min(256 << 20, r.end - a))
-                _libc.syscall(440, fd, iov, 1, 25, 0)
-        finally:
-            os.close(fd)
-        huge = sum(H.pmd_mapped_windows(w.pid, r.start, r.end))
+        collapse_all(w.pid, r.start, r.end)
+        huge = sum(pmd_mapped_windows(w.pid, r.start, r.end))
         cases["collapsed_windows"] = {"pmd_mapped": huge, "of": r.windows}
         case("PMD-mapped, PAGEMAP_SCAN", True)
         case("PMD-mapped, plain pagemap", False)
@@ -116,42 +99,16 @@ def scan_throughput(ctx: Context) -> dict:
 # b) idle daemon
 
 
-def _bench_daemon_idle():
-    """(function, reason): bench/bench_daemon.py's bench_idle if it can run targeted."""
-    if not BENCH_DAEMON.exists():
-        return None, "bench/bench_daemon.py absent"
-    spec = importlib.util.spec_from_file_location("bench_daemon", BENCH_DAEMON)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as err:  # noqa: BLE001 - fall back to our own
-        return None, f"bench/bench_daemon.py does not import: {err!r}"
-    fn = getattr(mod, "bench_idle", None)
-    if fn is None:
-        return None, "bench/bench_daemon.py has no bench_idle"
-    params = inspect.signature(fn).parameters
-    if "targeted" in params or "pids" in params:
-        return fn, "bench/bench_daemon.py bench_idle (targeted)"
-    return None, ("bench/bench_daemon.py's bench_idle runs the daemon untargeted "
-                  "(exclude_comm filter); hugepaged must run targeted here")
-
-
 def idle(ctx: Context, count: int = 500) -> dict:
     seconds = ctx.p(20.0, 120.0)
-    external, why = _bench_daemon_idle()
-    if external is not None:
-        params = inspect.signature(external).parameters
-        kw = {"targeted": True} if "targeted" in params else {}
-        res = external(count, 30.0, seconds, False, None, **kw)
-        return {"source": why, **res}
     proc = subprocess.Popen([sys.executable, str(IDLERS), json.dumps({"count": count})],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         info = json.loads(proc.stdout.readline())
         pids = info["pids"]
-        res: dict = {"source": f"compare.py ({why})",
+        res: dict = {"source": "compare.py",
                      "processes": len(pids), "collapsed_by_idlers": info["collapsed"]}
-        with Daemon(pids, {"enabled": "madvise"}, ctx.empty_config, ctx.workdir) as d:
+        with ctx.daemon(pids, {"enabled": "madvise"}) as d:
             t_start = time.monotonic()
             deadline = t_start + ctx.p(60.0, 90.0)
             while True:
@@ -165,7 +122,7 @@ def idle(ctx: Context, count: int = 500) -> dict:
             res["settled"] = settled
             res["seconds_to_settle"] = round(time.monotonic() - t_start, 2)
             res["counters_at_settle"] = st["counters"]
-            c0, n0, t0 = stat_cpu_seconds(d.pid), sched_cpu_seconds(d.pid), time.monotonic()
+            (c0, n0), t0 = cpu_seconds(d.pid), time.monotonic()
             windows = []
             step = ctx.p(10.0, 30.0)
             while time.monotonic() - t0 < seconds - 1e-6:
@@ -176,7 +133,7 @@ def idle(ctx: Context, count: int = 500) -> dict:
                 windows.append({"from_s": round(t1 - t0, 1),
                                 "seconds": round(time.monotonic() - t1, 2),
                                 "cpu_percent": 100 * (b - a) / (time.monotonic() - t1)})
-            c1, n1, t1 = stat_cpu_seconds(d.pid), sched_cpu_seconds(d.pid), time.monotonic()
+            (c1, n1), t1 = cpu_seconds(d.pid), time.monotonic()
             st2 = d.status()
             res.update({
                 "measured_seconds": round(t1 - t0, 1),
