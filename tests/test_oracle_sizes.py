@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import marks
 import pytest
-from helpers import KHUGEPAGED_DIR, THP_DIR, Workload, pmd_mapped_windows, saved_thp
 
 from hugepaged.kernel.sysfs import combined_enabled
+
+from . import marks
+from .helpers import KHUGEPAGED_DIR, THP_DIR, Workload, pmd_mapped_windows, saved_thp
 
 pytestmark = marks.ORACLE
 

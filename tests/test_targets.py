@@ -10,13 +10,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from daemon_runner import hugepaged_cli
 
 from hugepaged.config import ConfigError, parse_config
 from hugepaged.kernel.procfs import ProcFS, parse_cgroups
 from hugepaged.targets import ProcessFacts, Target, cgroup_under, first_match
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+from .daemon_runner import hugepaged_cli
+from .marks import needs_root
 
 FULL = '''\
 max_ptes_none = 200

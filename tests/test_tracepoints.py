@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import marks
 import pytest
 
 from hugepaged.errors import Unsupported
@@ -24,6 +23,8 @@ from hugepaged.kernel.tracepoints import (
     TraceFS,
     parse_format,
 )
+
+from . import marks
 
 pytestmark = marks.KERNEL
 TRACING = Path("/sys/kernel/tracing")
