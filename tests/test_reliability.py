@@ -13,11 +13,10 @@ import threading
 import time
 
 import pytest
-from daemon_runner import Daemon, hugepaged_cli
-from helpers import Workload, anon_huge_kb, saved_thp
-from marks import KERNEL
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+from .daemon_runner import Daemon, hugepaged_cli
+from .helpers import Workload, anon_huge_kb, saved_thp
+from .marks import KERNEL, needs_root
 
 
 def kernel_test(f):
@@ -193,14 +192,14 @@ def test_the_text_log_escapes_a_name_that_would_forge_a_line():
         assert w.command(f"comm {raw.hex()}")["ok"]
         with Daemon(pids=[w.pid], args=["--log-format", "text"]) as d:
             deadline = time.monotonic() + 10
-            while not any("registered pid" in line for line in d.raw):
-                assert time.monotonic() < deadline, d.raw
+            while not any("registered pid" in line for line in d.lines):
+                assert time.monotonic() < deadline, d.lines
                 time.sleep(0.05)
             st = d.status()
             assert st["processes"][0]["comm"] == raw.decode()  # JSON carries it as it is
-        lines = [line for line in d.raw if str(w.pid) in line or "fake" in line]
+        lines = [line for line in d.lines if str(w.pid) in line or "fake" in line]
         assert any("registered pid" in line and "x)\\x0aERROR: fake" in line for line in lines)
-        assert not any(line.startswith("ERROR: fake") for line in d.raw), d.raw
+        assert not any(line.startswith("ERROR: fake") for line in d.lines), d.lines
 
 
 def test_status_prints_a_name_and_an_error_as_data(tmp_path):
