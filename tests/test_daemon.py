@@ -152,6 +152,7 @@ def test_live_tunables_take_effect_on_the_next_pass():
         assert d.set("pages_to_scan", 1 << 20)["ok"]
         assert d.set("max_ptes_none", 511)["ok"]
         d.wait_for(lambda st: st["counters"]["pages_collapsed"] == n_win, timeout=10)
+        d.wait_log(lambda _: len(d.collapsed(w.pid)) == n_win, what="every collapse logged")
         last = [log_time(rec) for rec in d.events("collapse")][n:]
         assert len(last) == n_win - n and max(last) - min(last) < 0.25  # within one pass
         assert mapped(w, "s") == [True] * n_win
