@@ -20,14 +20,11 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from scenarios import ROOT
 
-from helpers import HPAGE, Workload, machine_lock  # noqa: E402
-
-from hugepaged.kernel.pagecache import MappedFile  # noqa: E402
+from hugepaged.kernel.pagecache import MappedFile
+from tests.helpers import HPAGE, Workload, machine_lock
 
 GIB = 1 << 30
 CHUNK = 512  # ranges per mincore call: 1 GiB

@@ -43,15 +43,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scenarios import ROOT
+from scenarios.cpu import stat_cpu_seconds
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(BENCH))
+from tests.daemon_runner import Daemon
+from tests.helpers import saved_thp
+from tests.redis_app import Redis, anon_rollup_kb
 
-from helpers import saved_thp  # noqa: E402
-from redis_app import Redis, anon_rollup_kb  # noqa: E402
-from scenarios.common import Daemon, stat_cpu_seconds  # noqa: E402
+BENCH = ROOT / "bench"
 
 JAVA_SRC = BENCH / "apps" / "HeapReader.java"
 
@@ -100,7 +99,7 @@ def bench_redis(args, work: Path) -> dict:
         cfg = work / "redis.toml"
         write_config(cfg, always=[b.pid], never=[a.pid])
         before = {"a": coverage(a.pid), "b": coverage(b.pid)}
-        with Daemon([a.pid, b.pid], {}, str(cfg), str(work)) as d:
+        with Daemon([a.pid, b.pid], {}, str(cfg), workdir=str(work), log_level="info") as d:
             t_cover, cov = wait_coverage(b.pid, 0.95, args.timeout)
             cpu = stat_cpu_seconds(d.pid)
             st = d.status()
@@ -166,7 +165,7 @@ def bench_java(args, work: Path, classes: Path) -> dict:
     try:
         cfg = work / "java.toml"
         write_config(cfg, always=[b.pid], never=[a.pid])
-        with Daemon([a.pid, b.pid], {}, str(cfg), str(work)) as d:
+        with Daemon([a.pid, b.pid], {}, str(cfg), workdir=str(work), log_level="info") as d:
             t_cover, cov = wait_coverage(b.pid, 0.95, args.timeout)
             cpu = stat_cpu_seconds(d.pid)
         runs = {"4k": [], "covered": []}
@@ -209,7 +208,7 @@ def stall_run(args, work: Path, classes: Path, how: str) -> dict:
         time.sleep(1.0)  # a baseline second before the collapser starts
         t0 = time.monotonic()
         if how == "daemon-defaults":
-            with Daemon([jvm.pid], {}, str(cfg), str(work)):
+            with Daemon([jvm.pid], {}, str(cfg), workdir=str(work), log_level="info"):
                 t, cov = wait_coverage(jvm.pid, 0.95, args.stall_seconds - 2)
         else:
             extra = [] if how == "collapse-unpaced" else ["--max-cpu-percent", "5"]

@@ -6,12 +6,13 @@ come from the layout the workload was told to make (and pagemap, read by helpers
 
 import os
 
-import marks
 import pytest
-from helpers import HPAGE, PAGES_PER_WINDOW, Workload, present_per_window
 
 from hugepaged.errors import ProcessGone
 from hugepaged.kernel.pagecache import MappedFile, VmaGone, cachestat_supported
+
+from . import marks
+from .helpers import HPAGE, PAGES_PER_WINDOW, Workload, present_per_window
 
 pytestmark = marks.KERNEL
 

@@ -16,13 +16,7 @@ import pytest
 
 from .daemon_runner import Daemon, hugepaged_cli
 from .helpers import Workload, anon_huge_kb, saved_thp
-from .marks import KERNEL, needs_root
-
-
-def kernel_test(f):
-    for mark in KERNEL:
-        f = mark(f)
-    return f
+from .marks import kernel_test, needs_root
 
 
 def one_line_error(r: subprocess.CompletedProcess, status: int = 2) -> str:

@@ -14,8 +14,6 @@ import os
 
 import numpy as np
 import pytest
-from helpers import HPAGE, THP_DIR, saved_thp, smaps_vma
-from marks import KERNEL
 
 from hugepaged.results import ScanResult as R
 from hugepaged.scan.shmem import (
@@ -30,6 +28,9 @@ from hugepaged.scan.shmem import (
     shmem_kind,
     within_size,
 )
+
+from .helpers import HPAGE, THP_DIR, saved_thp, smaps_vma
+from .marks import KERNEL
 
 SIZE_KNOB = "hugepages-2048kB/shmem_enabled"
 
