@@ -7,10 +7,10 @@ on the real kernel with Redis and real workloads in test_targets_kernel.py.
 
 from __future__ import annotations
 
-from test_registry import HP, NR, layout, sleepers, world  # noqa: F401  (fixtures)
-
 from hugepaged.results import ScanResult
 from hugepaged.targets import Target
+
+from .test_registry import HP, NR, layout, sleepers, world  # noqa: F401  (fixtures)
 
 
 def core_with(world, targets: list[Target], **tunables):  # noqa: F811

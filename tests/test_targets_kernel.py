@@ -15,10 +15,11 @@ import sys
 import time
 
 import pytest
-from daemon_runner import Daemon, hugepaged_cli, settled, slot_of
-from helpers import Workload, pmd_mapped_windows, proc_status, saved_thp
-from marks import KERNEL
-from redis_app import Redis, anon_rollup_kb
+
+from .daemon_runner import Daemon, hugepaged_cli, settled, slot_of
+from .helpers import Workload, pmd_mapped_windows, proc_status, saved_thp
+from .marks import KERNEL
+from .redis_app import Redis, anon_rollup_kb
 
 pytestmark = KERNEL
 
