@@ -270,7 +270,8 @@ def write_report(name: str, doc: dict) -> None:
              f"{r['seconds_to_95pct']} s (coverage {r['coverage_covered']:.1%}; the other "
              f"instance {r['coverage_left_alone']:.1%}), daemon CPU {r['daemon_cpu_seconds']} s;"
              f" values intact: {r['values_intact']}. Runs: {r['runs']}.",
-             f"Java: 95% (or nothing left to collapse) after {j['seconds_to_95pct']} s (coverage {j['coverage_covered']:.1%}),"
+             f"Java: 95% (or nothing left to collapse) after {j['seconds_to_95pct']} s "
+             f"(coverage {j['coverage_covered']:.1%}),"
              f" daemon CPU {j['daemon_cpu_seconds']} s; contents intact: "
              f"{j['contents_intact']}. Runs: {j['runs']}.", "",
              "## The application's stall while it is collapsed", "",
