@@ -247,3 +247,25 @@ def test_thp_disabled_prctl_is_said_with_its_size():
         assert doc["ineligible"]["THP_DISABLED_PRCTL"] >= 4 * 2048
         human = hugepaged_cli("collapse", "--pid", str(w.pid), "--force")
         assert "THP_DISABLED_PRCTL (the process set PR_SET_THP_DISABLE" in human.stdout
+
+
+def test_exec_gives_the_process_its_new_targets_policy(tmp_path):
+    """The process connector's exec event: the slot is matched again under its new comm."""
+    import subprocess
+
+    cfg = config(tmp_path, '[[target]]\nname = "sleepy"\ncomm = "^sleep$"\nenabled = "never"\n')
+    proc = subprocess.Popen(["bash", "-c", "read line; exec sleep 60"], stdin=subprocess.PIPE)
+    try:
+        with Daemon(pids=[proc.pid], config=cfg, log_level="info") as d:
+            st = d.wait_for(lambda st: slot_of(st, proc.pid) is not None, what="registered")
+            assert slot_of(st, proc.pid)["target"] is None  # bash: the global policy
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            st = d.wait_for(lambda st: (slot_of(st, proc.pid) or {}).get("target") == "sleepy",
+                            timeout=20, what="the exec re-resolved")
+            (ev,) = d.events("target", pid=proc.pid)
+            assert (ev["old"], ev["target"], ev["comm"]) == (None, "sleepy", "sleep")
+            assert slot_of(st, proc.pid)["comm"] == "sleep"
+    finally:
+        proc.kill()
+        proc.wait()

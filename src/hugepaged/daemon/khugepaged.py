@@ -136,10 +136,11 @@ class Khugepaged:
                                                         slot.comm)) if self.targets else None
         old = slot.control
         self._apply_target(slot, target)
-        if target is not None and (old is None or old.target != target.name):
-            log.info("pid %d (%s): target %s", slot.pid, slot.comm, target.name,
+        new = target.name if target is not None else None
+        if old is not None and old.target != new:  # at registration the register line says
+            log.info("pid %d (%s): target %s -> %s", slot.pid, slot.comm, old.target, new,
                      extra={"event": "target", "pid": slot.pid, "comm": slot.comm,
-                            "target": target.name})
+                            "target": new, "old": old.target})
         return slot.control != old
 
     def _apply_target(self, slot: MmSlot, target: Target | None) -> None:
