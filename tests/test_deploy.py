@@ -16,6 +16,7 @@ from kubernetes_validate.utils import latest_version
 from hugepaged.cli import build_parser
 from hugepaged.config import DEFAULT_PATH, DEFAULT_SOCKET, parse_config
 from hugepaged.metrics import parse_listen
+from hugepaged.targets import cgroup_under
 
 from .marks import require_tool
 
@@ -86,6 +87,20 @@ def test_configmap_is_a_valid_hugepaged_toml():
     cfg = parse_config(text, "configmap")
     assert cfg.tunables["enabled"] == "madvise"
     assert cfg.options.log_format == "json" and cfg.options.metrics_top_processes == 20
+    pod, jvm = cfg.targets
+    # The pod's target takes every container of the pod (cgroup v2, systemd driver) and
+    # nothing of a neighbouring pod.
+    pod_cgroup = pod.cgroup + "/cri-containerd-3f1e9a.scope"
+    other = pod.cgroup.replace("5a3c9d1e", "5a3c9d1f") + "/cri-containerd-77aa01.scope"
+    assert pod.enabled == "always" and pod.priority == 10 and pod.max_bloat_mb == 256
+    assert cgroup_under(pod_cgroup, pod.cgroup) and not cgroup_under(other, pod.cgroup)
+    assert jvm.exe.endswith("/bin/java") and jvm.max_ptes_none == 0
+
+
+def test_daemon_sees_cgroups_from_the_hosts_cgroup_namespace():
+    c = container()
+    assert c["command"][:4] == ["nsenter", "--target", "1", "--cgroup"]
+    assert c["command"][-1] == "hugepaged"
 
 
 def containerfile() -> list[tuple[str, str]]:
@@ -104,6 +119,7 @@ def test_containerfile():
     assert steps[0][0] == "FROM" and re.fullmatch(r"python:3\.1[1-9]+-slim", steps[0][1])
     ins = dict(steps)
     assert "pip install /build" in ins["RUN"]
+    assert "nsenter --version" in ins["RUN"]  # util-linux: the DaemonSet's command needs it
     assert ins["EXPOSE"] == str(PORT)
     entry, cmd = json.loads(ins["ENTRYPOINT"]), json.loads(ins["CMD"])
     assert entry == ["hugepaged"]
