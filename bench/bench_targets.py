@@ -6,9 +6,9 @@ and what the collapse costs the application while it runs.
 1. Redis GET throughput: two redis-server instances filled alike (`key:%012d`, 64-byte values
    by redis-benchmark SET, so `redis-benchmark -r KEYS` GETs hit), one matched by a target with
    `enabled = "always"`, the other by one with `enabled = "never"` (left 4 KiB-mapped), both
-   under one `hugepaged run` at its defaults. Once the first is >= 95% PMD-mapped, `redis-
-   benchmark -t get -P 16 -r KEYS -n N -q` runs against each, interleaved A/B/A/B, median of
-   --runs.
+   under one `hugepaged run` at its defaults. Once the first is >= 95% PMD-mapped,
+   `redis-benchmark -t get -P 16 -r KEYS -n N -q` runs against each, interleaved A/B/A/B,
+   median of --runs.
 2. A Java heap random-read program of our own (bench/apps/HeapReader.java, openjdk, no
    -XX:+UseTransparentHugePages): two JVMs, the same two targets, random reads for 5 s each,
    interleaved, median of --runs.
