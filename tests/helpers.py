@@ -200,7 +200,7 @@ class Workload:
 
 
 def _knob_path(name: str) -> Path:
-    if name in ("enabled", "shmem_enabled", "hugepages-2048kB/shmem_enabled"):
+    if name in ("enabled", "shmem_enabled"):
         return THP_DIR / name
     if name == "thp_defrag":  # the global one; "defrag" is khugepaged's
         return THP_DIR / "defrag"
@@ -401,6 +401,41 @@ def pmd_mapped_windows(pid: int, start: int, end: int) -> list[bool]:
     return result
 
 
+def thp_pages_by_folio(pid: int, start: int, end: int) -> dict[int, int]:
+    """Pages of [start, end) mapped from THP folios, by folio size in pages.
+
+    Page by page: a mapped frame with KPF_THP is walked back to its COMPOUND_HEAD and the
+    folio's size is one plus the tails after the head (the way tools/mm/thpmaps tells a
+    folio's order). Slow; for test-sized ranges.
+    """
+    e = pagemap(pid, start, end)
+    present = (e & np.uint64(PM_PRESENT)) != 0
+    pfns = (e & np.uint64(PM_PFN_MASK))[present]
+    flags = {int(p): int(f) for p, f in zip(pfns, kpageflags(pfns), strict=True)}
+
+    def flag(pfn: int) -> int:
+        if pfn not in flags:
+            flags[pfn] = int(kpageflags([pfn])[0])
+        return flags[pfn]
+
+    sizes: dict[int, int] = {}  # head pfn -> size
+    out: dict[int, int] = {}
+    for pfn in (int(p) for p in pfns):
+        f = flag(pfn)
+        if not f & KPF_THP or not f & (KPF_COMPOUND_HEAD | KPF_COMPOUND_TAIL):
+            continue
+        head = pfn
+        while not flag(head) & KPF_COMPOUND_HEAD:
+            head -= 1
+        if head not in sizes:
+            n = 1
+            while n < PAGES_PER_WINDOW and flag(head + n) & KPF_COMPOUND_TAIL:
+                n += 1
+            sizes[head] = n
+        out[sizes[head]] = out.get(sizes[head], 0) + 1
+    return out
+
+
 _VMA_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+)\s")
 
 
@@ -481,3 +516,33 @@ def drain_lru() -> None:
             raise OSError(err, f"MADV_COLLAPSE (to drain LRU batches): {os.strerror(err)}")
     finally:
         _libc.munmap(base, 2 * HPAGE)
+
+
+ZRAM = Path("/sys/block/zram0")
+
+
+def zram_available() -> bool:
+    return ZRAM.is_dir() and Path("/dev/zram0").exists() and subprocess.run(
+        ["which", "mkswap"], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def zram_swap(size: str = "1G") -> Iterator[None]:
+    """/dev/zram0 as a swap device for the block, under the machine lock; swapped off and
+    reset afterwards, also when the block fails. Refuses if zram0 is in use already."""
+    with machine_lock():
+        if (ZRAM / "disksize").read_text().strip() != "0" or "/dev/zram0" in Path(
+                "/proc/swaps").read_text():
+            raise RuntimeError("/dev/zram0 is in use already")
+        try:
+            (ZRAM / "disksize").write_text(size)
+            subprocess.run(["mkswap", "/dev/zram0"], check=True, capture_output=True)
+            subprocess.run(["swapon", "/dev/zram0"], check=True, capture_output=True)
+            yield
+        finally:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                subprocess.run(["swapoff", "/dev/zram0"], capture_output=True)
+                (ZRAM / "reset").write_text("1")
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)

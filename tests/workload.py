@@ -26,7 +26,11 @@ REGION (only "name" and "windows" are required)::
                                  # 0, so no address is congruent to its offset modulo 2 MiB
      "cache_fill": "none",       # memfd: pages (same syntax as fill, disjoint from it) written
                                  # through the file only: in the page cache, never mapped
-     "pageout": "none"}          # after filling: MADV_PAGEOUT of these pages (swap, if on)
+     "pageout": "none",          # after filling: MADV_PAGEOUT of these pages (swap, if on)
+     "thp_fault": false,         # fault this region in with THP allowed (mTHP sizes the
+                                 # kernel has on give large folios); default: 4 KiB pages
+     "attach": PATH}             # memfd: map the file at PATH (say /proc/P/fd/N of another
+                                 # workload) instead of a new memfd; same name, same content
 
 Layout: each region is an anonymous private mapping of exactly windows * 2 MiB, 2 MiB-aligned,
 with a one-page PROT_NONE guard on each side so that it never merges with a neighbouring VMA.
@@ -225,7 +229,7 @@ class Region:
             raise SpecError("a region must be an object")
         unknown = set(spec) - {"name", "windows", "fill", "zero_pages", "hugepage", "nohugepage",
                                "mlock", "share_after_fork", "kind", "misalign", "cache_fill",
-                               "pageout"}
+                               "pageout", "thp_fault", "attach"}
         if unknown:
             raise SpecError(f"region {spec.get('name')!r}: unknown keys {sorted(unknown)}")
         self.name = spec.get("name")
@@ -270,6 +274,10 @@ class Region:
         if self.cache and (self.kind != "memfd" or set(self.cache) & set(self.touched)):
             raise SpecError(f"region {self.name}: cache_fill needs kind memfd and pages "
                             "disjoint from fill")
+        self.thp_fault = bool(spec.get("thp_fault", False))
+        self.attach = spec.get("attach")
+        if self.attach is not None and self.kind != "memfd":
+            raise SpecError(f"region {self.name}: attach needs kind memfd")
         self.fd = -1
         seed = hashlib.blake2b(self.name.encode(), digest_size=8).digest()
         self.seed = np.uint64(int.from_bytes(seed, "little"))
@@ -285,7 +293,9 @@ class Region:
         if self.kind == "private":
             self.start = map_region(self.windows)
         else:
-            if self.kind == "memfd":
+            if self.attach is not None:
+                self.fd = os.open(self.attach, os.O_RDWR)
+            elif self.kind == "memfd":
                 self.fd = os.memfd_create(self.name, 0)
                 os.ftruncate(self.fd, self.length)
             self.start = map_shared(self.windows, self.kind, self.misalign, self.fd)
@@ -350,6 +360,12 @@ class Region:
                     np.add(heads, _WORDS, out=self.view[w0:w1, idx, :])
                 else:
                     self.view[w0:w1, idx, :] = heads + _WORDS
+
+    def fill(self) -> None:
+        self.populate()
+        self.write()
+        self.write_cache()
+        self.read_fault_zero()
 
     def write_cache(self) -> None:
         """Write the cache_fill pages through the file: page cache, no mapping."""
@@ -465,12 +481,13 @@ def setup(regions: list[Region], thp_disable: bool, fork_child: bool) -> int | N
     for r in regions:
         r.map()
     for r in regions:
-        r.populate()
-        r.write()
-        r.write_cache()
-        r.read_fault_zero()
+        if not r.thp_fault:
+            r.fill()
     if not thp_disable:
         prctl(PR_SET_THP_DISABLE, 0)
+    for r in regions:
+        if r.thp_fault:
+            r.fill()
     for r in regions:
         if r.hugepage:
             madvise(r.start, r.length, MADV_HUGEPAGE)
