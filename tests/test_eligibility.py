@@ -98,10 +98,16 @@ def test_private_anonymous_kinds_are_candidates(path):
 def test_not_private_anonymous(perms, path, inode, kind):
     v = vma(perms=perms, path=path, inode=inode, flags="hg")
     assert memory_kind(v) is kind
-    reason = {MemoryKind.SHMEM: I.SHARED_MEMORY, MemoryKind.FILE: I.FILE_BACKED,
+    # Shared memory goes by shmem_enabled (the policy's default: never), not enabled.
+    reason = {MemoryKind.SHMEM: I.ENABLED_NEVER, MemoryKind.FILE: I.FILE_BACKED,
               MemoryKind.SPECIAL: I.SPECIAL}[kind]
     for enabled in ("always", "madvise"):
         assert vma_skip_reason(v, enabled, False) == reason
+    if kind is MemoryKind.SHMEM:
+        always = CollapseControl(shmem_enabled="always")
+        assert ineligible(v, always, False) is None
+        assert ineligible(vma(start=BASE + 4096, perms=perms, path=path, inode=inode),
+                          always, False) is I.MISALIGNED
 
 
 @pytest.mark.parametrize("flag", sorted(SPECIAL_FLAGS))

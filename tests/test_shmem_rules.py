@@ -98,15 +98,15 @@ def test_alignment_rule():
     base = 0x7F00_0000_0000
     assert not misaligned(base, 0)
     assert misaligned(base + 0x1000, 0)
-    assert not misaligned(base + 0x1000, 1)  # the file offset moves with the address
+    assert not misaligned(base + 0x1000, 0x1000)  # the file offset moves with the address
     assert misaligned(base - 0x1000, 0)  # QEMU's guest RAM, 4 KiB short of a boundary
 
 
 def test_within_size():
     assert within_size(0, HPAGE)
     assert not within_size(0, HPAGE - 4096)
-    assert within_size(512, 2 * HPAGE)
-    assert not within_size(1024, 2 * HPAGE)
+    assert within_size(HPAGE, 2 * HPAGE)
+    assert not within_size(2 * HPAGE, 2 * HPAGE)
 
 
 @pytest.mark.parametrize(("path", "kind"), [

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from hugepaged.collapse import CollapseOutcome
 from hugepaged.names import printable
-from hugepaged.results import ScanResult
+from hugepaged.results import ScanResult, collapsible
 from hugepaged.scan.process import ProcessScan
 
 JSON_VERSION = 1
@@ -77,7 +77,7 @@ def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str],
             "anon_kb": sum(p["anon_kb"] for p in procs),
             "anon_huge_kb": sum(p["anon_huge_kb"] for p in procs),
             "eligible_windows": sum(p["eligible_windows"] for p in procs),
-            "collapsible": total[ScanResult.SUCCEED],
+            "collapsible": collapsible(total),
             "results": {r.name: n for r, n in sorted(total.items())},
             "ineligible": dict(why.most_common()),
         },
@@ -90,7 +90,7 @@ def scan_record(s: ProcessScan) -> dict[str, Any]:
     return {
         "pid": s.pid, "comm": s.comm, "anon_kb": s.anon_kb, "anon_huge_kb": s.anon_huge_kb,
         "coverage_pct": round(s.coverage, 1), "eligible_windows": s.eligible_windows,
-        "collapsible": counts[ScanResult.SUCCEED],
+        "collapsible": collapsible(counts),
         "results": {r.name: n for r, n in sorted(counts.items())},
         "ineligible": _ineligible_json(s),
     }
@@ -108,13 +108,13 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
         total.update(counts)
         table.add_row(str(s.pid), Text(printable(s.comm)), human_kb(s.anon_kb),
                       human_kb(s.anon_huge_kb), f"{s.coverage:.1f}%", str(s.eligible_windows),
-                      str(counts[ScanResult.SUCCEED]), results_text(counts))
+                      str(collapsible(counts)), results_text(counts))
     anon = sum(s.anon_kb for s in scans)
     huge = sum(s.anon_huge_kb for s in scans)
     table.add_row("", f"TOTAL ({len(scans)})", human_kb(anon), human_kb(huge),
                   f"{100.0 * huge / anon if anon else 0:.1f}%",
                   str(sum(s.eligible_windows for s in scans)),
-                  str(total[ScanResult.SUCCEED]), results_text(total))
+                  str(collapsible(total)), results_text(total))
     out = console()
     out.print(table)
     for s in scans:

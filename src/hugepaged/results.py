@@ -43,8 +43,18 @@ class ScanResult(IntEnum):
     EXCEED_BLOAT_BUDGET = 100
 
 
-# Windows the kernel would not even try: nothing to do, not a failure.
-NOTHING_TO_DO = frozenset({ScanResult.PMD_NULL, ScanResult.PMD_NONE, ScanResult.PMD_MAPPED})
+# Windows the kernel would not even try: nothing to do, not a failure (TRUNCATED: a file
+# range with nothing in its page cache).
+NOTHING_TO_DO = frozenset({ScanResult.PMD_NULL, ScanResult.PMD_NONE, ScanResult.PMD_MAPPED,
+                           ScanResult.TRUNCATED})
+# Windows a pass collapses: PTE_MAPPED_HUGEPAGE is a file range that is one huge page
+# already, mapped by PTEs here; the collapse only installs the PMD (collapse_pte_mapped_thp).
+COLLAPSIBLE = frozenset({ScanResult.SUCCEED, ScanResult.PTE_MAPPED_HUGEPAGE})
+
+
+def collapsible(counts) -> int:
+    """Windows a pass would collapse, from a Counter of results."""
+    return sum(counts[r] for r in COLLAPSIBLE)
 
 
 class Ineligible(StrEnum):

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from hugepaged.names import printable
 from hugepaged.report import human_kb
-from hugepaged.results import ScanResult
+from hugepaged.results import collapsible
 from hugepaged.scan.process import ProcessScan
 
 HPAGE_KB = 2048
@@ -73,7 +73,7 @@ def rows_of(scans: list[ProcessScan], status: dict[str, Any] | None) -> list[Top
         proc = known.get(s.pid)
         rows.append(TopRow(
             pid=s.pid, comm=s.comm, anon_kb=s.anon_kb, anon_huge_kb=s.anon_huge_kb,
-            eligible=s.eligible_windows, collapsible=counts[ScanResult.SUCCEED],
+            eligible=s.eligible_windows, collapsible=collapsible(counts),
             last_result=(proc.get("last_result") or "-") if proc else "-",
             registered=proc is not None,
             target=(proc.get("target") or "-") if proc else "-"))

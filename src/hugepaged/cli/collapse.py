@@ -6,7 +6,7 @@ import time
 
 from hugepaged.cli.common import add_common, add_target_options, check_pids, kernel_of, policy_of
 from hugepaged.preflight import require_collapse_support
-from hugepaged.results import NOTHING_TO_DO, ScanResult
+from hugepaged.results import COLLAPSIBLE, NOTHING_TO_DO, ScanResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def targets(scan, force: bool) -> list[int]:
-    """SUCCEED windows; with --force every window that has something mapped."""
+    """SUCCEED (and PTE_MAPPED_HUGEPAGE) windows; with --force every window that has
+    something mapped."""
     if not force:
-        return [a for a, _ in scan.windows(ScanResult.SUCCEED)]
+        return [a for a, _ in scan.windows(*COLLAPSIBLE)]
     return [a for a, r in scan.windows() if r not in NOTHING_TO_DO]
 
 

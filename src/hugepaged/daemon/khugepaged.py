@@ -15,13 +15,14 @@ from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
 from hugepaged.kernel import Kernel, KPageFlags
 from hugepaged.kernel.procfs import PF_KTHREAD, mapped_at
 from hugepaged.policy import CollapseControl
-from hugepaged.results import ScanResult
+from hugepaged.results import COLLAPSIBLE, ScanResult
 from hugepaged.scan.eligibility import aligned_range
 from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
 from hugepaged.targets import ProcessFacts, Target, first_match
 from hugepaged.tunables import Tunables
 
 from .budget import CpuBudget
+from .ranges import RangeMemo
 from .registry import RESCAN_MAX, MmSlot, Registry
 from .targets import TargetState, TargetStates
 
@@ -89,6 +90,7 @@ class Khugepaged:
         self.targets: list[Target] = []
         self._return_to: int | None = None  # the slot a higher priority one cut in before
         self.target_states = TargetStates()
+        self.collapsed_ranges = RangeMemo()
 
     def set_tunables(self, tunables: Tunables) -> None:
         old, self.tunables = self.tunables, tunables
@@ -359,8 +361,8 @@ class Khugepaged:
                         a = addr + i * geo.pmd_size
                         cur.address = a
                         result = ScanResult(code)
-                        if result == ScanResult.SUCCEED:
-                            result = self._collapse_for(slot, state, a, nones[i])
+                        if result in COLLAPSIBLE:
+                            result = self._collapse_range(slot, mm, vma, state, a, nones[i])
                             collapsed += result == ScanResult.SUCCEED
                         self.counters.results[result.name] += 1
                         if state is not None:
@@ -372,6 +374,19 @@ class Khugepaged:
         return progress, True, collapsed
 
     # --- collapse_huge_page ----------------------------------------------------------
+    def _collapse_range(self, slot: MmSlot, mm: ProcessScanner, vma, state: TargetState | None,
+                        address: int, none_ptes: int) -> ScanResult:
+        """One collapse per range of a file: a shared-memory range another process already
+        collapsed is one huge page in the page cache, and this process maps it by PMD at
+        its next fault (PTE_MAPPED_HUGEPAGE until then); it is not asked again."""
+        key = mm.range_key(vma, address)
+        if key is not None and self.collapsed_ranges.seen(key):
+            return ScanResult.PTE_MAPPED_HUGEPAGE
+        result = self._collapse_for(slot, state, address, none_ptes)
+        if key is not None and result == ScanResult.SUCCEED:
+            self.collapsed_ranges.add(key)
+        return result
+
     def _collapse_for(self, slot: MmSlot, state: TargetState | None, address: int,
                       none_ptes: int) -> ScanResult:
         """A SUCCEED window, within its target's bloat budget: a collapse fills its empty and

@@ -23,6 +23,8 @@ class Vma:
     rss_kb: int = 0
     anonymous_kb: int = 0
     anon_huge_kb: int = 0
+    shmem_pmd_kb: int = 0
+    file_pmd_kb: int = 0
     thp_eligible: bool | None = None
 
     @property
@@ -141,7 +143,8 @@ class ProcFS:
         return parse_cgroups(self.read_text(pid, "cgroup"))
 
 
-_SMAPS_KEYS = {"Rss": "rss_kb", "Anonymous": "anonymous_kb", "AnonHugePages": "anon_huge_kb"}
+_SMAPS_KEYS = {"Rss": "rss_kb", "Anonymous": "anonymous_kb", "AnonHugePages": "anon_huge_kb",
+               "ShmemPmdMapped": "shmem_pmd_kb", "FilePmdMapped": "file_pmd_kb"}
 
 
 def _parse_header(line: str) -> dict:

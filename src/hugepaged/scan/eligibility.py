@@ -10,6 +10,7 @@ from hugepaged.kernel.geometry import DEFAULT_GEOMETRY, Geometry
 from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible
+from hugepaged.scan.shmem import ShmemModes, shmem_ineligible
 
 # VmFlags of special mappings (VM_IO, VM_PFNMAP, VM_MIXEDMAP, VM_DONTEXPAND, hugetlb).
 SPECIAL_FLAGS = frozenset({"io", "pf", "mm", "de", "ht"})
@@ -48,8 +49,10 @@ def aligned_range(vma: Vma, geometry: Geometry = DEFAULT_GEOMETRY) -> tuple[int,
 
 
 def ineligible(vma: Vma, control: CollapseControl, thp_disabled: bool,
-               geometry: Geometry = DEFAULT_GEOMETRY) -> Ineligible | None:
-    """None if the VMA is a candidate under `control`, else the first reason it is not."""
+               geometry: Geometry = DEFAULT_GEOMETRY,
+               shmem: ShmemModes | None = None) -> Ineligible | None:
+    """None if the VMA is a candidate under `control`, else the first reason it is not.
+    `shmem`: the kernel's shmem controls (default: the policy's mode, per-size inherit)."""
     if thp_disabled:
         return Ineligible.THP_DISABLED_PRCTL
     kind = memory_kind(vma)
@@ -60,7 +63,8 @@ def ineligible(vma: Vma, control: CollapseControl, thp_disabled: bool,
     if kind is MemoryKind.FILE:
         return Ineligible.FILE_BACKED
     if kind is MemoryKind.SHMEM:
-        return Ineligible.SHARED_MEMORY
+        return shmem_ineligible(vma, control, shmem or ShmemModes(control.shmem_enabled),
+                                geometry)
     if control.is_khugepaged:  # MADV_COLLAPSE ignores the sysfs mode
         if control.enabled == "never":
             return Ineligible.ENABLED_NEVER

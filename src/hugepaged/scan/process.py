@@ -7,21 +7,23 @@ the file rules. SCANNERS is the only place that chooses; a new kind is one more 
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel.pagecache import mount_huge, tmpfs_mounts
 from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
 from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
+from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
+from hugepaged.scan.shmem_scan import ShmemScanner
 
 CHUNK_WINDOWS = 512  # windows decided per read: bounds the arrays of one step
-SCANNERS = {MemoryKind.ANON: AnonScanner}
-_SHARED = (Ineligible.SHARED_MEMORY, Ineligible.MISALIGNED)  # sized by Rss, not Anonymous
+SCANNERS = {MemoryKind.ANON: AnonScanner, MemoryKind.SHMEM: ShmemScanner}
 
 
 @dataclass
@@ -68,7 +70,8 @@ class ProcessScan:
         for v in self.vmas:
             if v.skip is None:
                 continue
-            kb = v.vma.rss_kb if v.skip in _SHARED else v.vma.anonymous_kb
+            shared = memory_kind(v.vma) is MemoryKind.SHMEM
+            kb = v.vma.rss_kb if shared else v.vma.anonymous_kb
             if kb:
                 out[v.skip] += kb
         return dict(out)
@@ -111,8 +114,12 @@ class ProcessScanner:
         self.pagemap = kernel.pagemap(pid)
         self._use_scan = use_pagemap_scan
         self._scanners: dict[MemoryKind, object] = {}
+        self._shmem: ShmemModes | None = None
+        self._mounts: list[tuple[str, str]] | None = None
 
     def close(self) -> None:
+        for s in self._scanners.values():
+            getattr(s, "close", lambda: None)()
         self.pagemap.close()
 
     def __enter__(self) -> "ProcessScanner":
@@ -122,7 +129,27 @@ class ProcessScanner:
         self.close()
 
     def ineligible(self, vma: Vma, thp_disabled: bool) -> Ineligible | None:
-        return ineligible(vma, self.control, thp_disabled, self.geometry)
+        shmem = self.shmem_modes(vma) if memory_kind(vma) is MemoryKind.SHMEM else None
+        return ineligible(vma, self.control, thp_disabled, self.geometry, shmem)
+
+    def shmem_modes(self, vma: Vma) -> ShmemModes:
+        """The kernel's shmem controls for this VMA: read once per process; a named tmpfs
+        file adds its mount's huge= option."""
+        if self._shmem is None:
+            self._shmem = ShmemModes(str(self.kernel.thp.read("shmem_enabled")),
+                                     self.kernel.thp.shmem_enabled_pmd())
+        if shmem_kind(vma.path) is not ShmemKind.FILE or vma.path.startswith("/SYSV"):
+            return self._shmem
+        if self._mounts is None:
+            self._mounts = tmpfs_mounts(self.kernel.proc_root, self.pid)
+        return replace(self._shmem, mount_huge=mount_huge(self._mounts, vma.path))
+
+    def range_key(self, vma: Vma, address: int) -> tuple[int, int, int] | None:
+        """(device, inode, file offset) of a shared-memory window: the same range of the
+        same file, whichever process maps it; None for private memory."""
+        if memory_kind(vma) is not MemoryKind.SHMEM:
+            return None
+        return self._scanner(MemoryKind.SHMEM).range_key(vma, address)
 
     def _scanner(self, kind: MemoryKind):
         if kind not in self._scanners:

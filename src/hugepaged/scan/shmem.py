@@ -24,8 +24,11 @@ the huge= option of their mount (the kernel's internal mount mirrors the global 
 Only the 2 MiB (PMD) order is considered: that is what MADV_COLLAPSE makes.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,12 +39,16 @@ from hugepaged.kernel.kpageflags import (
     KPF_THP,
 )
 from hugepaged.kernel.pagemap import PM_PFN_MASK, PM_PRESENT
+from hugepaged.results import Ineligible
 from hugepaged.results import ScanResult as R
+
+if TYPE_CHECKING:
+    from hugepaged.kernel.geometry import Geometry
+    from hugepaged.kernel.procfs import Vma
+    from hugepaged.policy import CollapseControl
 
 HPAGE_PMD_NR = 512
 PAGE_SHIFT = 12
-SHMEM_MODES = ("always", "within_size", "advise", "never", "deny", "force")
-SIZE_MODES = ("always", "inherit", "within_size", "advise", "never")
 _U = np.uint64
 
 
@@ -59,16 +66,16 @@ def shmem_kind(path: str) -> ShmemKind:
     return ShmemKind.ANON
 
 
-def misaligned(start: int, pgoff: int) -> bool:
-    """thp_vma_suitable_order: (vm_start >> PAGE_SHIFT) - vm_pgoff must be a multiple of 512,
-    or no 2 MiB-aligned address maps a 2 MiB-aligned range of the file."""
-    return ((start >> PAGE_SHIFT) - pgoff) % HPAGE_PMD_NR != 0
+def misaligned(start: int, offset: int, pmd_size: int = HPAGE_PMD_NR << PAGE_SHIFT) -> bool:
+    """thp_vma_suitable_order: (vm_start >> PAGE_SHIFT) - vm_pgoff must be a multiple of
+    HPAGE_PMD_NR, or no PMD-aligned address maps a PMD-aligned range of the file. `offset` is
+    the VMA's file offset in bytes (smaps shows it)."""
+    return (start - offset) % pmd_size != 0
 
 
-def within_size(pgoff: int, i_size: int) -> bool:
-    """shmem_get_orders_within_size for the PMD order at the VMA's first offset."""
-    aligned = (pgoff // HPAGE_PMD_NR + 1) * HPAGE_PMD_NR
-    return (i_size >> PAGE_SHIFT) >= aligned
+def within_size(offset: int, i_size: int, pmd_size: int = HPAGE_PMD_NR << PAGE_SHIFT) -> bool:
+    """shmem_get_orders_within_size for the PMD order at the VMA's first offset (bytes)."""
+    return i_size >= (offset // pmd_size + 1) * pmd_size
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,38 @@ def refusal(modes: ShmemModes, kind: ShmemKind, *, hugepage: bool, force: bool,
     return "never"
 
 
+_REFUSED = {"never": Ineligible.ENABLED_NEVER, "advise": Ineligible.NO_MADV_HUGEPAGE}
+
+
+def shmem_ineligible(vma: Vma, control: CollapseControl, kernel: ShmemModes,
+                     geometry: Geometry) -> Ineligible | None:
+    """The shared-memory half of thp_vma_allowable_order, in the kernel's order.
+
+    Alignment and size first (thp_vma_suitable_order); then the kernel's own controls with
+    shmem_huge_force, as MADV_COLLAPSE meets them: where they refuse even so (deny, a per-size
+    never), no collapse can succeed whatever hugepaged's policy says; then, with khugepaged's
+    semantics, hugepaged's shmem_enabled in place of the kernel's global one. The i_size of
+    within_size is taken as the end of the mapping (a shared mapping past i_size faults
+    SIGBUS, so a mapped range lies within it).
+    """
+    if misaligned(vma.start, vma.offset, geometry.pmd_size):
+        return Ineligible.MISALIGNED
+    hstart, hend = geometry.aligned(vma.start, vma.end)
+    if hstart >= hend:
+        return Ineligible.TOO_SMALL
+    kind = shmem_kind(vma.path)
+    fits = within_size(vma.offset, vma.offset + vma.size, geometry.pmd_size)
+    hugepage = "hg" in vma.flags
+    if refusal(kernel, kind, hugepage=hugepage, force=True, fits=fits):
+        return Ineligible.ENABLED_NEVER
+    if control.is_khugepaged:
+        policy = replace(kernel, shmem_enabled=control.shmem_enabled)
+        why = refusal(policy, kind, hugepage=hugepage, force=False, fits=fits)
+        if why:
+            return _REFUSED[why]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The per-range decision
 
@@ -153,7 +192,7 @@ class Folios:
     off_lru: np.ndarray
 
     @classmethod
-    def none(cls, n: int) -> "Folios":
+    def none(cls, n: int) -> Folios:
         z = np.zeros(n, dtype=bool)
         return cls(z, z.copy(), z.copy(), z.copy())
 
@@ -192,14 +231,20 @@ def folio_facts(pagemap: np.ndarray, kflags: np.ndarray, head_flags: np.ndarray,
     """
     mapped = (pagemap & _U(PM_PRESENT)) != 0
     compound = mapped & ((kflags & _U(KPF_COMPOUND_HEAD | KPF_COMPOUND_TAIL)) != 0)
-    huge = ((head_flags & _U(KPF_COMPOUND_HEAD)) != 0) & ((head_flags & _U(KPF_THP)) != 0) \
-        & ((tail_flags & _U(KPF_COMPOUND_TAIL)) != 0) & ((next_flags & _U(KPF_COMPOUND_TAIL)) == 0)
-    huge &= _consistent(pagemap, mapped)
-    huge &= compound.any(axis=1)
+    huge = one_folio(pagemap, head_flags, tail_flags, next_flags) & compound.any(axis=1)
     off_lru = (mapped & ((kflags & _U(KPF_LRU)) == 0)).any(axis=1)
     return Folios(pmd_mapped=pmd_mapped.copy(), huge=huge & ~pmd_mapped,
                   compound=compound.any(axis=1) & ~huge & ~pmd_mapped,
                   off_lru=off_lru & ~huge & ~pmd_mapped)
+
+
+def one_folio(pagemap: np.ndarray, head_flags: np.ndarray, tail_flags: np.ndarray,
+              next_flags: np.ndarray) -> np.ndarray:
+    """Per range: every mapped page lies in one 2 MiB THP folio starting at the range."""
+    mapped = (pagemap & _U(PM_PRESENT)) != 0
+    return ((head_flags & _U(KPF_COMPOUND_HEAD)) != 0) & ((head_flags & _U(KPF_THP)) != 0) \
+        & ((tail_flags & _U(KPF_COMPOUND_TAIL)) != 0) \
+        & ((next_flags & _U(KPF_COMPOUND_TAIL)) == 0) & _consistent(pagemap, mapped)
 
 
 def head_candidates(pagemap: np.ndarray) -> np.ndarray:
