@@ -14,6 +14,7 @@ import json
 
 import marks
 import pytest
+from daemon_runner import Daemon, settled
 from helpers import (
     Workload,
     drain_lru,
@@ -177,3 +178,27 @@ def test_swapped_shmem_pages_against_max_ptes_swap(capsys):
         assert attempted(collapse(capsys, w.pid, max_ptes_swap=100), m) == ["SUCCEED"] * 2
         assert pmd_mapped_windows(w.pid, m.start, m.end) == [True, True]
         w.verify()  # the swapped pages came back in the collapse
+
+
+def test_the_daemon_collapses_a_file_range_once():
+    """Two processes map one memfd: the daemon collapses each range once (for whichever it
+    meets first); the other is not asked, and maps the huge pages by PMD once it touches."""
+    first = {"regions": [{"name": "m", "windows": 2, "kind": "memfd"}]}
+    with Workload(first) as a:
+        m = a.regions["m"]
+        second = {"regions": [{"name": "m", "windows": 2, "kind": "memfd",
+                               "attach": f"/proc/{a.pid}/fd/{m.fd}"}]}
+        with Workload(second) as b:
+            with Daemon(pids=[a.pid, b.pid], sets={
+                    **POLICY, "max_cpu_percent": 0, "scan_sleep_millisecs": 0,
+                    "pages_to_scan": 65536}) as d:
+                d.wait_for(lambda st: settled(st, a.pid) and settled(st, b.pid), timeout=30)
+                events = [r for r in d.events("collapse") if any(
+                    r["pid"] == w.pid and w.regions["m"].start <= int(r["address"], 16)
+                    < w.regions["m"].end for w in (a, b))]
+                assert sorted(r["result"] for r in events) == ["SUCCEED"] * 2
+                assert len({r["pid"] for r in events}) == 1
+                assert d.status()["results"].get("PTE_MAPPED_HUGEPAGE", 0) >= 2
+            for w in (a, b):
+                w.verify()
+                assert smaps_vma(w.pid, w.regions["m"].start)["ShmemPmdMapped"] == 4096

@@ -162,6 +162,9 @@ class FakeScanner:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def range_key(self, vma, address: int):
+        return None  # the fixture's memory is private: no file range to collapse once
+
     def decide_range(self, vma, start: int, end: int):
         self.kernel.scans.append((self.pid, start, end))
         p = self.kernel.procfs._get(self.pid)
