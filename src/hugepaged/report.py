@@ -5,6 +5,7 @@ import sys
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -13,6 +14,7 @@ from hugepaged.collapse import CollapseOutcome
 from hugepaged.names import printable
 from hugepaged.results import ScanResult, collapsible
 from hugepaged.scan.process import ProcessScan
+from hugepaged.scan.usage import ThpUsage
 
 JSON_VERSION = 1
 REFERENCED_UNKNOWN = ("referenced: unknown (no per-page access source on this machine: "
@@ -65,9 +67,12 @@ def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str],
     procs = [scan_record(s) for s in scans]
     total = Counter()
     why: Counter = Counter()
+    thp = ThpUsage()
     for s in scans:
         total.update(s.results())
         why.update(_ineligible_json(s))
+        if s.thp is not None:
+            thp.add(s.thp)
     return {
         "version": JSON_VERSION, "tunables": tunables, "target": target,
         "referenced_known": bool(scans) and all(s.referenced_known for s in scans),
@@ -76,6 +81,8 @@ def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str],
             "processes": len(procs),
             "anon_kb": sum(p["anon_kb"] for p in procs),
             "anon_huge_kb": sum(p["anon_huge_kb"] for p in procs),
+            "shmem_kb": sum(p["shmem_kb"] for p in procs),
+            "thp": thp.as_dict(),
             "eligible_windows": sum(p["eligible_windows"] for p in procs),
             "collapsible": collapsible(total),
             "results": {r.name: n for r, n in sorted(total.items())},
@@ -93,13 +100,37 @@ def scan_record(s: ProcessScan) -> dict[str, Any]:
         "collapsible": collapsible(counts),
         "results": {r.name: n for r, n in sorted(counts.items())},
         "ineligible": _ineligible_json(s),
+        "shmem_kb": s.shmem_kb,
+        "thp": s.thp.as_dict() if s.thp is not None else None,
     }
+
+
+def pte_mapped_kb(u: ThpUsage | None) -> int:
+    """THP kB mapped by PTEs (every folio size, 2 MiB ones too), anonymous and shmem."""
+    if u is None:
+        return 0
+    return sum(u.anon_pte_kb.values()) + sum(u.shmem_pte_kb.values())
+
+
+def thp_detail(s: ProcessScan) -> str:
+    """One line of what the table cannot hold: THP by PTEs by folio size, file PMDs."""
+    parts = []
+    u = s.thp
+    if u is not None:
+        for label, sizes in (("anon by PTEs", u.anon_pte_kb), ("shmem by PTEs", u.shmem_pte_kb)):
+            if sizes:
+                parts.append(label + " " + " ".join(f"{human_kb(k)}:{human_kb(v)}"
+                                                     for k, v in sorted(sizes.items())))
+        if u.file_pmd_kb:
+            parts.append(f"file PMD {human_kb(u.file_pmd_kb)}")
+    return "; ".join(parts)
 
 
 def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
     table = Table(box=None, pad_edge=False)
     for col, just in (("PID", "right"), ("COMMAND", "left"), ("ANON", "right"),
-                      ("THP", "right"), ("COVER", "right"), ("WINDOWS", "right"),
+                      ("THP", "right"), ("COVER", "right"), ("SHMEM", "right"),
+                      ("SHM-THP", "right"), ("PTE-THP", "right"), ("WINDOWS", "right"),
                       ("COLLAPSIBLE", "right"), ("RESULTS", "left")):
         table.add_column(col, justify=just, no_wrap=col != "RESULTS")
     total = Counter()
@@ -107,12 +138,17 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
         counts = s.results()
         total.update(counts)
         table.add_row(str(s.pid), Text(printable(s.comm)), human_kb(s.anon_kb),
-                      human_kb(s.anon_huge_kb), f"{s.coverage:.1f}%", str(s.eligible_windows),
+                      human_kb(s.anon_huge_kb), f"{s.coverage:.1f}%", human_kb(s.shmem_kb),
+                      human_kb(s.thp.shmem_pmd_kb if s.thp else 0),
+                      human_kb(pte_mapped_kb(s.thp)), str(s.eligible_windows),
                       str(collapsible(counts)), results_text(counts))
     anon = sum(s.anon_kb for s in scans)
     huge = sum(s.anon_huge_kb for s in scans)
     table.add_row("", f"TOTAL ({len(scans)})", human_kb(anon), human_kb(huge),
                   f"{100.0 * huge / anon if anon else 0:.1f}%",
+                  human_kb(sum(s.shmem_kb for s in scans)),
+                  human_kb(sum(s.thp.shmem_pmd_kb for s in scans if s.thp)),
+                  human_kb(sum(pte_mapped_kb(s.thp) for s in scans)),
                   str(sum(s.eligible_windows for s in scans)),
                   str(collapsible(total)), results_text(total))
     out = console()
@@ -121,6 +157,9 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
         why = ineligible_text(_ineligible_json(s))
         if why:
             out.print(f"pid {s.pid} ({printable(s.comm)}): {why}", markup=False)
+        detail = thp_detail(s)
+        if detail:
+            out.print(f"{s.pid}: {detail}", markup=False)
     out.print(REFERENCED_UNKNOWN)
     for line in skipped:
         out.print(printable(line), markup=False)
@@ -222,3 +261,46 @@ def print_status(st: dict[str, Any]) -> None:
     for k, v in st["tunables"].items():
         table.add_row(k, str(v))
     out.print(table)
+
+
+def print_vmas(s: ProcessScan) -> None:
+    """One line per VMA of one process: kind, size, resident, THP, and why it is no
+    candidate or what its windows came to."""
+    from hugepaged.scan.eligibility import memory_kind
+
+    table = Table(box=None, pad_edge=False)
+    for col, just in (("START", "left"), ("END", "left"), ("KIND", "left"), ("SIZE", "right"),
+                      ("RSS", "right"), ("PMD", "right"), ("WINDOWS", "right"),
+                      ("RESULT", "left"), ("PATH", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "RESULT")
+    for v in s.vmas:
+        m = v.vma
+        if v.skip is not None:
+            what = v.skip.value
+        else:
+            vals, nums = np.unique(v.codes, return_counts=True)
+            what = results_text(Counter({ScanResult(int(c)): int(n)
+                                         for c, n in zip(vals, nums, strict=True)}))
+        pmd = m.anon_huge_kb + m.shmem_pmd_kb + m.file_pmd_kb
+        table.add_row(f"{m.start:x}", f"{m.end:x}", memory_kind(m).value,
+                      human_kb(m.size >> 10), human_kb(m.rss_kb), human_kb(pmd),
+                      str(v.codes.size), what, Text(printable(m.path)))
+    out = console()
+    out.print(f"pid {s.pid} ({printable(s.comm)})", markup=False)
+    out.print(table)
+
+
+def vmas_json(s: ProcessScan) -> list[dict[str, Any]]:
+    from hugepaged.scan.eligibility import memory_kind
+
+    out = []
+    for v in s.vmas:
+        m = v.vma
+        vals, nums = np.unique(v.codes, return_counts=True)
+        out.append({"start": hex(m.start), "end": hex(m.end), "kind": memory_kind(m).value,
+                    "path": m.path, "rss_kb": m.rss_kb, "anon_huge_kb": m.anon_huge_kb,
+                    "shmem_pmd_kb": m.shmem_pmd_kb, "file_pmd_kb": m.file_pmd_kb,
+                    "ineligible": v.skip.value if v.skip is not None else None,
+                    "results": {ScanResult(int(c)).name: int(n)
+                                for c, n in zip(vals, nums, strict=True)}})
+    return out

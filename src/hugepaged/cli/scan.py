@@ -4,7 +4,7 @@ import argparse
 import os
 
 from hugepaged.cli.common import add_common, add_target_options, check_pids, kernel_of, policy_of
-from hugepaged.errors import ProcessGone
+from hugepaged.errors import AccessDenied, ProcessGone, UsageError
 from hugepaged.preflight import require_scan_support
 
 
@@ -14,6 +14,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "khugepaged's checks. Collapses nothing.")
     p.add_argument("--pid", type=int, action="append", default=[],
                    help="only this process (repeatable); default: every process")
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="only the processes in this cgroup or below it: a path under a "
+                        "cgroup mount (/sys/fs/cgroup/...) or as /proc/PID/cgroup shows it "
+                        "(v1 and v2)")
+    p.add_argument("--vmas", action="store_true",
+                   help="one line per VMA of each process (with --pid)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_target_options(p)
     add_common(p)
@@ -28,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     check_pids(kernel, args.pid)
     tunables, control, target = policy_of(args, kernel)
     require_scan_support(kernel)
+    if args.vmas and not args.pid:
+        raise UsageError("--vmas needs --pid")
     explicit = bool(args.pid)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     for pid in args.pid:
@@ -35,10 +43,17 @@ def run(args: argparse.Namespace) -> int:
             raise ProcessGone(f"pid {pid}: no such process")
     if target is not None and not explicit:
         pids = matching(kernel, pids, target)  # the processes this target would take
-    scans, skipped = scan_processes(kernel, pids, control, explicit=explicit)
+    if args.cgroup is not None:
+        pids = in_cgroup(kernel, pids, args.cgroup)
+    scans, skipped = scan_processes(kernel, pids, control, explicit=explicit, usage=True)
     if args.json:
-        report.print_json(report.scan_json(scans, tunables.as_dict(), skipped,
-                                           target=control.target))
+        doc = report.scan_json(scans, tunables.as_dict(), skipped, target=control.target)
+        if args.vmas:
+            doc["vmas"] = {str(s.pid): report.vmas_json(s) for s in scans}
+        report.print_json(doc)
+    elif args.vmas:
+        for s in scans:
+            report.print_vmas(s)
     else:
         report.print_scan(scans, skipped)
     return 0
@@ -57,4 +72,21 @@ def matching(kernel, pids: list[int], target) -> list[int]:
             continue
         if target.matches(ProcessFacts(kernel.procfs, pid, comm)):
             out.append(pid)
+    return out
+
+
+def in_cgroup(kernel, pids: list[int], path: str) -> list[int]:
+    """The pids whose /proc/PID/cgroup puts them in `path` or below it, in any hierarchy."""
+    from hugepaged.targets import cgroup_under
+
+    rel = kernel.procfs.cgroup_relative(path)
+    if rel is None:
+        raise UsageError(f"--cgroup {path!r}: no such cgroup")
+    out = []
+    for pid in pids:
+        try:
+            if any(cgroup_under(p, rel) for p in kernel.procfs.cgroups(pid)):
+                out.append(pid)
+        except (ProcessGone, AccessDenied):
+            continue
     return out

@@ -138,6 +138,24 @@ class ProcFS:
         except OSError as err:
             raise translate(err, pid) from err
 
+    def cgroup_relative(self, path: str) -> str | None:
+        """A cgroup as /proc/PID/cgroup names it: `path` with its cgroup mount point (v1 or
+        v2, from /proc/self/mountinfo) taken off, or `path` itself if no mount holds it;
+        None if it names no existing cgroup directory."""
+        with open(f"{self.root}/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        points = []
+        for line in lines:
+            left, sep, right = line.partition(" - ")
+            if sep and right.split()[:1] in (["cgroup"], ["cgroup2"]):
+                points.append(left.split()[4])
+        for point in sorted(points, key=len, reverse=True):
+            if path == point or path.startswith(point.rstrip("/") + "/"):
+                return "/" + path[len(point):].strip("/") if os.path.isdir(path) else None
+        if any(os.path.isdir(p.rstrip("/") + path) for p in points):
+            return path
+        return None
+
     def cgroups(self, pid: int) -> list[str]:
         """The cgroup path of each hierarchy in /proc/PID/cgroup (v2 `0::/p`, v1 `N:ctl:/p`)."""
         return parse_cgroups(self.read_text(pid, "cgroup"))

@@ -21,6 +21,7 @@ from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
 from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
 from hugepaged.scan.shmem_scan import ShmemScanner
+from hugepaged.scan.usage import ThpUsage, thp_usage
 
 CHUNK_WINDOWS = 512  # windows decided per read: bounds the arrays of one step
 SCANNERS = {MemoryKind.ANON: AnonScanner, MemoryKind.SHMEM: ShmemScanner}
@@ -48,6 +49,8 @@ class ProcessScan:
     anon_huge_kb: int
     vmas: list[VmaScan]
     referenced_known: bool = False  # no per-page access source is read (see README)
+    shmem_kb: int = 0  # resident shared memory (shmem, memfd, MAP_SHARED|MAP_ANONYMOUS)
+    thp: ThpUsage | None = None  # every kind of THP mapped, when asked for
 
     @property
     def eligible_windows(self) -> int:
@@ -178,8 +181,9 @@ class ProcessScanner:
 
 
 def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageFlags, *,
-                 use_pagemap_scan: bool | None = None) -> ProcessScan:
-    """Decide every window of every VMA of `pid` (raises ProcessGone if it exits)."""
+                 use_pagemap_scan: bool | None = None, usage: bool = False) -> ProcessScan:
+    """Decide every window of every VMA of `pid` (raises ProcessGone if it exits);
+    `usage`: also count every kind of THP it maps (scan.usage)."""
     status = kernel.procfs.status(pid)
     vmas = kernel.procfs.smaps(pid)
     kernel.drain_lru()  # as khugepaged_do_scan and madvise_collapse do first
@@ -190,11 +194,13 @@ def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageF
         anon_kb=sum(v.anonymous_kb for v in vmas),
         anon_huge_kb=sum(v.anon_huge_kb for v in vmas),
         vmas=scans,
+        shmem_kb=sum(v.rss_kb for v in vmas if memory_kind(v) is MemoryKind.SHMEM),
+        thp=thp_usage(kernel, pid, vmas, kpf, use_pagemap_scan) if usage else None,
     )
 
 
 def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
-                   explicit: bool) -> tuple[list[ProcessScan], list[str]]:
+                   explicit: bool, usage: bool = False) -> tuple[list[ProcessScan], list[str]]:
     """Scan each pid; vanished ones are dropped, unreadable ones summed up in one line.
 
     `explicit`: the pids were named by the user, so a vanished or unreadable one is an error.
@@ -205,7 +211,7 @@ def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
     with kernel.kpageflags() as kpf:
         for pid in pids:
             try:
-                s = scan_process(kernel, pid, control, kpf)
+                s = scan_process(kernel, pid, control, kpf, usage=usage)
             except ProcessGone:
                 if explicit:
                     raise
@@ -215,7 +221,7 @@ def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
                     raise
                 denied.append(pid)
                 continue
-            if explicit or s.anon_kb or s.eligible_windows:
+            if explicit or s.anon_kb or s.shmem_kb or s.eligible_windows:
                 scans.append(s)
     skipped = []
     if denied:

@@ -1,0 +1,153 @@
+"""Every kind of THP a process maps, as tools/mm/thpmaps counts them (our own code).
+
+smaps gives the PMD-mapped figures (AnonHugePages, ShmemPmdMapped, FilePmdMapped). What it
+does not give comes from pagemap and kpageflags: the folio each PTE-mapped page belongs to,
+by size. A folio is a COMPOUND_HEAD frame followed by COMPOUND_TAIL frames; its size is one
+plus the run of tails after the head. A mapped tail belongs to the folio of the mapped head
+before it when the frames line up with the addresses; a tail whose head this process does not
+map at the right place is counted as part of a partly mapped folio of unknown size.
+2 MiB folios mapped by PTEs are the order-9 figure minus what smaps says is PMD-mapped.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel.kpageflags import KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_THP
+from hugepaged.kernel.pagemap import PAGE_IS_PRESENT, PM_PFN_MASK, PM_PRESENT, PageMap
+from hugepaged.kernel.procfs import Vma
+from hugepaged.scan.eligibility import MemoryKind, memory_kind
+
+MAX_ORDER = 9  # the largest folio reported: one PMD
+_U = np.uint64
+
+
+@dataclass
+class ThpUsage:
+    """kB of one process (or a total) by kind of THP."""
+
+    anon_pmd_kb: int = 0  # smaps AnonHugePages
+    shmem_pmd_kb: int = 0  # smaps ShmemPmdMapped
+    file_pmd_kb: int = 0  # smaps FilePmdMapped
+    anon_pte_kb: Counter = field(default_factory=Counter)  # folio kB -> kB mapped by PTEs
+    shmem_pte_kb: Counter = field(default_factory=Counter)
+    anon_partial_kb: int = 0  # tails of folios whose head is not mapped in line
+    shmem_partial_kb: int = 0
+
+    def add(self, other: "ThpUsage") -> None:
+        for name in ("anon_pmd_kb", "shmem_pmd_kb", "file_pmd_kb", "anon_partial_kb",
+                     "shmem_partial_kb"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.anon_pte_kb.update(other.anon_pte_kb)
+        self.shmem_pte_kb.update(other.shmem_pte_kb)
+
+    def as_dict(self) -> dict:
+        return {"anon_pmd_kb": self.anon_pmd_kb, "shmem_pmd_kb": self.shmem_pmd_kb,
+                "file_pmd_kb": self.file_pmd_kb,
+                "anon_pte_kb": {f"{k}kB": v for k, v in sorted(self.anon_pte_kb.items())},
+                "shmem_pte_kb": {f"{k}kB": v for k, v in sorted(self.shmem_pte_kb.items())},
+                "anon_partial_kb": self.anon_partial_kb,
+                "shmem_partial_kb": self.shmem_partial_kb}
+
+
+def head_sizes(after_head: np.ndarray) -> np.ndarray:
+    """Folio size in pages per head, from the kpageflags of the 2**MAX_ORDER - 1 frames
+    after each head ((heads, 511) array): one plus the leading run of tails."""
+    tail = (after_head & _U(KPF_COMPOUND_TAIL)) != 0
+    run = np.where(tail.all(axis=1), tail.shape[1], (~tail).argmax(axis=1))
+    return run + 1
+
+
+def folio_pages(pm: np.ndarray, flags: np.ndarray, read_flags) -> tuple[Counter, int]:
+    """(pages mapped per folio size in pages, pages of partly mapped folios) for one VMA's
+    pagemap entries `pm` and the kpageflags of their frames `flags` (1-D, address order).
+
+    A run is a mapped head and the mapped tails that follow it page by page and frame by
+    frame. The frame after the run tells whether the run is the whole folio; only where it
+    is a tail (the folio goes on unmapped) are the 511 frames after the head read
+    (`read_flags(pfns)` reads kpageflags). Only THP folios count, not hugetlb.
+    """
+    present = (pm & _U(PM_PRESENT)) != 0
+    thp = present & ((flags & _U(KPF_THP)) != 0)
+    head = thp & ((flags & _U(KPF_COMPOUND_HEAD)) != 0)
+    tail = thp & ((flags & _U(KPF_COMPOUND_TAIL)) != 0)
+    if not (head.any() or tail.any()):
+        return Counter(), 0
+    pfn = (pm & _U(PM_PFN_MASK)).astype(np.int64)
+    cont = np.zeros(pm.size, dtype=bool)
+    cont[1:] = tail[1:] & (pfn[1:] == pfn[:-1] + 1)
+    first = np.flatnonzero(~cont)
+    length = np.diff(np.append(first, pm.size))
+    runs = head[first]
+    partial = int(tail[~cont].sum() + (length[~runs & tail[first]] - 1).sum())
+    h, n = pfn[first[runs]], length[runs]
+    size = n.copy()
+    after = read_flags(h + n)
+    longer = np.flatnonzero((after & _U(KPF_COMPOUND_TAIL)) != 0)
+    if longer.size:
+        steps = np.arange(1, 1 << MAX_ORDER, dtype=np.int64)
+        size[longer] = head_sizes(read_flags(h[longer, None] + steps))
+    counts = Counter({int(k): int(n[size == k].sum()) for k in np.unique(size)})
+    return counts, partial
+
+
+def pte_kb(pages_by_size: Counter, pmd_kb: int, page_kb: int) -> Counter:
+    """kB mapped by PTEs per folio kB: order-9 pages minus the PMD-mapped ones."""
+    out = Counter()
+    for pages, n in pages_by_size.items():
+        kb = n * page_kb
+        if pages == 1 << MAX_ORDER:
+            kb -= pmd_kb
+        if kb > 0 and pages > 1:
+            out[pages * page_kb] = kb
+    return out
+
+
+def _present_spans(pagemap: PageMap, start: int, end: int, use_scan: bool,
+                   chunk: int) -> list[tuple[int, int]]:
+    """[a, b) pieces of a VMA worth reading: PAGEMAP_SCAN's present regions where the kernel
+    has it (a big sparse VMA costs nothing), else the VMA in chunks."""
+    if not use_scan:
+        return [(a, min(a + chunk, end)) for a in range(start, end, chunk)]
+    rows = pagemap.scan(start, end, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
+    spans: list[tuple[int, int]] = []
+    for a, b in rows[:, :2].tolist():
+        if spans and spans[-1][1] == a and a - spans[-1][0] < chunk:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return spans
+
+
+def thp_usage(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
+              use_pagemap_scan: bool | None = None) -> ThpUsage:
+    """Every kind of THP `pid` maps; raises ProcessGone if it exits."""
+    use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None else use_pagemap_scan
+    page_kb = kernel.geometry.page_size >> 10
+    chunk = 1 << 30
+    out = ThpUsage()
+    with kernel.pagemap(pid) as pagemap:
+        for v in vmas:
+            out.anon_pmd_kb += v.anon_huge_kb
+            out.shmem_pmd_kb += v.shmem_pmd_kb
+            out.file_pmd_kb += v.file_pmd_kb
+            kind = memory_kind(v)
+            if kind not in (MemoryKind.ANON, MemoryKind.SHMEM) or not v.rss_kb:
+                continue
+            pages: Counter = Counter()
+            partial = 0
+            for a, b in _present_spans(pagemap, v.start, v.end, use_scan, chunk):
+                pm = pagemap.read(a, b)
+                flags = kpf.read(np.where(pm >= _U(PM_PRESENT), pm & _U(PM_PFN_MASK), _U(0)))
+                got, part = folio_pages(pm, flags, kpf.read)
+                pages.update(got)
+                partial += part
+            if kind is MemoryKind.ANON:
+                out.anon_pte_kb.update(pte_kb(pages, v.anon_huge_kb, page_kb))
+                out.anon_partial_kb += partial * page_kb
+            else:
+                out.shmem_pte_kb.update(pte_kb(pages, v.shmem_pmd_kb, page_kb))
+                out.shmem_partial_kb += partial * page_kb
+    return out
