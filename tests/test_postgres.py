@@ -71,7 +71,7 @@ def test_started_at_never_is_misaligned_and_nothing_is_attempted(capsys):
             scan = hugepaged(capsys, "scan", "--pid", str(s.backend_pid),
                              "--set", "shmem_enabled=always")
             proc = scan["processes"][0]
-            assert proc["ineligible_kb"].get("MISALIGNED", 0) >= smaps_vma(
+            assert proc["ineligible"].get("MISALIGNED", 0) >= smaps_vma(
                 s.backend_pid, lo)["Rss"]
             doc = hugepaged(capsys, "collapse", "--pid", str(s.backend_pid), "--force",
                             "--set", "shmem_enabled=always")
