@@ -33,9 +33,9 @@ ROOT = os.geteuid() == 0
 SCAN_KEYS = {"version", "tunables", "target", "referenced_known", "processes", "total",
              "skipped"}
 PROCESS_KEYS = {"pid", "comm", "anon_kb", "anon_huge_kb", "coverage_pct", "eligible_windows",
-                "collapsible", "results", "ineligible"}
+                "collapsible", "results", "ineligible", "shmem_kb", "thp"}
 TOTAL_KEYS = {"processes", "anon_kb", "anon_huge_kb", "eligible_windows", "collapsible",
-              "results", "ineligible"}
+              "results", "ineligible", "shmem_kb", "thp"}
 COLLAPSE_KEYS = {"version", "pid", "comm", "dry_run", "force", "target", "max_cpu_percent",
                  "referenced_known", "windows", "collapsed", "would_collapse", "failed",
                  "skipped", "seconds", "rss_growth_kb", "rss_growth_predicted_kb", "ineligible"}
@@ -134,7 +134,8 @@ def test_scan_json_shape(thp_never):
         assert p["collapsible"] == res_counts.get("SUCCEED", 0)
         assert set(doc["total"]) == TOTAL_KEYS
         assert doc["total"]["processes"] == 1
-        for k in ("anon_kb", "anon_huge_kb", "eligible_windows", "collapsible", "results"):
+        for k in ("anon_kb", "anon_huge_kb", "eligible_windows", "collapsible", "results",
+                  "shmem_kb", "thp"):
             assert doc["total"][k] == p[k], k
 
         # After collapsing the SUCCEED windows: coverage and PMD_MAPPED.
