@@ -99,7 +99,7 @@ def test_not_private_anonymous(perms, path, inode, kind):
     v = vma(perms=perms, path=path, inode=inode, flags="hg")
     assert memory_kind(v) is kind
     # Shared memory goes by shmem_enabled (the policy's default: never), not enabled.
-    reason = {MemoryKind.SHMEM: I.ENABLED_NEVER, MemoryKind.FILE: I.FILE_BACKED,
+    reason = {MemoryKind.SHMEM: I.SHMEM_NEVER, MemoryKind.FILE: I.FILE_BACKED,
               MemoryKind.SPECIAL: I.SPECIAL}[kind]
     for enabled in ("always", "madvise"):
         assert vma_skip_reason(v, enabled, False) == reason

@@ -126,7 +126,7 @@ def test_shmem_enabled_deny_collapses_nothing(capsys):
                         {"name": "s", "windows": 1, "kind": "shared_anon"}]}
     with Workload(spec) as w, saved_thp(shmem_enabled="deny"):
         for r in w.regions.values():
-            assert vma_scan(w.pid, r.start, force=True).skip is Ineligible.ENABLED_NEVER
+            assert vma_scan(w.pid, r.start, force=True).skip is Ineligible.SHMEM_DENIED
         doc = collapse(capsys, w.pid, "--force")
         for r in w.regions.values():
             assert attempted(doc, r) == []
@@ -140,7 +140,7 @@ def test_advise_needs_vm_hugepage():
     with Workload(spec) as w:
         plain, hg = w.regions["plain"], w.regions["hg"]
         assert vma_scan(w.pid, plain.start, shmem_enabled="advise").skip is \
-            Ineligible.NO_MADV_HUGEPAGE
+            Ineligible.SHMEM_NO_MADV_HUGEPAGE
         assert results(w.pid, hg.start, shmem_enabled="advise") == [R.SUCCEED]
         # MADV_COLLAPSE's semantics ignore the mode.
         assert vma_scan(w.pid, plain.start, force=True, shmem_enabled="never").skip is None

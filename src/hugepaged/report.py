@@ -43,6 +43,12 @@ HINTS = {
     "ENABLED_NEVER": "enabled=never",
     "THP_DISABLED_PRCTL": "the process set PR_SET_THP_DISABLE: even MADV_COLLAPSE is refused",
     "VM_NOHUGEPAGE": "MADV_NOHUGEPAGE: the application asked for small pages",
+    "SHMEM_NEVER": "shmem_enabled=never: --set shmem_enabled=always would take it",
+    "SHMEM_NO_MADV_HUGEPAGE": "shmem_enabled=advise and no MADV_HUGEPAGE",
+    "SHMEM_DENIED": "the kernel's shmem_enabled=deny or hugepages-2048kB/shmem_enabled "
+                    "refuses even MADV_COLLAPSE",
+    "MISALIGNED": "address and file offset differ mod 2 MiB: mapped while shmem huge pages "
+                  "were off; start it again at shmem_enabled=advise",
 }
 
 

@@ -74,3 +74,6 @@ class Ineligible(StrEnum):
     NO_MADV_HUGEPAGE = "NO_MADV_HUGEPAGE"  # mode madvise and no MADV_HUGEPAGE on the VMA
     TOO_SMALL = "TOO_SMALL"  # no whole aligned huge-page window inside the VMA
     MISALIGNED = "MISALIGNED"  # shared memory whose address and file offset differ mod 2 MiB
+    SHMEM_NEVER = "SHMEM_NEVER"  # shared memory, the policy's shmem mode is never
+    SHMEM_NO_MADV_HUGEPAGE = "SHMEM_NO_MADV_HUGEPAGE"  # shmem mode advise, no MADV_HUGEPAGE
+    SHMEM_DENIED = "SHMEM_DENIED"  # the kernel's shmem controls refuse even MADV_COLLAPSE

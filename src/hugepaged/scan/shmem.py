@@ -132,7 +132,7 @@ def refusal(modes: ShmemModes, kind: ShmemKind, *, hugepage: bool, force: bool,
     return "never"
 
 
-_REFUSED = {"never": Ineligible.ENABLED_NEVER, "advise": Ineligible.NO_MADV_HUGEPAGE}
+_REFUSED = {"never": Ineligible.SHMEM_NEVER, "advise": Ineligible.SHMEM_NO_MADV_HUGEPAGE}
 
 
 def shmem_ineligible(vma: Vma, control: CollapseControl, kernel: ShmemModes,
@@ -155,7 +155,7 @@ def shmem_ineligible(vma: Vma, control: CollapseControl, kernel: ShmemModes,
     fits = within_size(vma.offset, vma.offset + vma.size, geometry.pmd_size)
     hugepage = "hg" in vma.flags
     if refusal(kernel, kind, hugepage=hugepage, force=True, fits=fits):
-        return Ineligible.ENABLED_NEVER
+        return Ineligible.SHMEM_DENIED
     if control.is_khugepaged:
         policy = replace(kernel, shmem_enabled=control.shmem_enabled)
         why = refusal(policy, kind, hugepage=hugepage, force=False, fits=fits)
