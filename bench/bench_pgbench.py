@@ -26,13 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from scenarios import ROOT
 
-import pg  # noqa: E402
-from helpers import machine_lock, saved_thp, smaps_vma  # noqa: E402
+from tests import pg
+from tests.helpers import machine_lock, saved_thp, smaps_vma
 
 SIZE_KNOB = "hugepages-2048kB/shmem_enabled"
 

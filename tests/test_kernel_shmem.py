@@ -12,18 +12,7 @@ from __future__ import annotations
 
 import json
 
-import marks
 import pytest
-from daemon_runner import Daemon, settled
-from helpers import (
-    Workload,
-    drain_lru,
-    pmd_mapped_windows,
-    saved_thp,
-    smaps_vma,
-    zram_available,
-    zram_swap,
-)
 
 from hugepaged.cli import main
 from hugepaged.kernel import Kernel
@@ -32,6 +21,18 @@ from hugepaged.results import Ineligible
 from hugepaged.results import ScanResult as R
 from hugepaged.scan.process import scan_process
 from hugepaged.tunables import Tunables
+
+from . import marks
+from .daemon_runner import Daemon, settled
+from .helpers import (
+    Workload,
+    drain_lru,
+    pmd_mapped_windows,
+    saved_thp,
+    smaps_vma,
+    zram_available,
+    zram_swap,
+)
 
 pytestmark = marks.KERNEL
 

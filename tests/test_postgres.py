@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 
-import marks
-import pg
 import pytest
-from helpers import drain_lru, saved_thp, smaps_vma
 
 from hugepaged.cli import main
+
+from . import marks, pg
+from .helpers import drain_lru, saved_thp, smaps_vma
 
 pytestmark = [*marks.KERNEL,
               pytest.mark.skipif(not pg.available(), reason="PostgreSQL 15 not installed")]

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import json
 
-import marks
 import numpy as np
 import pytest
-from helpers import HPAGE, THP_DIR, Workload, drain_lru, saved_thp, smaps_vma, thp_pages_by_folio
 
 from hugepaged.cli import main
 from hugepaged.kernel import Kernel
 from hugepaged.scan.usage import folio_pages, head_sizes
+
+from . import marks
+from .helpers import (
+    HPAGE,
+    THP_DIR,
+    Workload,
+    drain_lru,
+    saved_thp,
+    smaps_vma,
+    thp_pages_by_folio,
+)
 
 pytestmark = marks.KERNEL
 PAGE_KB = 4
