@@ -33,6 +33,7 @@ from .helpers import (
     zram_available,
     zram_swap,
 )
+from .test_metrics import families, samples, scrape
 
 pytestmark = marks.KERNEL
 
@@ -192,8 +193,16 @@ def test_the_daemon_collapses_a_file_range_once():
         with Workload(second) as b:
             with Daemon(pids=[a.pid, b.pid], sets={
                     **POLICY, "max_cpu_percent": 0, "scan_sleep_millisecs": 0,
-                    "pages_to_scan": 65536}) as d:
+                    "pages_to_scan": 65536},
+                    args=["--metrics", ":0", "--metrics-top-processes", "2"]) as d:
                 d.wait_for(lambda st: settled(st, a.pid) and settled(st, b.pid), timeout=30)
+                fams = families(scrape(d.wait_event("metrics_listen")["port"]))
+                pmd = {dict(labels)["pid"]: v for (_, labels), v in samples(
+                    fams, "hugepaged_process_shmem_pmd_bytes").items()}
+                for w in (a, b):  # the gauge is smaps ShmemPmdMapped
+                    kb = sum(smaps_vma(w.pid, r.start)["ShmemPmdMapped"]
+                             for r in w.regions.values())
+                    assert pmd[str(w.pid)] == kb * 1024
                 events = [r for r in d.events("collapse") if any(
                     r["pid"] == w.pid and w.regions["m"].start <= int(r["address"], 16)
                     < w.regions["m"].end for w in (a, b))]

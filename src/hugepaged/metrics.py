@@ -218,8 +218,9 @@ class HugepagedCollector:
         sized.sort(reverse=True)
         return [(pid, comm, rss) for rss, pid, comm in sized[:limit]]
 
-    def _memory(self, pid: int) -> tuple[int, int] | None:
-        """(Anonymous, AnonHugePages) in kB: smaps_rollup, or summed smaps where it lacks."""
+    def _memory(self, pid: int) -> tuple[int, int, int, int] | None:
+        """(Anonymous, AnonHugePages, ShmemPmdMapped, FilePmdMapped) in kB: smaps_rollup, or
+        summed smaps where it lacks."""
         procfs = self.kernel.procfs
         if self._rollup is None:
             self._rollup = os.path.exists(procfs.path("self", "smaps_rollup"))
@@ -230,7 +231,8 @@ class HugepagedCollector:
                 vmas = procfs.smaps(pid)
         except (HugepagedError, OSError, ValueError):
             return None
-        return sum(v.anonymous_kb for v in vmas), sum(v.anon_huge_kb for v in vmas)
+        return (sum(v.anonymous_kb for v in vmas), sum(v.anon_huge_kb for v in vmas),
+                sum(v.shmem_pmd_kb for v in vmas), sum(v.file_pmd_kb for v in vmas))
 
     def _processes(self, slots: list) -> Iterator[Metric]:
         labels = ["pid", "comm"]
@@ -243,18 +245,28 @@ class HugepagedCollector:
         cover = GaugeMetricFamily("hugepaged_process_thp_coverage_ratio",
                                   "AnonHugePages / Anonymous of a top process (0..1)",
                                   labels=labels)
+        shmem = GaugeMetricFamily("hugepaged_process_shmem_pmd_bytes",
+                                  "Shared memory mapped by huge pages (smaps ShmemPmdMapped)",
+                                  labels=labels)
+        files = GaugeMetricFamily("hugepaged_process_file_pmd_bytes",
+                                  "File pages mapped by huge pages (smaps FilePmdMapped)",
+                                  labels=labels)
         for pid, comm, _ in self._top(slots):
             mem = self._memory(pid)
             if mem is None:
                 continue
-            anon_kb, huge_kb = mem
+            anon_kb, huge_kb, shmem_kb, file_kb = mem
             key = [str(pid), comm]
             anon.add_metric(key, anon_kb * 1024)
             huge.add_metric(key, huge_kb * 1024)
             cover.add_metric(key, huge_kb / anon_kb if anon_kb else 0.0)
+            shmem.add_metric(key, shmem_kb * 1024)
+            files.add_metric(key, file_kb * 1024)
         yield anon
         yield huge
         yield cover
+        yield shmem
+        yield files
 
 
 def _le(bound: float) -> str:

@@ -41,6 +41,8 @@ class TopRow:
     last_result: str = "-"
     registered: bool = False
     target: str = "-"  # the daemon's target for it; "-": the global policy or unknown
+    shmem_kb: int = 0  # resident shared memory, and of it PMD-mapped
+    shmem_pmd_kb: int = 0
 
     @property
     def coverage(self) -> float:
@@ -76,7 +78,8 @@ def rows_of(scans: list[ProcessScan], status: dict[str, Any] | None) -> list[Top
             eligible=s.eligible_windows, collapsible=collapsible(counts),
             last_result=(proc.get("last_result") or "-") if proc else "-",
             registered=proc is not None,
-            target=(proc.get("target") or "-") if proc else "-"))
+            target=(proc.get("target") or "-") if proc else "-",
+            shmem_kb=s.shmem_kb, shmem_pmd_kb=s.shmem_pmd_kb))
     rows.sort(key=lambda r: (-r.collapsible, -r.anon_kb, r.pid))
     return rows
 
@@ -86,8 +89,11 @@ def _totals(rows: list[TopRow]) -> str:
     huge = sum(r.anon_huge_kb for r in rows)
     windows = sum(r.collapsible for r in rows)
     cover = 100.0 * huge / anon if anon else 0.0
+    shmem = sum(r.shmem_kb for r in rows)
+    shmem_pmd = sum(r.shmem_pmd_kb for r in rows)
     return (f"{len(rows)} processes  anon {human_kb(anon)}  THP {human_kb(huge)} ({cover:.1f}%)"
-            f"  collapsible {windows} windows ({human_kb(windows * HPAGE_KB)})")
+            f"  collapsible {windows} windows ({human_kb(windows * HPAGE_KB)})"
+            f"  shmem {human_kb(shmem)} (PMD {human_kb(shmem_pmd)})")
 
 
 def daemon_line(status: dict[str, Any] | None, error: str | None) -> str:

@@ -50,6 +50,7 @@ class ProcessScan:
     vmas: list[VmaScan]
     referenced_known: bool = False  # no per-page access source is read (see README)
     shmem_kb: int = 0  # resident shared memory (shmem, memfd, MAP_SHARED|MAP_ANONYMOUS)
+    shmem_pmd_kb: int = 0  # of it, PMD-mapped (smaps ShmemPmdMapped)
     thp: ThpUsage | None = None  # every kind of THP mapped, when asked for
 
     @property
@@ -195,6 +196,7 @@ def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageF
         anon_huge_kb=sum(v.anon_huge_kb for v in vmas),
         vmas=scans,
         shmem_kb=sum(v.rss_kb for v in vmas if memory_kind(v) is MemoryKind.SHMEM),
+        shmem_pmd_kb=sum(v.shmem_pmd_kb for v in vmas),
         thp=thp_usage(kernel, pid, vmas, kpf, use_pagemap_scan) if usage else None,
     )
 
