@@ -15,7 +15,9 @@ import os
 import pytest
 
 from hugepaged.cli import main
-from hugepaged.collapse import collapse_window
+from hugepaged.collapse import collapse_run, collapse_window, window_now
+from hugepaged.kernel import Kernel
+from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
 
 from . import marks
@@ -245,9 +247,56 @@ def test_shared_with_forked_child_boundary(thp_never, collapse):
         assert pmd_mapped_windows(w.child_pid, s.start, s.end) == [False, False]
 
 
-def _collapse_direct(pid: int, address: int):
+def _collapse_direct(pid: int, address: int, redecide: bool = True):
+    """One MADV_COLLAPSE; a failure named with a re-decision of the window (or without)."""
+    kernel = Kernel()
     pidfd = os.pidfd_open(pid)
     try:
-        return collapse_window(pidfd, pid, address, HPAGE, lambda: True)
+        with kernel.kpageflags() as kpf:
+            again = (lambda: window_now(kernel, pid, kpf, CollapseControl(), address)) \
+                if redecide else (lambda: None)
+            return collapse_window(pidfd, pid, address, HPAGE, again)
     finally:
         os.close(pidfd)
+
+
+def test_einval_is_named_only_as_far_as_the_window_tells(thp_never):
+    """EINVAL is madvise_collapse_errno's default for most results: without a re-decision it
+    names none of them; re-deciding the window tells why (not eligible now: VMA_CHECK; nothing
+    mapped: PMD_NONE)."""
+    regions = [{"name": "nohuge", "windows": 1, "fill": "all", "nohugepage": True},
+               {"name": "empty", "windows": 1, "fill": "none", "hugepage": True}]
+    with Workload(regions=regions) as w:
+        nohuge = w.regions["nohuge"].start
+        assert (_collapse_direct(w.pid, nohuge, redecide=False).result,
+                _collapse_direct(w.pid, nohuge).result) == (R.COLLAPSE_EINVAL, R.VMA_CHECK)
+        empty = w.regions["empty"].start  # nothing mapped, no page table
+        out = _collapse_direct(w.pid, empty)
+        assert (out.result, out.errno) == (R.PMD_NONE, errno.EINVAL)
+        w.verify()
+
+
+def test_a_batch_gives_every_window_its_own_outcome(thp_never):
+    """Several windows in one process_madvise call (one iovec each): the kernel stops at the
+    first that fails, so the ones before it are collapsed, that one is named alone, and the
+    rest go in the next call."""
+    regions = [{"name": "a", "windows": 3, "fill": "all", "hugepage": True},
+               {"name": "bad", "windows": 1, "fill": "all", "nohugepage": True},
+               {"name": "b", "windows": 2, "fill": "all", "hugepage": True}]
+    kernel = Kernel()
+    with Workload(regions=regions) as w:
+        a, bad, b = (w.regions[n] for n in ("a", "bad", "b"))
+        addresses = [a.window_start(i) for i in range(3)] + [bad.start] + \
+            [b.window_start(i) for i in range(2)]
+        pidfd = os.pidfd_open(w.pid)
+        try:
+            with kernel.kpageflags() as kpf:
+                outs = collapse_run(pidfd, w.pid, addresses, HPAGE, lambda x: window_now(
+                    kernel, w.pid, kpf, CollapseControl(), x))
+        finally:
+            os.close(pidfd)
+        assert [(o.address, o.result) for o in outs] == \
+            [(x, R.VMA_CHECK if x == bad.start else R.SUCCEED) for x in addresses]
+        assert outs[3].errno == errno.EINVAL
+        assert pmd_map(w) == {"a": [True] * 3, "bad": [False], "b": [True] * 2}
+        w.verify()

@@ -245,6 +245,7 @@ def test_stat_comm_with_spaces_and_parentheses(proc, pid, comm):
     assert (st_.pid, st_.comm, st_.state) == (pid, comm, "S")
     assert (st_.flags, st_.minflt, st_.majflt) == (0x400040, 11, 13)
     assert (st_.utime, st_.stime, st_.starttime, st_.rss_pages) == (15, 16, 4242, 777)
+    assert st_.vsize == 99999
     assert not st_.is_kernel_thread
 
 

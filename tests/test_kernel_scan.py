@@ -125,7 +125,7 @@ def layout():
         r = w.regions["pmd"]
         pidfd = os.pidfd_open(w.pid)
         try:
-            out = collapse_window(pidfd, w.pid, r.start, HPAGE, lambda: True)
+            out = collapse_window(pidfd, w.pid, r.start, HPAGE)
         finally:
             os.close(pidfd)
         assert out.result == R.SUCCEED, out
@@ -328,3 +328,36 @@ def test_fresh_page_in_lru_batch(kernel):
         assert got == after, (
             f"hugepaged (by use_pagemap_scan) said {got} while the page waited in a per-CPU "
             f"LRU batch (KPF_LRU then: {lru_before}); the kernel drains before it decides")
+
+
+def _thp_disabled_child() -> None:  # between fork and exec: what a parent's prctl leaves
+    import ctypes
+
+    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE, inherited by the exec
+
+
+def test_lru_drain_with_thp_disabled_for_hugepaged_itself():
+    """MADV_COLLAPSE refuses before it drains when THP is off for the caller: hugepaged started
+    by a parent with PR_SET_THP_DISABLE re-enables it for itself, says so, and still decides
+    a fresh page SUCCEED, not PAGE_LRU."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import ctypes, logging; logging.basicConfig(); from hugepaged.kernel import "
+             "Kernel; libc = ctypes.CDLL(None); before = libc.prctl(42, 0, 0, 0, 0); "
+             "k = Kernel(); k.drain_lru(); k.drain_lru(); "
+             "print(before, libc.prctl(42, 0, 0, 0, 0), k._drain.cleared)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, preexec_fn=_thp_disabled_child)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0", "1"]  # disabled, cleared once, stays cleared
+    assert "THP was disabled for hugepaged itself" in out.stderr
+    with saved_thp(enabled="never"), Workload(regions=[
+            {"name": "one", "windows": 1, "fill": "pages:[300]", "hugepage": True}]) as w:
+        cli = subprocess.run([sys.executable, "-m", "hugepaged", "scan", "--pid", str(w.pid),
+                              "--json", "--set", "enabled=madvise"], capture_output=True,
+                             text=True, timeout=60, preexec_fn=_thp_disabled_child)
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["processes"][0]["results"] == {"SUCCEED": 1}
+        w.verify()

@@ -116,7 +116,7 @@ def test_backoff_records(json_log):
     core = Khugepaged(kernel, Tunables(alloc_sleep_millisecs=60000))
     try:
         core._back_off(SimpleNamespace(pid=1234), 0x7F0000200000, "huge page allocation failed")
-        kernel.mm.free_huge_blocks = lambda: 1  # a 2 MiB block is free again
+        kernel.mm.free_huge_blocks = lambda nodes=None: 1  # a 2 MiB block is free again
         assert core.end_backoff_if_free()
     finally:
         core.close()

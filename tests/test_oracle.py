@@ -174,7 +174,7 @@ def _run_oracle(kernel: Kernel, w: Workload, limits: tuple[int, int]) -> None:
     pre = w.regions["pre"]
     pidfd = os.pidfd_open(w.pid)
     try:
-        assert collapse_window(pidfd, w.pid, pre.start, HPAGE, lambda: True).result == R.SUCCEED
+        assert collapse_window(pidfd, w.pid, pre.start, HPAGE).result == R.SUCCEED
     finally:
         os.close(pidfd)
     w.verify()

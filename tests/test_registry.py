@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import pytest
 
 from hugepaged.collapse import CollapseOutcome, result_of_errno
 from hugepaged.daemon import khugepaged as khp
+from hugepaged.daemon import workers
 from hugepaged.daemon.budget import CpuBudget
 from hugepaged.daemon.khugepaged import Khugepaged
 from hugepaged.daemon.registry import RESCAN_MAX, RESCAN_MIN, SETTLE_MAX, SETTLE_MIN, Registry
@@ -88,6 +90,7 @@ class FakeProcess:
     minflt: int = 0
     flags: int = 0
     gone: bool = False
+    vsize: int = 1 << 30
 
     def fill(self, vma: Vma, pages: int = NR) -> None:
         for a in range(vma.start, vma.end, HP):
@@ -110,7 +113,7 @@ class FakeProcFS:
     def stat(self, pid: int) -> ProcStat:
         p = self._get(pid)
         return ProcStat(pid, p.comm, "S", p.flags, p.minflt, 0, 0, 0, 0,
-                        sum(p.present.values()))
+                        sum(p.present.values()), p.vsize)
 
     def status(self, pid: int) -> ProcStatus:
         p = self._get(pid)
@@ -127,9 +130,31 @@ class FakeProcFS:
 class FakeMm:
     def __init__(self) -> None:
         self.free = 1000
+        self.nodes = {0}  # with more: free_by_node, and the node every window's pages are on
+        self.free_by_node: dict[int, int] = {}
+        self.window_node = 0
 
-    def free_huge_blocks(self) -> int:
-        return self.free
+    def free_huge_blocks(self, nodes: set[int] | None = None) -> int:
+        if nodes is None:
+            return self.free
+        return sum(self.free_by_node.get(n, 0) for n in nodes)
+
+    def numa_nodes(self) -> set[int]:
+        return self.nodes
+
+    def window_nodes(self, entries) -> set[int]:
+        return {self.window_node}
+
+
+class FakePageMap:
+    def __enter__(self) -> FakePageMap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        return np.zeros((end - start) // HP * NR, dtype=np.uint64)
 
 
 class FakeKernel:
@@ -138,6 +163,9 @@ class FakeKernel:
         self.mm = FakeMm()
         self.scans: list[tuple[int, int, int]] = []  # (pid, start, end) of decide_range calls
         self.geometry = Geometry()
+
+    def pagemap(self, pid: int) -> FakePageMap:
+        return FakePageMap()
 
     def kpageflags(self):
         return SimpleNamespace(close=lambda: None)
@@ -213,7 +241,21 @@ def world(monkeypatch):
         return CollapseOutcome(address, ScanResult.SUCCEED, 0, 0.0001)
 
     monkeypatch.setattr(khp, "ProcessScanner", FakeScanner)
-    monkeypatch.setattr(khp, "collapse_window", fake_collapse)
+    def fake_run(pidfd, pid, addresses, size, redecide):
+        out = []  # as collapse_run: stops after an allocation failure, and a process gone
+        for a in addresses:  # part-way ends the run with what was done
+            try:
+                out.append(fake_collapse(pidfd, pid, a, size, lambda a=a: redecide(a)))
+            except ProcessGone:
+                if not out:
+                    raise
+                break
+            if out[-1].result == ScanResult.ALLOC_HUGE_PAGE_FAIL:
+                break
+        return out
+
+    monkeypatch.setattr(khp, "collapse_run", fake_run)
+    monkeypatch.setattr(workers, "collapse_run", fake_run)
 
     def make_core(**tunables) -> Khugepaged:
         t = Tunables(enabled="madvise", max_cpu_percent=0, **tunables)
@@ -391,7 +433,11 @@ def test_a_pass_never_reads_more_than_its_budget_needs(world, sleepers):
     core = world.make_core(pages_to_scan=5 * NR)
     core.discover()
     core.do_scan()
-    assert world.kernel.scans == [(pid, hg.start, hg.start + 5 * HP)]
+    # A visit reads 1, 2, 4, ... windows at a time (its first collapse comes sooner), and
+    # never past the budget: here 1 + 2 + 2.
+    assert world.kernel.scans == [(pid, hg.start, hg.start + HP),
+                                  (pid, hg.start + HP, hg.start + 3 * HP),
+                                  (pid, hg.start + 3 * HP, hg.start + 5 * HP)]
     core.close()
 
 
@@ -423,6 +469,13 @@ def test_settled_process_costs_one_unit_and_no_reads(world, sleepers):
     world.clock.now += 2 * SETTLE_MIN
     assert core.do_scan()
     assert {s[0] for s in world.kernel.scans} == {b}
+    # The other maps something new (its size changes, no fault yet): scanned again too, where
+    # no syscall tracepoints say that a MADV_HUGEPAGE came with it.
+    world.kernel.scans.clear()
+    world.kernel.procfs.procs[a].vsize += 64 << 20
+    world.clock.now += 4 * SETTLE_MIN
+    assert core.do_scan()
+    assert {s[0] for s in world.kernel.scans} == {a}
     # Unchanged for RESCAN_MIN: scanned anyway (MADV_HUGEPAGE moves no counter) ...
     world.kernel.scans.clear()
     world.clock.now += RESCAN_MIN
@@ -554,9 +607,66 @@ def test_alloc_failure_backs_off_and_resumes_at_the_same_window(world, sleepers)
     core.close()
 
 
+def test_workers_collapse_every_window_and_count_each_once(world, sleepers):
+    """collapse_workers=2: batches go to the workers' lanes; their outcomes are counted on the
+    daemon's thread when reaped, exactly once each, and a slot with batches in flight is not
+    visited again until they are done."""
+    pids = sleepers(3)
+    hgs = [layout(world, pid, windows=workers.LANE_WINDOWS + 36)[1] for pid in pids]
+    core = world.make_core(pages_to_scan=65536, collapse_workers=2)
+    core.discover()
+    core.do_scan()
+    assert core.pool is not None and core.pool.lanes  # handed over, not all counted yet
+    # A lane holds LANE_WINDOWS at most: the first pass left each process part-way and went
+    # on to the next, so every process has work queued.
+    assert set(core.pool.lanes) == set(pids) and core.queue_stalled
+    deadline = time.monotonic() + 10
+    total = sum((hg.end - hg.start) // HP for hg in hgs)
+    while core.pool.lanes or core.counters.pages_collapsed < total:
+        assert time.monotonic() < deadline
+        core.reap()
+        if core.queue_stalled or not core.pool.lanes:
+            core.do_scan()  # resumes where each process was left
+        time.sleep(0.001)
+    want = {(pid, a) for pid, hg in zip(pids, hgs, strict=True)
+            for a in range(hg.start, hg.end, HP)}
+    assert set(world.collapses) == want and len(world.collapses) == len(want)
+    assert core.counters.pages_collapsed == len(want) == core.counters.results["SUCCEED"]
+    assert core.counters.collapse_attempts == len(want)
+    core.do_scan()  # everything is PMD_MAPPED now: nothing is collapsed twice
+    core.reap()
+    assert len(world.collapses) == len(want)
+    core.close()
+
+
 def test_result_of_enomem_depends_on_the_mapping():
-    assert result_of_errno(errno.ENOMEM, lambda: True) == ScanResult.ALLOC_HUGE_PAGE_FAIL
-    assert result_of_errno(errno.ENOMEM, lambda: False) == ScanResult.VMA_NULL
+    assert result_of_errno(errno.ENOMEM, lambda: ScanResult.SUCCEED) == \
+        ScanResult.ALLOC_HUGE_PAGE_FAIL
+    assert result_of_errno(errno.ENOMEM, lambda: None) == ScanResult.ALLOC_HUGE_PAGE_FAIL
+    assert result_of_errno(errno.ENOMEM, lambda: ScanResult.VMA_NULL) == ScanResult.VMA_NULL
+
+
+@pytest.mark.parametrize(("err", "now", "named"), [
+    # EBUSY: a cgroup charge failure, or EXCEED_NONE_PTE (which MADV_COLLAPSE only meets in a
+    # userfaultfd-armed VMA, and a re-decision shows); unknown without a re-decision.
+    (errno.EBUSY, ScanResult.SUCCEED, ScanResult.CGROUP_CHARGE_FAIL),
+    (errno.EBUSY, ScanResult.EXCEED_NONE_PTE, ScanResult.EXCEED_NONE_PTE),
+    (errno.EBUSY, None, ScanResult.COLLAPSE_EBUSY),
+    # EAGAIN: locked, off the LRU (visible), pinned, isolated, filled (not visible).
+    (errno.EAGAIN, ScanResult.PAGE_LRU, ScanResult.PAGE_LRU),
+    (errno.EAGAIN, ScanResult.PAGE_LOCK, ScanResult.PAGE_LOCK),
+    (errno.EAGAIN, ScanResult.SUCCEED, ScanResult.COLLAPSE_EAGAIN),
+    # EINVAL: the default; named only by a re-decision that shows one of its results.
+    (errno.EINVAL, ScanResult.PAGE_ANON, ScanResult.PAGE_ANON),
+    (errno.EINVAL, ScanResult.VMA_CHECK, ScanResult.VMA_CHECK),
+    (errno.EINVAL, ScanResult.PTE_UFFD_WP, ScanResult.PTE_UFFD_WP),
+    (errno.EINVAL, ScanResult.SUCCEED, ScanResult.COLLAPSE_EINVAL),
+    (errno.EINVAL, ScanResult.PAGE_LRU, ScanResult.COLLAPSE_EINVAL),  # that would be EAGAIN
+    (errno.EINVAL, None, ScanResult.COLLAPSE_EINVAL),
+    (errno.EFAULT, ScanResult.PAGE_ANON, ScanResult.COLLAPSE_ERRNO),
+])
+def test_result_of_errno_names_only_what_the_errno_implies(err, now, named):
+    assert result_of_errno(err, lambda: now) == named
 
 
 BUDDY_NONE = """\
@@ -607,6 +717,26 @@ def test_defrag_0_collapses_only_while_a_free_block_exists(world, sleepers):
     core.close()
 
 
+def test_backoff_and_defrag_0_look_at_the_windows_node(world, sleepers):
+    """Two NUMA nodes (a fixture: this VM has one): a collapse allocates on the node holding
+    most of the window's pages, so only a free block there lets defrag=0 collapse or ends
+    the back-off; free blocks on the other node are no use to it."""
+    (pid,) = sleepers(1)
+    layout(world, pid, windows=2)
+    mm = world.kernel.mm
+    mm.nodes, mm.window_node, mm.free_by_node = {0, 1}, 1, {0: 50, 1: 0}
+    core = world.make_core(defrag=0)
+    core.discover()
+    core.do_scan()
+    assert world.collapses == [] and core.backoff_until > 0 and core.backoff_nodes == {1}
+    assert not core.end_backoff_if_free()
+    mm.free_by_node[1] = 1
+    assert core.end_backoff_if_free()
+    core.do_scan()
+    assert len(world.collapses) == 2
+    core.close()
+
+
 def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
     (pid,) = sleepers(1)
     layout(world, pid, windows=4)
@@ -646,7 +776,7 @@ def test_budget_token_bucket():
 
 def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):
     (pid,) = sleepers(1)
-    _, hg = layout(world, pid, windows=8)
+    _, hg = layout(world, pid, windows=khp.MAX_BATCH + 4)
     core = world.make_core(pages_to_scan=65536)
     core.discover()
 
@@ -656,6 +786,8 @@ def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):
 
     world.behaviour["hook"] = stop_after_two
     core.do_scan()
-    assert len(world.collapses) == 2  # the window in flight finished, no new one started
-    assert core.registry.cursor.address == hg.start + 2 * HP
+    # The call in flight finished, no new one started: a visit's calls take 1, 2, 4, ...
+    # windows, so the stop came in the second call, of windows 1 and 2.
+    assert len(world.collapses) == 3
+    assert core.registry.cursor.address == hg.start + 3 * HP
     core.close()

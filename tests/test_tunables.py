@@ -31,6 +31,7 @@ RANGES = {
     "max_ptes_shared": (0, 511),
     "defrag": (0, 1),
     "max_cpu_percent": (0, 100),
+    "collapse_workers": (1, 16),
 }
 WORDS = {
     "enabled": ("always", "madvise", "never"),
@@ -51,6 +52,7 @@ def test_specs_cover_the_tunables():
         assert SPECS[name].choices == words
     assert set(INHERITED) <= {n for n, s in SPECS.items() if s.kernel}
     assert not SPECS["max_cpu_percent"].kernel and not SPECS["kernel_khugepaged"].kernel
+    assert not SPECS["collapse_workers"].kernel
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ and commands on stdin, one per line, one JSON line answered for each:
     touch NAME   -> {"ok": true}: rewrite the pattern of all touched pages of NAME
     comm HEX     -> {"ok": true}: write bytes.fromhex(HEX) to /proc/self/comm (a name is data:
                     any bytes, newlines and escape sequences included)
+    hugepage NAME, nohugepage NAME -> {"ok": true, "time": T}: MADV_HUGEPAGE / MADV_NOHUGEPAGE
+                    on NAME now (T: time.time() right after the call)
     exit         -> {"ok": true}, then exit 0.   EOF on stdin: exit 0.
 Errors in the spec: message on stderr, exit status 2.
 """
@@ -544,6 +546,13 @@ def serve(regions: list[Region]) -> None:
             with open("/proc/self/comm", "wb") as f:
                 f.write(bytes.fromhex(arg))
             reply({"ok": True})
+        elif cmd in ("hugepage", "nohugepage"):
+            if arg not in by_name:
+                reply({"ok": False, "error": f"no region {arg!r}"})
+                continue
+            r = by_name[arg]
+            madvise(r.start, r.length, MADV_HUGEPAGE if cmd == "hugepage" else MADV_NOHUGEPAGE)
+            reply({"ok": True, "time": time.time()})
         elif cmd == "exit":
             reply({"ok": True})
             return

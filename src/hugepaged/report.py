@@ -251,6 +251,8 @@ def print_status(st: dict[str, Any]) -> None:
               f"{st['registered']} processes registered, "
               f"{st['free_huge_blocks']} free huge pages")
     out.print(f"cursor: pid {st['cursor']['pid']} at {st['cursor']['address']}")
+    if "madvise_source" in st:
+        out.print(f"MADV_HUGEPAGE seen by: {st['madvise_source']}")
     out.print(f"pages_collapsed {c['pages_collapsed']}  full_scans {c['full_scans']}  "
               f"passes {c['passes']}  collapse_attempts {c['collapse_attempts']}  "
               f"alloc_backoffs {c['alloc_backoffs']}")

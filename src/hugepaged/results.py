@@ -41,6 +41,14 @@ class ScanResult(IntEnum):
     # hugepaged's own, not the kernel's (numbered outside the kernel's enum): a collapsible
     # window that would take its target past max_bloat_mb by filling empty or zero-page PTEs.
     EXCEED_BLOAT_BUDGET = 100
+    # hugepaged's own too: a collapse failed with this errno and a re-decision of the window
+    # could not narrow it to one of the kernel results the errno stands for
+    # (madvise_collapse_errno: EINVAL is the default for most results, EBUSY is a cgroup
+    # charge failure or EXCEED_NONE_PTE, EAGAIN a page that is locked, off the LRU or pinned).
+    COLLAPSE_EINVAL = 101
+    COLLAPSE_EBUSY = 102
+    COLLAPSE_EAGAIN = 103
+    COLLAPSE_ERRNO = 104  # an errno MADV_COLLAPSE is not documented to give
 
 
 # Windows the kernel would not even try: nothing to do, not a failure (TRUNCATED: a file

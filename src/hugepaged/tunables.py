@@ -50,6 +50,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          doc="back-off after a huge page allocation failed"),
     Spec("max_cpu_percent", 0, 100, kernel=False,
          doc="cap on CPU spent in collapses, percent of one core averaged over 5 s; 0: no cap"),
+    Spec("collapse_workers", 1, 16, kernel=False,
+         doc="threads that collapse different processes' windows at the same time"),
     Spec("kernel_khugepaged", choices=("leave", "quiet"), kernel=False,
          doc="quiet: turn the kernel's khugepaged scanning down while hugepaged runs"),
 )}
@@ -96,6 +98,7 @@ class Tunables:
     scan_sleep_millisecs: int = 100
     alloc_sleep_millisecs: int = 60000
     max_cpu_percent: int = 5
+    collapse_workers: int = 1
     kernel_khugepaged: str = "leave"
 
     def with_values(self, values: dict[str, int | str]) -> "Tunables":

@@ -12,7 +12,7 @@ from hugepaged.results import COLLAPSIBLE, NOTHING_TO_DO, ScanResult
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collapse", help="collapse every eligible window of one process now",
                        description="Classify every window of PID with khugepaged's checks "
-                                   "and collapse each SUCCEED window, one per call.")
+                                   "and collapse each SUCCEED window (up to 16 a call).")
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--dry-run", action="store_true", help="decide and report, collapse nothing")
     p.add_argument("--force", action="store_true",
@@ -65,18 +65,24 @@ def within_bloat(scan, addresses: list[int], limit_kb: int | None, page_kb: int
     return kept, refused
 
 
-def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], percent: int) -> list:
-    """One window per call, as collapse_windows does, sleeping between them at `percent`."""
-    from hugepaged.collapse import collapse_window
-    from hugepaged.kernel.procfs import mapped_at
+BATCH = 16  # windows per process_madvise call, as the daemon's
+
+
+def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], percent: int,
+                   kpf, control) -> list:
+    """Up to BATCH windows per call (a run stops after an allocation failure and the next
+    call goes on after it), sleeping between calls at `percent`; a failure is named by its
+    errno and a re-decision of the window."""
+    from hugepaged.collapse import collapse_run, window_now
     from hugepaged.pacing import Pacer
 
     pacer = Pacer(percent)
-    outcomes = []
-    for a in addresses:
+    outcomes: list = []
+    while len(outcomes) < len(addresses):
         cpu0 = time.thread_time()
-        outcomes.append(collapse_window(pidfd, pid, a, kernel.geometry.pmd_size,
-                                        lambda a=a: mapped_at(kernel.procfs.maps_text(pid), a)))
+        outcomes += collapse_run(pidfd, pid, addresses[len(outcomes):len(outcomes) + BATCH],
+                                 kernel.geometry.pmd_size,
+                                 lambda a: window_now(kernel, pid, kpf, control, a))
         pacer.charge(time.thread_time() - cpu0)
     return outcomes
 
@@ -98,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
         before = kernel.procfs.status(args.pid).rss_anon_kb
         with kernel.kpageflags() as kpf:
             scan = scan_process(kernel, args.pid, control, kpf)
-        page_kb = kernel.geometry.page_size >> 10
-        addresses, refused = within_bloat(scan, targets(scan, args.force),
-                                          control.max_bloat_kb, page_kb)
-        # Each collapse fills its window's empty and zero-page PTEs with new pages.
-        predicted = scan.none_ptes(set(addresses)) * page_kb
-        outcomes = [] if args.dry_run else collapse_paced(kernel, pidfd, args.pid, addresses,
-                                                          percent)
+            page_kb = kernel.geometry.page_size >> 10
+            addresses, refused = within_bloat(scan, targets(scan, args.force),
+                                              control.max_bloat_kb, page_kb)
+            # Each collapse fills its window's empty and zero-page PTEs with new pages.
+            predicted = scan.none_ptes(set(addresses)) * page_kb
+            outcomes = [] if args.dry_run else collapse_paced(
+                kernel, pidfd, args.pid, addresses, percent, kpf, control)
         if args.dry_run:
             outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
         else:

@@ -4,16 +4,19 @@ Progress is accounted as the kernel does: 512 per window examined, 1 per VMA (or
 process) skipped, up to pages_to_scan per pass.
 """
 
+import contextlib
 import logging
+import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from hugepaged.collapse import CollapseOutcome, collapse_window
+from hugepaged.collapse import CollapseOutcome, collapse_run, result_of_errno, window_now
 from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
 from hugepaged.kernel import Kernel, KPageFlags
-from hugepaged.kernel.procfs import PF_KTHREAD, mapped_at
+from hugepaged.kernel.procfs import PF_KTHREAD
 from hugepaged.policy import CollapseControl
 from hugepaged.results import COLLAPSIBLE, ScanResult
 from hugepaged.scan.eligibility import aligned_range
@@ -25,8 +28,11 @@ from .budget import CpuBudget
 from .ranges import RangeMemo
 from .registry import RESCAN_MAX, MmSlot, Registry
 from .targets import TargetState, TargetStates
+from .workers import CollapsePool, Job
 
 log = logging.getLogger("hugepaged")
+MAX_BATCH = 16  # windows per process_madvise call: bounds the time one call holds the daemon
+FIRST_COLLAPSE_CPU = 0.003  # CPU-seconds a collapse is assumed to cost before one is measured
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -62,8 +68,9 @@ class Stop(Exception):
 
 
 class TargetDry(Exception):
-    """Raised inside a pass when the slot's target has spent its CPU share: the pass leaves
-    that slot where it is (it resumes there when the share is back) and goes on."""
+    """Raised inside a pass when the slot's target has spent its CPU share, or its workers'
+    lane is full: the pass leaves that slot where it is (it resumes there when the share is
+    back, or at once) and goes on."""
 
     def __init__(self, wait: float) -> None:
         super().__init__(wait)
@@ -91,10 +98,20 @@ class Khugepaged:
         self._return_to: int | None = None  # the slot a higher priority one cut in before
         self.target_states = TargetStates()
         self.collapsed_ranges = RangeMemo()
+        self.wake_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a worker's batch finished
+        self.pool: CollapsePool | None = None
+        self.queue_stalled = False  # the last pass stopped because the workers' queue was full
+        self._ramp: dict[int, int] = {}  # pid -> windows its next call may take
+        self.backoff_nodes: set[int] | None = None  # where the back-off's allocation was
+        self._one_node: bool | None = None
+        self._chunk: dict[int, int] = {}  # pid -> windows its next read may decide
+        self._set_workers(tunables.collapse_workers)
 
     def set_tunables(self, tunables: Tunables) -> None:
         old, self.tunables = self.tunables, tunables
         self.control = CollapseControl.from_tunables(tunables)
+        if old.collapse_workers != tunables.collapse_workers:
+            self._set_workers(tunables.collapse_workers)
         self.budget.set_percent(tunables.max_cpu_percent)
         for slot in self.registry.slots.values():
             self._apply_target(slot, slot.target)  # the global part of every policy
@@ -119,7 +136,21 @@ class Khugepaged:
             self._kpf = self.kernel.kpageflags()
         return self._kpf
 
+    def _set_workers(self, workers: int) -> None:
+        """1: collapses on the daemon's own thread; more: a pool of lanes (daemon/workers)."""
+        if self.pool is not None:
+            self._reap(self.pool.close())
+            self.pool = None
+        if workers > 1:
+            self.pool = CollapsePool(workers, self.kernel.geometry.pmd_size, self.wake_pipe)
+
     def close(self) -> None:
+        if self.pool is not None:
+            self._reap(self.pool.close())
+            self.pool = None
+        for fd in self.wake_pipe:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.registry.close()
         if self._kpf is not None:
             self._kpf.close()
@@ -199,6 +230,10 @@ class Khugepaged:
 
     def exit(self, pid: int) -> None:
         self.kthreads.discard(pid)
+        self._ramp.pop(pid, None)
+        self._chunk.pop(pid, None)
+        if self.pool is not None:
+            self.pool.drop(pid)
         if pid in self.registry and self.registry.cursor.pid == pid:
             self._advance(pid)  # collect_mm_slot at the tail still completes a full scan
         self.target_states.forget(pid)  # its bloat no longer counts against its target
@@ -222,6 +257,8 @@ class Khugepaged:
         pages = self.tunables.pages_to_scan
         progress, through_head, worked = 0, 0, False
         self.counters.passes += 1
+        self.reap()
+        self.queue_stalled = False
         self.kernel.drain_lru()  # khugepaged_do_scan: lru_add_drain_all()
         try:
             while progress < pages and not self.stopping:
@@ -270,7 +307,9 @@ class Khugepaged:
         if slot.exited():
             self.exit(pid)
             return 1, False
-        if cur.address == 0 and not self._due(slot, now):
+        if cur.address == 0 and (self.pool is not None and self.pool.busy(pid)
+                                 and not slot.resume  # a new visit waits for the last one
+                                 or not self._due(slot, now)):
             self._advance(pid)
             return 1, False
         control = self.control_for(slot)
@@ -313,7 +352,9 @@ class Khugepaged:
             st = self.kernel.procfs.stat(slot.pid)
         except (HugepagedError, OSError):
             return True  # let the scan find out and drop it
-        fp = (st.minflt, st.majflt, st.rss_pages)
+        # vsize: a new mapping (MADV_HUGEPAGE'd memory not yet touched, say) ends the
+        # back-off too, where no syscall tracepoints tell us of the advice itself.
+        fp = (st.minflt, st.majflt, st.rss_pages, st.vsize)
         changed = fp != slot.fingerprint
         slot.fingerprint = fp
         if slot.settled_for and not changed:
@@ -329,6 +370,8 @@ class Khugepaged:
         if cur.address == 0 and slot.resume and slot.visit is not None:
             cur.address = slot.resume  # back where its target's CPU share ran out
         slot.resume = 0
+        if cur.address == 0:  # a visit's first read and call are one window, then 2, 4, ...:
+            self._ramp[slot.pid] = self._chunk[slot.pid] = 1  # its first collapse comes sooner
         if cur.address == 0 or slot.visit is None:
             thp_enabled = self.kernel.procfs.status(slot.pid).thp_enabled
             slot.visit = (thp_enabled, self.kernel.procfs.smaps(slot.pid))
@@ -354,58 +397,188 @@ class Khugepaged:
                         cur.address = addr
                         return progress, False, collapsed
                     want = max(1, -(-(budget - progress) // geo.pmd_nr))
-                    n = min((hend - addr) >> geo.pmd_shift, want, CHUNK_WINDOWS)
+                    chunk = self._chunk.get(slot.pid, CHUNK_WINDOWS)
+                    self._chunk[slot.pid] = min(CHUNK_WINDOWS, 2 * chunk)
+                    n = min((hend - addr) >> geo.pmd_shift, want, chunk)
                     verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
-                    nones = verdicts.none.tolist()
-                    for i, code in enumerate(verdicts.codes.tolist()):
-                        a = addr + i * geo.pmd_size
-                        cur.address = a
-                        result = ScanResult(code)
-                        if result in COLLAPSIBLE:
-                            result = self._collapse_range(slot, mm, vma, state, a, nones[i])
-                            collapsed += result == ScanResult.SUCCEED
-                        self.counters.results[result.name] += 1
-                        if state is not None:
-                            state.results[result.name] += 1
-                        slot.last_result = result.name
+                    for result in self._windows(slot, state, mm, vma, addr,
+                                                verdicts.codes.tolist(),
+                                                verdicts.none.tolist()):
                         progress += geo.pmd_nr
+                        if result is None:  # handed to a worker: counted when it is reaped
+                            collapsed += 1
+                            continue
+                        collapsed += result == ScanResult.SUCCEED
+                        self._count(slot, state, result)
                     addr += n * geo.pmd_size
                 cur.address = hend
         return progress, True, collapsed
 
-    # --- collapse_huge_page ----------------------------------------------------------
-    def _collapse_range(self, slot: MmSlot, mm: ProcessScanner, vma, state: TargetState | None,
-                        address: int, none_ptes: int) -> ScanResult:
+    def _count(self, slot: MmSlot, state: TargetState | None, result: ScanResult) -> None:
+        self.counters.results[result.name] += 1
+        if state is not None:
+            state.results[result.name] += 1
+        slot.last_result = result.name
+
+    def _windows(self, slot: MmSlot, state: TargetState | None, mm: ProcessScanner, vma,
+                 addr: int, codes: list[int], nones: list[int]) -> Iterator[ScanResult]:
+        """Each window's result in address order, the cursor on it. A run of SUCCEED windows
+        within its target's bloat budget (a collapse fills the window's empty and zero-page
+        PTEs with new pages; a full window adds nothing) is collapsed a bounded batch per
+        call, and every window gets its own outcome."""
+        geo, cur, i = self.kernel.geometry, self.registry.cursor, 0
+        page_kb = geo.page_size >> 10
+        while i < len(codes):
+            cur.address = addr + i * geo.pmd_size
+            if codes[i] not in COLLAPSIBLE:
+                yield ScanResult(codes[i])
+                i += 1
+                continue
+            key = mm.range_key(vma, cur.address)
+            if key is not None:  # shared memory: one call per range of its file
+                yield self._collapse_range(slot, state, key, cur.address, nones[i])
+                i += 1
+                continue
+            j, kb, limit = i, 0, self._ramp.get(slot.pid, MAX_BATCH)
+            self._ramp[slot.pid] = min(MAX_BATCH, 2 * limit)  # 1, 2, 4, ... per call
+            while j < len(codes) and codes[j] in COLLAPSIBLE and j - i < limit \
+                    and (state is None or state.bloat_allows(kb + nones[j] * page_kb)):
+                kb += nones[j] * page_kb
+                j += 1
+            if j == i:
+                yield ScanResult.EXCEED_BLOAT_BUDGET
+                i += 1
+                continue
+            run = [addr + k * geo.pmd_size for k in range(i, j)]
+            if self.pool is not None:  # a worker collapses it; outcomes counted when reaped
+                self._may_collapse(slot, run[0], state)
+                if self.pool.full(slot.pid):  # this process waits, the pass goes on
+                    self.queue_stalled = True
+                    raise TargetDry(0.0)
+                self.pool.add(Job(slot.pid, slot.pidfd, run, nones[i:j],
+                                  state.name if state is not None else None))
+                self.pool.start(self._may_start)
+                for a in run:
+                    cur.address = a
+                    yield None
+                    i += 1
+                continue
+            outcomes, failed_at = self._collapse(slot, run, state)
+            for outcome in outcomes:
+                self._collapsed(slot, state, outcome, nones[i] * page_kb)
+                cur.address = outcome.address
+                yield outcome.result
+                i += 1
+            if failed_at is not None:  # backing off: the pass resumes at that window
+                cur.address = failed_at
+                raise Stop
+
+    def _collapse_range(self, slot: MmSlot, state: TargetState | None, key, address: int,
+                        none_ptes: int) -> ScanResult:
         """One collapse per range of a file: a shared-memory range another process already
         collapsed is one huge page in the page cache, and this process maps it by PMD at
-        its next fault (PTE_MAPPED_HUGEPAGE until then); it is not asked again."""
-        key = mm.range_key(vma, address)
-        if key is not None and self.collapsed_ranges.seen(key):
+        its next fault (PTE_MAPPED_HUGEPAGE until then); it is not asked again. Collapsed
+        on the daemon's thread, one window a call, so the memo stays exact."""
+        if self.collapsed_ranges.seen(key):
             return ScanResult.PTE_MAPPED_HUGEPAGE
-        result = self._collapse_for(slot, state, address, none_ptes)
-        if key is not None and result == ScanResult.SUCCEED:
-            self.collapsed_ranges.add(key)
-        return result
-
-    def _collapse_for(self, slot: MmSlot, state: TargetState | None, address: int,
-                      none_ptes: int) -> ScanResult:
-        """A SUCCEED window, within its target's bloat budget: a collapse fills its empty and
-        zero-page PTEs with new pages, so it may not take the target past max_bloat_mb.
-        A full window adds nothing and always goes ahead."""
-        bloat_kb = none_ptes * (self.kernel.geometry.page_size >> 10)  # one new page each
+        bloat_kb = none_ptes * (self.kernel.geometry.page_size >> 10)
         if state is not None and not state.bloat_allows(bloat_kb):
             return ScanResult.EXCEED_BLOAT_BUDGET
-        result = self._collapse(slot, address, state)
-        if result == ScanResult.SUCCEED:
+        outcomes, failed_at = self._collapse(slot, [address], state)
+        if failed_at is not None:
+            self.registry.cursor.address = failed_at
+            raise Stop
+        outcome = outcomes[0]
+        self._collapsed(slot, state, outcome, bloat_kb)
+        if outcome.result == ScanResult.SUCCEED:
+            self.collapsed_ranges.add(key)
+        return outcome.result
+
+    def _collapsed(self, slot: MmSlot, state: TargetState | None, outcome: CollapseOutcome,
+                   bloat_kb: int) -> None:
+        if outcome.result == ScanResult.SUCCEED:
             slot.anon_huge_kb += self.kernel.geometry.pmd_size >> 10
             if state is not None:
                 state.collapsed += 1
                 state.charge_bloat(slot.pid, bloat_kb)
-        return result
 
-    def _collapse(self, slot: MmSlot, address: int,
-                  state: TargetState | None = None) -> ScanResult:
-        """One collapse, within the CPU cap and outside an allocation back-off."""
+    # --- the workers -----------------------------------------------------------------
+    def _may_start(self, job: Job) -> bool:
+        """A queued batch starts only outside a back-off and within the CPU caps."""
+        now = self.clock()
+        state = self.target_states.get(job.target)
+        return not self.stopping and now >= self.backoff_until and self.budget.allows(now) \
+            and (state is None or state.budget is None or state.budget.allows(now))
+
+    def reap(self) -> bool:
+        """Take back the batches the workers finished (on the daemon's thread), start the
+        next ones; True if any had finished."""
+        if self.pool is None:
+            return False
+        done = self.pool.finished()
+        self._reap(done)
+        self.pool.start(self._may_start)
+        return bool(done)
+
+    def _reap(self, done: list) -> None:
+        page_kb = self.kernel.geometry.page_size >> 10
+        for job, future in done:
+            slot = self.registry.slots.get(job.pid)
+            try:
+                outcomes, cpu = future.result()
+            except (ProcessGone, AccessDenied):
+                if slot is not None:
+                    self.exit(job.pid)
+                continue
+            if slot is None:
+                continue
+            state = self.target_states.get(job.target)
+            outcomes = [self._named(slot, o) for o in outcomes]
+            outcomes, failed_at = self._account(slot, state, outcomes, cpu, cursor=False)
+            nones = dict(zip(job.addresses, job.nones, strict=True))
+            for outcome in outcomes:
+                self._collapsed(slot, state, outcome, nones[outcome.address] * page_kb)
+                self._count(slot, state, outcome.result)
+            if failed_at is not None and self.pool is not None:
+                self.pool.drop()  # found again on the next visits (their slots are awake)
+                slot.wake()
+
+    def _named(self, slot: MmSlot, outcome: CollapseOutcome) -> CollapseOutcome:
+        """A worker names no failure (it reads no page state): name it here."""
+        if not outcome.errno:
+            return outcome
+        control = self.control_for(slot)
+        result = result_of_errno(outcome.errno, lambda: window_now(
+            self.kernel, slot.pid, self.kpf, control, outcome.address))
+        return replace(outcome, result=result)
+
+    # --- collapse_huge_page ----------------------------------------------------------
+    def _batch_size(self, windows: int, state: TargetState | None) -> int:
+        """At most what the CPU caps' tokens (the global one and the target's) pay for at
+        the mean cost of the collapses so far, and at least one window."""
+        c = self.counters
+        each = max(c.collapse_cpu_seconds / c.collapse_attempts if c.collapse_attempts
+                   else FIRST_COLLAPSE_CPU, 1e-6)
+        for budget in (self.budget, state.budget if state is not None else None):
+            if budget is not None and budget.percent:
+                windows = min(windows, int(budget.tokens / each))
+        return max(1, windows)
+
+    def _collapse(self, slot: MmSlot, addresses: list[int], state: TargetState | None = None
+                  ) -> tuple[list[CollapseOutcome], int | None]:
+        """Collapse consecutive SUCCEED windows in one call, within the CPU caps and outside
+        an allocation back-off: (outcomes, the window an allocation failure stopped at)."""
+        self._may_collapse(slot, addresses[0], state)
+        control = self.control_for(slot)
+        cpu0 = time.thread_time()
+        outcomes = collapse_run(
+            slot.pidfd, slot.pid, addresses[:self._batch_size(len(addresses), state)],
+            self.kernel.geometry.pmd_size,
+            lambda a: window_now(self.kernel, slot.pid, self.kpf, control, a))
+        return self._account(slot, state, outcomes, time.thread_time() - cpu0)
+
+    def _may_collapse(self, slot: MmSlot, address: int, state: TargetState | None) -> None:
+        """Raise Stop (or TargetDry) unless a collapse may start now."""
         now = self.clock()
         if self.stopping or now < self.backoff_until:
             raise Stop
@@ -414,46 +587,68 @@ class Khugepaged:
             raise Stop
         if state is not None and state.budget is not None and not state.budget.allows(now):
             raise TargetDry(state.budget.wait(now))
-        if self.tunables.defrag == 0 and self.kernel.mm.free_huge_blocks() == 0:
+        if self.tunables.defrag == 0 and \
+                self.kernel.mm.free_huge_blocks(self._window_nodes(slot, address)) == 0:
             self._back_off(slot, address, "defrag=0 and no free huge page")
             raise Stop
-        cpu0 = time.thread_time()
-        outcome = collapse_window(slot.pidfd, slot.pid, address,
-                                  self.kernel.geometry.pmd_size,
-                                  lambda: mapped_at(self.kernel.procfs.maps_text(slot.pid),
-                                                    address))
-        cpu = time.thread_time() - cpu0
+
+    def _account(self, slot: MmSlot, state: TargetState | None,
+                 outcomes: list[CollapseOutcome], cpu: float, cursor: bool = True
+                 ) -> tuple[list[CollapseOutcome], int | None]:
+        """CPU charged to the caps, every outcome observed and logged; an allocation failure
+        backs off: (the outcomes before it, its window)."""
         self.budget.charge(cpu)
         if state is not None:
             state.cpu_seconds += cpu
             if state.budget is not None:
                 state.budget.charge(cpu)
         self.counters.collapse_cpu_seconds += cpu
-        self.counters.observe(outcome)
-        log.debug("collapse pid %d %#x: %s", slot.pid, address, outcome.result.name,
-                  extra={"event": "collapse", "pid": slot.pid, "comm": slot.comm,
-                         "target": state.name if state is not None else None,
-                         "address": hex(address), "result": outcome.result.name,
-                         "errno": outcome.errno_name or None,
-                         "duration_ms": round(outcome.seconds * 1000, 3)})
-        if outcome.result == ScanResult.ALLOC_HUGE_PAGE_FAIL:
-            self._back_off(slot, address, "huge page allocation failed")
-            raise Stop
-        return outcome.result
+        for outcome in outcomes:
+            self.counters.observe(outcome)
+            log.debug("collapse pid %d %#x: %s", slot.pid, outcome.address,
+                      outcome.result.name,
+                      extra={"event": "collapse", "pid": slot.pid, "comm": slot.comm,
+                             "target": state.name if state is not None else None,
+                             "address": hex(outcome.address), "result": outcome.result.name,
+                             "errno": outcome.errno_name or None, "batch": len(outcomes),
+                             "duration_ms": round(outcome.seconds * 1000, 3)})
+        if not outcomes:
+            raise ProcessGone(f"pid {slot.pid}: process has exited")
+        if outcomes[-1].result == ScanResult.ALLOC_HUGE_PAGE_FAIL:
+            failed = outcomes.pop().address
+            self._back_off(slot, failed, "huge page allocation failed", cursor)
+            return outcomes, failed
+        return outcomes, None
 
-    def _back_off(self, slot: MmSlot, address: int, why: str) -> None:
+    def _back_off(self, slot: MmSlot, address: int, why: str, cursor: bool = True) -> None:
         ms = self.tunables.alloc_sleep_millisecs
         self.backoff_until = self.clock() + ms / 1000.0
+        self.backoff_nodes = self._window_nodes(slot, address)
         self.counters.alloc_backoffs += 1
-        self.registry.cursor.address = address
+        if cursor:
+            self.registry.cursor.address = address
         log.info("back-off %d ms: %s", ms, why,
                  extra={"event": "backoff", "pid": slot.pid, "address": hex(address),
                         "ms": ms, "reason": why})
 
+    def _window_nodes(self, slot: MmSlot, address: int) -> set[int] | None:
+        """The NUMA node(s) a collapse of this window allocates on (the one holding most of
+        its pages); None (any) on a one-node machine, or when its pages cannot be read."""
+        if self._one_node is None:
+            self._one_node = len(self.kernel.mm.numa_nodes()) < 2
+        if self._one_node:
+            return None
+        try:
+            with self.kernel.pagemap(slot.pid) as pm:
+                entries = pm.read(address, address + self.kernel.geometry.pmd_size)
+        except (HugepagedError, OSError):
+            return None
+        return self.kernel.mm.window_nodes(entries) or None
+
     def end_backoff_if_free(self) -> bool:
         """Free huge pages are used at once: the reason khugepaged exists (a VM that exits and
         frees gigabytes should hand them to the processes that are left)."""
-        if self.backoff_until and self.kernel.mm.free_huge_blocks() > 0:
+        if self.backoff_until and self.kernel.mm.free_huge_blocks(self.backoff_nodes) > 0:
             self.backoff_until = 0.0
             log.info("back-off ended: free huge page available",
                      extra={"event": "backoff_end"})

@@ -19,6 +19,7 @@ from hugepaged.kernel import Kernel
 from hugepaged.kernel.connector import ProcConnector
 from hugepaged.tunables import NAMES, Tunables, parse, resolve
 
+from . import advice
 from .kernel_quiet import STATE_FILE, KernelQuieter
 from .khugepaged import Khugepaged
 from .targets import summaries
@@ -50,6 +51,7 @@ class Service:
         self.stop_requested = self.reload_requested = False
         self.next_pass = 0.0
         self.connector: ProcConnector | None = None
+        self.tracer = None  # kernel.tracepoints.SyscallTracer where the tracepoints exist
         self.quieter = KernelQuieter(kernel.thp, state_file)
         self.running = False
         self.hooks: list = []  # called after each pass
@@ -174,6 +176,7 @@ class Service:
             "cursor": {"pid": reg.cursor.pid, "address": hex(reg.cursor.address)},
             "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
             "connector": self.connector is not None,
+            "madvise_source": "tracepoints" if self.tracer is not None else "fingerprint",
         }
 
     # --- the loop ----------------------------------------------------------------------
@@ -195,6 +198,40 @@ class Service:
         except OSError as err:
             log.warning("process connector unavailable (%s): relying on the /proc walk", err,
                         extra={"event": "connector_unavailable"})
+
+    def _open_tracer(self) -> None:
+        from hugepaged.kernel.tracepoints import SyscallTracer
+
+        try:
+            self.tracer = SyscallTracer(self.kernel.sys_root)
+        except (HugepagedError, OSError) as err:
+            log.warning("syscall tracepoints unavailable (%s): MADV_HUGEPAGE is seen at the "
+                        "next rescan, a new mapping by the size in the fingerprint", err,
+                        extra={"event": "tracepoints_unavailable"})
+
+    def _on_syscalls(self) -> None:
+        now, lost = time.monotonic(), self.tracer.lost
+        for ev in self.tracer.events():
+            due = advice.on_syscall(self.core, ev, now)
+            if due is not None:
+                self.next_pass = min(self.next_pass, due)
+        if self.tracer.lost != lost:
+            advice.on_lost(self.core, self.tracer.lost - lost)
+            self.next_pass = 0.0
+
+    def _on_workers(self) -> None:
+        """A worker finished a batch: its outcomes are counted now; a pass that stopped for a
+        full queue goes on."""
+        core = self.core
+        core.reap()
+        if core.pool is None:
+            return
+        if core.queue_stalled:  # room in a lane again: top it up
+            core.queue_stalled = False
+            self.next_pass = 0.0
+        elif not core.pool.lanes:  # all done: what was decided meanwhile is looked at next
+            self.next_pass = min(self.next_pass,
+                                 time.monotonic() + self.tunables.scan_sleep_millisecs / 1e3)
 
     def _on_events(self) -> None:
         now = time.monotonic()
@@ -222,6 +259,10 @@ class Service:
             self._open_connector()
             if self.connector is not None:
                 sel.register(self.connector, selectors.EVENT_READ, "connector")
+            sel.register(self.core.wake_pipe[0], selectors.EVENT_READ, "workers")
+            self._open_tracer()
+            for fd in self.tracer.fds() if self.tracer is not None else ():
+                sel.register(fd, selectors.EVENT_READ, "syscalls")
             if self.tunables.kernel_khugepaged == "quiet":
                 quieter.quiet()
             self.running = True
@@ -235,6 +276,9 @@ class Service:
             if self.connector is not None:
                 self.connector.close()
             sel.close()
+            if self.tracer is not None:
+                self.tracer.close()
+                self.tracer = None
             os.close(rfd)
             os.close(wfd)
             self.core.close()
@@ -271,7 +315,10 @@ class Service:
             timeout = max(0.0, wake - time.monotonic())
             if self.max_sleep is not None:
                 timeout = min(timeout, self.max_sleep)
-            for key, _ in sel.select(timeout):
+            ready = sel.select(timeout)
+            if any(key.data == "syscalls" for key, _ in ready):
+                self._on_syscalls()  # every ring at once, however many polled ready
+            for key, _ in ready:
                 if key.data == "signal":
                     while True:
                         try:
@@ -279,6 +326,8 @@ class Service:
                                 break
                         except BlockingIOError:
                             break
+                elif key.data == "workers":
+                    self._on_workers()
                 elif key.data == "control":
                     control.handle_ready()
                 elif key.data == "connector":
@@ -290,6 +339,8 @@ class Service:
             return core.backoff_until
         if now < core.cpu_wait_until:
             return core.cpu_wait_until
+        if core.queue_stalled:
+            return now + BUDDY_POLL  # a finished batch wakes the loop before that
         sleep = self.tunables.scan_sleep_millisecs / 1000.0
         if worked:
             return now + sleep

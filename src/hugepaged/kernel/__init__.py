@@ -6,6 +6,7 @@ where this machine cannot produce a state (swap, for example).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,13 @@ class Kernel:
             from hugepaged.kernel.madvise import LruDrain
 
             self._drain = LruDrain(self.geometry.pmd_size)
+        cleared = self._drain.cleared
         self._drain()
+        if self._drain.cleared != cleared:
+            logging.getLogger("hugepaged").warning(
+                "THP was disabled for hugepaged itself (PR_SET_THP_DISABLE, inherited): "
+                "re-enabled for our own process, or the LRU drain would not happen",
+                extra={"event": "thp_disabled_self"})
 
     def has_pagemap_scan(self) -> bool:
         if self._scan_ok is None:

@@ -63,6 +63,32 @@ def process_madvise(pidfd: int, start: int, length: int, advice: int = MADV_COLL
     return ret
 
 
+PR_SET_THP_DISABLE = 41
+PR_GET_THP_DISABLE = 42
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+def thp_disabled_for_self() -> bool:
+    """PR_GET_THP_DISABLE: whether THP is off for this very process (inherited or set)."""
+    return _libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) > 0
+
+
+def process_madvise_windows(pidfd: int, starts: list[int], length: int,
+                            advice: int = MADV_COLLAPSE) -> int:
+    """One iovec per window, in one call: bytes advised, or -errno if the first one failed.
+
+    The kernel stops at the first iovec that fails and returns what it advised before it,
+    so a short count means the window after the last full one failed (its errno is lost).
+    """
+    iov = (_IoVec * len(starts))(*[(s, length) for s in starts])
+    nr = _SYS_PROCESS_MADVISE.get(platform.machine(), 440)
+    ret = _libc.syscall(nr, pidfd, iov, len(starts), advice, 0)
+    if ret < 0:
+        return -ctypes.get_errno()
+    return ret
+
+
 class LruDrain:
     """lru_add_drain_all() from userspace, as khugepaged_do_scan does before each pass.
 
@@ -70,12 +96,17 @@ class LruDrain:
     kpageflags shows them without LRU until then. MADV_COLLAPSE drains every CPU's batch
     before it looks at the range; on an empty window of our own (one whose VMA has an
     anon_vma, hence the page written next to it) it then fails with EINVAL and allocates
-    nothing.
+    nothing. Its precondition is THP allowed for our own process: with PR_SET_THP_DISABLE
+    (inherited across fork and exec from whoever started us) madvise_collapse answers the
+    same EINVAL before it drains anything, and every fresh page would read PAGE_LRU. So the
+    flag is checked on every drain and cleared for ourselves (hugepaged's own memory has no
+    reason to stay small); `cleared` counts how often that was needed.
     """
 
     def __init__(self, pmd_size: int) -> None:
         import mmap
 
+        self.cleared = 0
         size = 3 * pmd_size
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
@@ -84,7 +115,17 @@ class LruDrain:
         self._empty = first + pmd_size - base  # offset of the untouched window
         self._size = pmd_size
 
+    def _allow_thp(self) -> None:
+        if not thp_disabled_for_self():
+            return
+        if _libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0) != 0 or thp_disabled_for_self():
+            err = ctypes.get_errno()
+            raise Unsupported("THP is disabled for hugepaged itself and cannot be re-enabled "
+                              f"({os.strerror(err) if err else 'still disabled'}): "
+                              "the LRU drain would not happen")
+        self.cleared += 1
+
     def __call__(self) -> None:
+        self._allow_thp()
         with contextlib.suppress(OSError):  # EINVAL is the answer; the drain has happened
             self._map.madvise(MADV_COLLAPSE, self._empty, self._size)
-

@@ -46,6 +46,7 @@ class ProcStat:
     stime: int
     starttime: int
     rss_pages: int
+    vsize: int = 0  # bytes mapped (statm's size): a new mapping changes it
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -102,7 +103,7 @@ class ProcFS:
             pid=int(text[:lpar]), comm=text[lpar + 1:rpar], state=rest[0],
             flags=int(rest[6]), minflt=int(rest[7]), majflt=int(rest[9]),
             utime=int(rest[11]), stime=int(rest[12]), starttime=int(rest[19]),
-            rss_pages=int(rest[21]),
+            rss_pages=int(rest[21]), vsize=int(rest[20]),
         )
 
     def status(self, pid: int) -> ProcStatus:

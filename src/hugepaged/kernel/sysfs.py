@@ -167,5 +167,33 @@ class MmStats:
         with open(f"{self.proc_root}/{name}") as f:
             return f.read()
 
-    def free_huge_blocks(self) -> int:
-        return free_huge_blocks(self._read("buddyinfo"))
+    def numa_nodes(self) -> set[int]:
+        """Nodes with memory (zoneinfo); {0} where there is no zoneinfo."""
+        from hugepaged.kernel.zones import Zones
+
+        try:
+            return Zones(self.proc_root).nodes() or {0}
+        except FileNotFoundError:
+            return {0}
+
+    def window_nodes(self, pagemap_entries) -> set[int]:
+        """hpage_collapse_find_target_node: the node(s) holding most of a window's present
+        pages (its pagemap entries), where a collapse allocates its huge page."""
+        import numpy as np
+
+        from hugepaged.kernel.pagemap import PM_PFN_MASK, PM_PRESENT
+        from hugepaged.kernel.zones import Zones, target_nodes
+
+        e = np.asarray(pagemap_entries, dtype=np.uint64)
+        pfns = e[(e & np.uint64(PM_PRESENT)) != 0] & np.uint64(PM_PFN_MASK)
+        return target_nodes(Zones(self.proc_root).zones(), pfns)
+
+    def free_huge_blocks(self, nodes: set[int] | None = None) -> int:
+        """Free 2 MiB blocks an allocation could take (on `nodes`, None: any): per zone above
+        its min watermark (kernel/zones.py); without /proc/zoneinfo, buddyinfo alone."""
+        from hugepaged.kernel.zones import Zones
+
+        try:
+            return Zones(self.proc_root).usable_huge_blocks(nodes)
+        except FileNotFoundError:
+            return free_huge_blocks(self._read("buddyinfo"))

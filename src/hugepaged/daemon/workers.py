@@ -1,0 +1,116 @@
+"""Parallel collapse: `collapse_workers` threads collapse different processes' windows at once.
+
+The kernel holds a process's mmap write lock while it copies a window into its huge page, so
+two collapses in one process wait for each other, and two in different processes do not:
+one lane per process (its batches in order, one call in flight), lanes side by side on the
+pool. A worker only makes the process_madvise calls (ctypes releases the GIL for a syscall)
+and measures its own thread's CPU; everything else (counters, results, budgets, back-off,
+naming a failure) stays on the daemon's thread, which takes the outcomes back (reap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from hugepaged.collapse import CollapseOutcome, collapse_run
+
+# A bound on a process's windows decided but not yet collapsed: beyond it the pass leaves
+# that process where it is and goes on to the next, so decisions do not go stale in a queue,
+# a CPU cap still holds, and other processes' lanes fill meanwhile.
+LANE_WINDOWS = 64
+
+
+@dataclass
+class Job:
+    """One batch: consecutive SUCCEED windows of one process, and what reaping needs."""
+
+    pid: int
+    pidfd: int
+    addresses: list[int]
+    nones: list[int]
+    target: str | None = None
+
+
+@dataclass
+class Lane:
+    """A process's batches, collapsed in order, at most one in flight."""
+
+    queue: deque = field(default_factory=deque)
+    future: Future | None = None
+    job: Job | None = None
+
+
+def _work(job: Job, size: int) -> tuple[list[CollapseOutcome], float]:
+    cpu0 = time.thread_time()
+    outcomes = collapse_run(job.pidfd, job.pid, job.addresses, size, lambda a: None)
+    return outcomes, time.thread_time() - cpu0
+
+
+class CollapsePool:
+    """The lanes and the threads; `wake` is a non-blocking pipe (read end, write end) whose
+    read end polls readable when a batch has finished."""
+
+    def __init__(self, workers: int, size: int, wake: tuple[int, int]) -> None:
+        self.workers, self.size = workers, size
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collapse")
+        self.lanes: dict[int, Lane] = {}
+        self.done_fd, self._wake_fd = wake  # the owner's pipe: it outlives a resized pool
+
+    def queued(self, pid: int) -> int:
+        lane = self.lanes.get(pid)
+        if lane is None:
+            return 0
+        return sum(len(j.addresses) for j in lane.queue) + \
+            (len(lane.job.addresses) if lane.job else 0)
+
+    def full(self, pid: int) -> bool:
+        return self.queued(pid) >= LANE_WINDOWS
+
+    def busy(self, pid: int) -> bool:
+        return pid in self.lanes
+
+    def add(self, job: Job) -> None:
+        self.lanes.setdefault(job.pid, Lane()).queue.append(job)
+
+    def start(self, may_start) -> None:
+        """Submit the next batch of every idle lane, while may_start(job) allows."""
+        for lane in self.lanes.values():
+            if lane.future is None and lane.queue and may_start(lane.queue[0]):
+                lane.job = lane.queue.popleft()
+                lane.future = self.pool.submit(_work, lane.job, self.size)
+                lane.future.add_done_callback(self._done)
+
+    def _done(self, _future: Future) -> None:  # on the worker thread: only wake the loop
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop anyway
+            os.write(self._wake_fd, b"x")
+
+    def finished(self) -> list[tuple[Job, Future]]:
+        """Batches that have finished; their lanes are idle again (or gone if empty)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.done_fd, 4096):
+                pass
+        out = []
+        for pid, lane in list(self.lanes.items()):
+            if lane.future is not None and lane.future.done():
+                out.append((lane.job, lane.future))
+                lane.future, lane.job = None, None
+            if lane.future is None and not lane.queue:
+                del self.lanes[pid]
+        return out
+
+    def drop(self, pid: int | None = None) -> None:
+        """Forget queued batches (of one process, or all); calls in flight finish."""
+        for p, lane in self.lanes.items():
+            if pid is None or p == pid:
+                lane.queue.clear()
+
+    def close(self) -> list[tuple[Job, Future]]:
+        """Queued batches dropped, the ones in flight waited for and returned."""
+        self.drop()
+        self.pool.shutdown(wait=True)
+        return self.finished()

@@ -1,0 +1,91 @@
+"""MADV_HUGEPAGE seen at once: processes that faulted, went quiet and then advised their memory.
+
+The kernel registers an mm with its khugepaged inside madvise(MADV_HUGEPAGE). hugepaged sees the
+call through the syscall tracepoints (this machine has them) and wakes the slot. The kernel is
+kept at enabled=never for these tests, so its khugepaged neither runs nor registers anyone, and
+hugepaged gets enabled=madvise on its command line.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hugepaged.daemon.advice import on_syscall
+from hugepaged.daemon.khugepaged import Khugepaged
+from hugepaged.kernel import Kernel
+from hugepaged.kernel.tracepoints import MADV_HUGEPAGE, PR_SET_THP_DISABLE, SyscallEvent
+from hugepaged.tunables import Tunables
+
+from . import marks
+from .daemon_runner import Daemon, settled
+from .helpers import Workload, pmd_mapped_windows, saved_thp
+
+pytestmark = marks.KERNEL
+REGION = [{"name": "heap", "windows": 16, "fill": "all"}]  # no MADV_HUGEPAGE yet
+
+
+def _covered(w: Workload) -> bool:
+    r = w.regions["heap"]
+    return all(pmd_mapped_windows(w.pid, r.start, r.end))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_four_quiet_processes_advised_together_are_all_covered_quickly(workers):
+    with saved_thp(enabled="never"):
+        works = [Workload(regions=REGION).start() for _ in range(4)]
+        try:
+            pids = [w.pid for w in works]
+            sets = {"enabled": "madvise", "max_cpu_percent": 0, "collapse_workers": workers}
+            with Daemon(pids=pids, sets=sets) as d:
+                st = d.wait_for(lambda s: all(settled(s, p) for p in pids), timeout=30,
+                                what="all four settled")
+                assert st["madvise_source"] == "tracepoints"
+                assert "MADV_HUGEPAGE seen by: tracepoints" in d.cli("status").stdout
+                time.sleep(2.5)  # settle back-offs grow past a second: nothing is due now
+                assert not any(_covered(w) for w in works)
+                t0 = time.monotonic()
+                for w in works:
+                    w.command("hugepage heap")
+                while not all(_covered(w) for w in works):
+                    assert time.monotonic() - t0 < 10, \
+                        f"not all covered in 10 s: {[_covered(w) for w in works]}"
+                    time.sleep(0.02)
+                seconds = time.monotonic() - t0
+                seen = {r["pid"] for r in d.events("madvise")}
+                assert seen >= set(pids)
+            for w in works:
+                w.verify()
+            print(f"four processes advised together, {workers} worker(s): all covered in "
+                  f"{seconds:.2f} s")
+        finally:
+            for w in works:
+                w.close()
+
+
+def test_madvise_registers_an_unknown_process_and_prctl_is_recorded():
+    kernel = Kernel()
+    core = Khugepaged(kernel, Tunables())
+    try:
+        with Workload(regions=REGION) as w:
+            assert w.pid not in core.registry
+            due = on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE), 100.0)
+            slot = core.registry.slots[w.pid]
+            assert due == slot.due and 100.0 < due < 100.1 and slot.settled_for == 0
+            slot.settle(200.0)
+            slot.visit = (True, [])
+            assert on_syscall(core, SyscallEvent("prctl", w.pid, w.pid, PR_SET_THP_DISABLE, 1),
+                              300.0) is None
+            assert slot.visit is None and slot.settled_for > 0  # disabled: nothing to wake for
+            due = on_syscall(core, SyscallEvent("prctl", w.pid, w.pid, PR_SET_THP_DISABLE, 0),
+                             300.0)
+            assert due is not None and slot.settled_for == 0
+            # Another advice value or a process that is gone changes nothing.
+            assert on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, 4), 300.0) is None
+        core.exit(w.pid)
+        assert on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE),
+                          400.0) is None  # exited before its record was read: not registered
+        assert w.pid not in core.registry
+    finally:
+        core.close()
