@@ -223,7 +223,14 @@ def test_client_errors(served, tmp_path):
 
 
 def as_nobody(fn) -> tuple[int, str]:
-    """Run fn() in a forked child as uid/gid 65534; (its return value, its stdout+stderr)."""
+    """Run fn() in a forked child as uid/gid 65534; (its return value, its stdout+stderr).
+
+    The interpreter and its site-packages live under /root here, which nobody cannot read: the
+    modules the commands import only when they run are imported before the drop.
+    """
+    import hugepaged.control.client
+    import hugepaged.report  # noqa: F401
+
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
