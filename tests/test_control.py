@@ -10,14 +10,12 @@ import contextlib
 import grp
 import json
 import os
-import select
 import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -100,19 +98,8 @@ def served():
     where = tempfile.mkdtemp(prefix="hugepaged-ctl-")
     os.chmod(where, 0o755)
     srv = ControlServer(os.path.join(where, "hugepaged.sock"), target)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            r, _, _ = select.select([srv], [], [], 0.05)
-            if r:
-                srv.handle_ready()
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
+    srv.start()  # its own thread, as the daemon runs it
     yield srv, target
-    stop.set()
-    t.join(5)
     srv.close()
     shutil.rmtree(where, ignore_errors=True)
 

@@ -190,7 +190,7 @@ def test_workload_exiting_mid_pass_leaves_the_daemon_running_and_its_slot_gone()
             # Killed at its first collapse: the pass is inside it, hundreds of windows to go.
             killed = d.when(collapse_of(big.pid), lambda rec: os.kill(big.pid, signal.SIGKILL))
             go(d)
-            assert killed.wait(10)
+            assert killed.wait(10), "\n".join(d.raw[-20:])
             st = d.wait_for(lambda st: slot_of(st, big.pid) is None, timeout=10,
                             what="the dead workload's slot gone")
             assert d.alive()
@@ -247,7 +247,8 @@ def test_a_storm_of_short_lived_processes_leaves_no_slot_behind(tmp_path):
             peak = 1
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                peak = max(peak, d.status()["registered"])
+                st = d.status()  # fork events wait out their settle delay as "pending"
+                peak = max(peak, st["registered"] + st.get("pending", 0))
                 if select.select([helper.stdout], [], [], 0.02)[0]:
                     break
             assert helper.stdout.readline() == "done\n"
@@ -261,8 +262,9 @@ def test_a_storm_of_short_lived_processes_leaves_no_slot_behind(tmp_path):
             # pipe to the log reader.
             d.wait_log(lambda recs: pids(recs, "register") - {helper.pid}
                        <= pids(recs, "unregister"), timeout=5)
-            registered = {r["pid"] for r in d.events("register")} - {helper.pid}
-            assert len(registered) >= 20 and peak > 1  # the storm was seen
+            # The storm was seen; children that exit within the settle delay (all of them
+            # here: 0.3 s at most) never cost a pidfd or a /proc read, so none registered.
+            assert peak > 1
             helper.stdin.write("exit\n")
             helper.stdin.flush()
             helper.wait(10)
@@ -391,7 +393,9 @@ def test_quieter_saves_restores_and_recovers(fake_thp, tmp_path):
     q.restore()  # twice is harmless
 
     # A run that died quiet: the next one must save the kernel's values, not the quiet ones.
-    KernelQuieter(fake_thp, str(state)).quiet()
+    dead = KernelQuieter(fake_thp, str(state))
+    dead.quiet()
+    dead._release()  # what its exit does to the lock
     q2 = KernelQuieter(fake_thp, str(state))
     q2.quiet()
     assert q2.saved == {"pages_to_scan": 4096, "scan_sleep_millisecs": 10000}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +228,506 @@ def test_status_prints_a_name_and_an_error_as_data(tmp_path):
     srv.close()
     assert r.returncode == 0, r.stderr
     assert "[red]0" in r.stdout and "[/]" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The control socket: no client stalls the scan or another client
+
+FAST = {"enabled": "madvise", "max_cpu_percent": 0, "scan_sleep_millisecs": 0}
+
+
+def timed_status(d: Daemon) -> float:
+    t0 = time.monotonic()
+    assert d.status()["pid"] == d.pid
+    return time.monotonic() - t0
+
+
+def worst_status_latency(d: Daemon, seconds: float) -> float:
+    worst, end = 0.0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        worst = max(worst, timed_status(d))
+        time.sleep(0.05)
+    return worst
+
+
+@needs_root
+def test_a_trickling_client_stalls_neither_status_nor_sigterm():
+    import socket
+
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        with Daemon(pids=[sleeper.pid]) as d:
+            trickler = socket.socket(socket.AF_UNIX)
+            trickler.connect(d.socket)
+            stop = threading.Event()
+
+            def trickle() -> None:  # one byte every 0.4 s, never a whole request
+                for ch in b'{"cmd": "status"' * 10:
+                    if stop.wait(0.4):
+                        return
+                    try:
+                        trickler.send(bytes([ch]))
+                    except OSError:
+                        return
+
+            t = threading.Thread(target=trickle)
+            t.start()
+            try:
+                assert worst_status_latency(d, 3.0) <= 1.0
+                trickler.settimeout(3)
+                reply = trickler.recv(4096)  # cut off at its deadline, with a reason
+                assert b"timed out" in reply
+                rc, took = d.stop(signal.SIGTERM)
+                assert rc == 0 and took <= 2.0, (rc, took)
+            finally:
+                stop.set()
+                t.join(5)
+                trickler.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@needs_root
+def test_200_concurrent_status_calls_and_30_idle_clients_all_answered():
+    import socket
+
+    from daemon_runner import request
+
+    sleeper = subprocess.Popen(["sleep", "300"])
+    idle: list[socket.socket] = []
+    try:
+        with Daemon(pids=[sleeper.pid]) as d:
+            for _ in range(30):  # connected, silent
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(d.socket)
+                idle.append(s)
+            assert timed_status(d) <= 1.0
+            barrier = threading.Barrier(200)
+            results: list[object] = []
+
+            def one() -> None:
+                barrier.wait()
+                try:
+                    results.append(request(d.socket, {"cmd": "status"}, timeout=10)["ok"])
+                except Exception as err:  # noqa: BLE001 - recorded and asserted below
+                    results.append(err)
+
+            threads = [threading.Thread(target=one) for _ in range(200)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert results == [True] * 200, [r for r in results if r is not True][:5]
+            # And 20 concurrent command-line clients, as an operator's script would run them.
+            cmd = [sys.executable, "-m", "hugepaged", "status", "--socket", d.socket]
+            procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, cwd="/") for _ in range(20)]
+            codes = [(p.wait(60), p.stderr.read()) for p in procs]
+            assert all(code == 0 for code, _ in codes), codes
+            assert d.alive()
+    finally:
+        for s in idle:
+            s.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+@kernel_test
+def test_status_answers_within_a_second_during_a_long_pass_and_sigterm_within_two():
+    # One pass over 1 GiB with every window collapsed: seconds of work in a single pass.
+    with saved_thp(enabled="never"), \
+            Workload(regions=[{"name": "a", "windows": 512, "hugepage": True}]) as w:
+        with Daemon(pids=[w.pid], sets={**FAST, "pages_to_scan": 1 << 22}) as d:
+            d.wait_log(lambda recs: any(r.get("event") == "collapse" for r in recs), 20)
+            latencies = []
+            while len(d.collapsed(w.pid)) < 400 and len(latencies) < 100:
+                latencies.append(timed_status(d))
+                time.sleep(0.02)
+            assert latencies and max(latencies) <= 1.0, max(latencies)
+            rc, took = d.stop(signal.SIGTERM)
+            assert rc == 0 and took <= 2.0, (rc, took)
+        w.verify()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. The fd limit: 1,100 processes under a 1024 limit
+
+
+@needs_root
+def test_1100_processes_under_an_fd_limit_of_1024_degrade_gracefully(tmp_path):
+    sleepers = []
+    try:
+        for _ in range(1100):
+            sleepers.append(subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, close_fds=True))
+        d = Daemon(log_level="info",
+                   config=_write(tmp_path, "exclude_comm = '(?!sleep$).*'\n"))
+        d.cmd = ["prlimit", "--nofile=1024:1024", "--", *d.cmd]
+        with d:
+            st = d.wait_for(lambda st: st["registered"] >= 800, timeout=60,
+                            what="the registry filled")
+            assert st["registered"] <= st["registry_capacity"] < 1024
+            time.sleep(1.0)
+            assert worst_status_latency(d, 2.0) <= 1.0
+            st = d.status()
+            assert st["registry_refused"] > 0 and d.alive()
+            refused = d.events("register_refused")
+            assert 1 <= len(refused) <= 2  # rate-limited: one line, not one per process
+            rc, took = d.stop(signal.SIGTERM)
+            assert rc == 0 and took <= 2.0, (rc, took)
+            assert not [line for line in d.raw if "Traceback" in line]
+    finally:
+        for p in sleepers:
+            p.kill()
+        for p in sleepers:
+            p.wait()
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "hugepaged.toml"
+    path.write_text(text)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# 6, 7. One daemon per socket and state file; restore only what is still quiet
+
+STATE_FILE = "/run/hugepaged/kernel-khugepaged.json"
+QUIET = {"pages_to_scan": "1", "scan_sleep_millisecs": "4294967295"}
+
+
+def knobs() -> dict[str, str]:
+    from helpers import read_knob
+
+    return {k: read_knob(k) for k in QUIET}
+
+
+@needs_root
+def test_a_second_daemon_on_the_same_socket_refuses_and_leaves_the_first_reachable():
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        with Daemon(pids=[sleeper.pid]) as first:
+            r = hugepaged_cli("run", "--socket", first.socket, "--pid", str(sleeper.pid),
+                              timeout=30)
+            line = one_line_error(r, 6)
+            assert "another hugepaged" in line and first.socket in line, line
+            assert os.path.exists(first.socket)
+            assert first.status()["pid"] == first.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@kernel_test
+def test_two_quiet_daemons_do_not_share_the_state_file(tmp_path):
+    if os.path.exists(STATE_FILE):
+        pytest.skip(f"{STATE_FILE} exists: another daemon's kernel settings are saved there")
+    original = knobs()
+    assert original != QUIET
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        with saved_thp(**original), Daemon(pids=[sleeper.pid],
+                                           sets={"kernel_khugepaged": "quiet"}) as first:
+            assert knobs() == QUIET
+            saved = Path(STATE_FILE).read_text()
+            r = hugepaged_cli("run", "--socket", str(tmp_path / "second.sock"),
+                              "--pid", str(sleeper.pid), "--set", "kernel_khugepaged=quiet")
+            line = one_line_error(r, 6)
+            assert STATE_FILE in line and "another hugepaged" in line, line
+            assert knobs() == QUIET and Path(STATE_FILE).read_text() == saved
+            assert not (tmp_path / "second.sock").exists()
+            # Nor can `restore-kernel` take the running daemon's values away.
+            r = hugepaged_cli("restore-kernel")
+            assert r.returncode == 0 and "nothing to restore" in r.stdout, r
+            assert knobs() == QUIET and Path(STATE_FILE).read_text() == saved
+            rc, _ = first.stop(signal.SIGTERM)
+            assert rc == 0
+            assert knobs() == original and not os.path.exists(STATE_FILE)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@kernel_test
+def test_restore_kernel_keeps_a_value_an_admin_wrote_after_the_crash():
+    if os.path.exists(STATE_FILE):
+        pytest.skip(f"{STATE_FILE} exists: another daemon's kernel settings are saved there")
+    from helpers import _write_knob
+
+    original = knobs()
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        with saved_thp(**original):
+            with Daemon(pids=[sleeper.pid], sets={"kernel_khugepaged": "quiet"}) as d:
+                assert knobs() == QUIET
+                d.stop(signal.SIGKILL)
+            from helpers import KHUGEPAGED_DIR
+            _write_knob(KHUGEPAGED_DIR / "scan_sleep_millisecs", 12345)  # the admin's
+            r = hugepaged_cli("restore-kernel")
+            # "nothing to restore" if another daemon started on this machine meanwhile: its
+            # start recovers the file, by the same rule.
+            assert r.returncode == 0 and r.stdout in ("restored\n", "nothing to restore\n")
+            assert knobs() == {"pages_to_scan": original["pages_to_scan"],
+                               "scan_sleep_millisecs": "12345"}
+            assert not os.path.exists(STATE_FILE)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        if os.path.exists(STATE_FILE):
+            os.unlink(STATE_FILE)
+
+
+def test_recovery_writes_back_only_knobs_still_quiet(tmp_path):
+    # A fixture sysfs, so that nothing else on the machine can recover the file first.
+    from hugepaged.daemon.kernel_quiet import KernelQuieter
+    from hugepaged.kernel.sysfs import ThpSysfs
+
+    d = tmp_path / "sys" / "kernel" / "mm" / "transparent_hugepage" / "khugepaged"
+    d.mkdir(parents=True)
+    (d.parent / "enabled").write_text("always [madvise] never\n")
+    for k, v in {"pages_to_scan": 4096, "scan_sleep_millisecs": 10000}.items():
+        (d / k).write_text(f"{v}\n")
+    thp = ThpSysfs(str(tmp_path / "sys"))
+    state = str(tmp_path / "run" / "state.json")
+    dead = KernelQuieter(thp, state)
+    dead.quiet()
+    dead._release()  # what a SIGKILL does to the lock
+    (d / "scan_sleep_millisecs").write_text("12345\n")  # the admin, after the crash
+    assert KernelQuieter(thp, state).recover()
+    assert thp.read("pages_to_scan") == 4096 and thp.read("scan_sleep_millisecs") == 12345
+    # While a daemon holds the state file, nobody else recovers it.
+    live = KernelQuieter(thp, state)
+    live.quiet()
+    assert not KernelQuieter(thp, state).recover() and os.path.exists(state)
+    with pytest.raises(Exception, match="another hugepaged"):
+        KernelQuieter(thp, state).quiet()
+    live.restore()
+    assert thp.read("pages_to_scan") == 4096 and not os.path.exists(state)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Targeted mode follows the process; exclusions resolved at exec
+
+
+def _start_with_pid(want: int, spec: dict, tries: int = 50) -> Workload | None:
+    """A workload given pid `want` (ns_last_pid; another fork on the machine may win the race,
+    so it is retried); None if the race was lost every time."""
+    for _ in range(tries):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(want - 1))
+        w = Workload(spec).start()
+        if w.pid == want:
+            return w
+        w.close()
+    return None
+
+
+@kernel_test
+def test_a_reused_pid_of_a_target_is_not_registered():
+    spec = {"regions": [{"name": "a", "windows": 4, "hugepage": True}]}
+    with saved_thp(enabled="never"):
+        first = Workload(spec).start()
+        pid = first.pid
+        with Daemon(pids=[pid], sets=FAST) as d:
+            d.wait_for(lambda st: len(d.collapsed(pid)) == 4, timeout=15)
+            first.close()
+            d.wait_for(lambda st: st["registered"] == 0, timeout=10)
+            impostor = _start_with_pid(pid, spec)
+            if impostor is None:
+                pytest.skip(f"could not get pid {pid} again (other forks won the race)")
+            try:
+                time.sleep(3.0)  # fork event + settle delay + passes, several times over
+                st = d.status()
+                assert st["registered"] == 0, st["processes"]
+                registered = [r for r in d.events("register") if r["pid"] == pid]
+                assert len(registered) == 1  # the first process only
+                r = impostor.regions["a"]
+                assert anon_huge_kb(pid, r.start) == 0
+                impostor.verify()
+            finally:
+                impostor.close()
+
+
+@kernel_test
+def test_exclude_comm_is_resolved_again_at_exec(tmp_path):
+    from helpers import WORKLOAD, pmd_mapped_windows
+
+    link = tmp_path / "hpexcluded"
+    link.symlink_to(sys.executable)
+    spec = '{"regions": [{"name": "a", "windows": 8, "hugepage": true}]}'
+    cfg = _write(tmp_path, "exclude_comm = '(?!hpexecparent$).*'\n")  # all but the parent
+    with saved_thp(enabled="never"), Daemon(config=cfg, sets=FAST) as d:
+        child = subprocess.Popen(
+            ["sh", "-c", f"printf hpexecparent > /proc/self/comm; sleep 2; "
+                         f"exec {link} {WORKLOAD} '{spec}'"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            d.wait_log(lambda recs: any(r.get("event") == "register"
+                                        and r.get("pid") == child.pid for r in recs), 10)
+            import json
+            info = json.loads(child.stdout.readline())  # exec'd: named hpexcluded now
+            region = info["regions"]["a"]
+            d.wait_log(lambda recs: any(r.get("event") == "excluded"
+                                        and r.get("pid") == child.pid for r in recs), 10)
+            time.sleep(2.0)
+            assert pmd_mapped_windows(child.pid, region["start"], region["end"]) == [False] * 8
+            assert not d.collapsed(child.pid)
+            assert child.pid not in [p["pid"] for p in d.status()["processes"]]
+        finally:
+            child.kill()
+            child.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# 9. VMAs re-validated before each collapse
+
+
+@kernel_test
+def test_a_region_replaced_mid_visit_without_madv_hugepage_is_not_collapsed():
+    with saved_thp(enabled="never"), \
+            Workload(regions=[{"name": "a", "windows": 64, "hugepage": True}]) as w:
+        r = w.regions["a"]
+        # Four windows per pass, a pass per 100 ms: the visit spans many passes.
+        with Daemon(pids=[w.pid], sets={**FAST, "pages_to_scan": 4 * 512,
+                                        "scan_sleep_millisecs": 100}) as d:
+            d.wait_for(lambda st: len(d.collapsed(w.pid)) >= 4, timeout=15)
+            assert w.command("remap a")["ok"]  # a fresh VMA, no MADV_HUGEPAGE
+            before = len(d.collapsed(w.pid))
+            time.sleep(3.0)
+            after = d.collapsed(w.pid)
+            from helpers import pmd_mapped_windows, vm_flags
+            assert "hg" not in vm_flags(w.pid, r.start)
+            assert pmd_mapped_windows(w.pid, r.start, r.end) == [False] * 64
+            assert len(after) - before <= 1, after[before:]  # at most the one in flight
+            assert d.alive()
+        w.verify()
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Issue 10: a process lives while any thread does; full_scans once; errors contained
+
+LEADER_EXITS = r"""
+import ctypes, mmap, os, sys, threading
+MADV_HUGEPAGE = 14
+region = mmap.mmap(-1, 10 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # 4 KiB pages,
+# then MADV_HUGEPAGE
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
+for i in range(0, len(region), 4096):
+    region[i:i + 8] = (i // 4096).to_bytes(8, "little")
+ctypes.CDLL(None).prctl(41, 0, 0, 0, 0)
+region.madvise(MADV_HUGEPAGE)
+gone = threading.Event()
+def worker():
+    gone.wait()
+    sys.stdin.readline()  # "check": every page still holds its number
+    ok = all(region[i:i + 8] == (i // 4096).to_bytes(8, "little")
+             for i in range(0, len(region), 4096))
+    print("ok" if ok else "bad", flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+threading.Thread(target=worker).start()
+sys.stdin.readline()
+print("ready", flush=True)
+gone.set()
+ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: the main thread only
+"""
+
+
+@kernel_test
+def test_a_process_whose_leader_thread_exited_stays_registered_until_the_last_thread():
+    p = subprocess.Popen([sys.executable, "-c", LEADER_EXITS], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        with saved_thp(enabled="never"), Daemon(pids=[p.pid], sets={"enabled": "never"}) as d:
+            d.wait_for(lambda st: st["registered"] == 1, timeout=10)
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "ready\n"
+            deadline = time.monotonic() + 10
+            while not Path(f"/proc/{p.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            # The leader's exit event has been read; now let the passes find work.
+            assert d.set("enabled", "madvise")["ok"] and d.set("max_cpu_percent", 0)["ok"]
+            tid = next(int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid)
+            d.wait_log(lambda recs: any(r.get("event") == "leader_gone" and r.get("pid") == p.pid
+                                        for r in recs), 15)
+            time.sleep(1.0)
+            st = d.status()
+            assert st["registered"] == 1, d.events("unregister")
+            assert d.events("leader_exit", pid=p.pid)[0]["tid"] == tid  # read through it
+            assert not d.events("unregister", pid=p.pid)
+            p.stdin.write("check\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "ok\n"
+            p.stdin.write("bye\n")
+            p.stdin.flush()
+            p.wait(10)
+            d.wait_for(lambda st: st["registered"] == 0, timeout=10, what="slot gone")
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_the_cursor_wraps_and_counts_in_one_place():
+    from hugepaged.daemon.registry import Registry
+
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        reg = Registry()
+        wraps = []
+        reg.on_wrap = lambda: wraps.append(1)
+        a, b = (reg.enter(p.pid) for p in sleepers)
+        reg.cursor.pid = b.pid  # at the tail: dropping it wraps, as advancing past it does
+        reg.exit(b.pid)
+        assert reg.cursor.pid is None and wraps == [1]
+        reg.cursor.pid = a.pid
+        reg.advance(a.pid)
+        assert wraps == [1, 1]
+        reg.close()
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
+@kernel_test
+def test_an_unexpected_error_in_one_process_is_contained_to_its_slot(monkeypatch):
+    # The error is injected (a parse failure of one process's smaps is not something a
+    # real process can be made to produce); the processes and the collapses are real.
+    from helpers import pmd_mapped_windows
+
+    from hugepaged.daemon.khugepaged import Khugepaged
+    from hugepaged.kernel import Kernel
+    from hugepaged.tunables import Tunables
+
+    with saved_thp(enabled="never"), \
+            Workload(regions=[{"name": "a", "windows": 4, "hugepage": True}]) as bad, \
+            Workload(regions=[{"name": "a", "windows": 4, "hugepage": True}]) as good:
+        kernel = Kernel()
+        core = Khugepaged(kernel, Tunables(enabled="madvise", max_cpu_percent=0))
+        real = kernel.procfs.smaps
+
+        def smaps(pid):
+            if pid == bad.pid:
+                raise ValueError("unparseable smaps line")
+            return real(pid)
+
+        monkeypatch.setattr(kernel.procfs, "smaps", smaps)
+        try:
+            core.enter(bad.pid)
+            core.enter(good.pid)
+            core.do_scan()  # no exception: the bad slot is settled, the good one collapsed
+            r = good.regions["a"]
+            assert pmd_mapped_windows(good.pid, r.start, r.end) == [True] * 4
+            assert core.registry.slots[bad.pid].settled_for > 0
+            for _ in range(3):  # due again each time: dropped after repeated errors
+                if bad.pid in core.registry:
+                    core.registry.slots[bad.pid].due = 0.0
+                core.do_scan()
+            assert bad.pid not in core.registry and good.pid in core.registry
+        finally:
+            core.close()
+        good.verify()

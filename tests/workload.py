@@ -68,6 +68,9 @@ and commands on stdin, one per line, one JSON line answered for each:
                     any bytes, newlines and escape sequences included)
     hugepage NAME, nohugepage NAME -> {"ok": true, "time": T}: MADV_HUGEPAGE / MADV_NOHUGEPAGE
                     on NAME now (T: time.time() right after the call)
+    remap NAME   -> {"ok": true}: replace region NAME by a fresh private anonymous mapping at the
+                    same address (mmap MAP_FIXED: no MADV_HUGEPAGE), refaulted as 4 KiB pages
+                    with the same pattern, so verify still checks it
     exit         -> {"ok": true}, then exit 0.   EOF on stdin: exit 0.
 Errors in the spec: message on stderr, exit status 2.
 """
@@ -306,6 +309,19 @@ class Region:
         self.view = np.frombuffer(buf, dtype=np.uint64).reshape(
             self.windows, PAGES_PER_WINDOW, WORDS_PER_PAGE)
 
+    def remap(self) -> None:
+        """A fresh mapping over the same range (a new VMA without the old one's flags)."""
+        got = _libc.mmap(self.start, self.length, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        if got != self.start:
+            raise OSError(ctypes.get_errno(), "mmap MAP_FIXED")
+        prctl(PR_SET_THP_DISABLE, 1)
+        try:
+            self.populate()
+            self.write()
+        finally:
+            prctl(PR_SET_THP_DISABLE, 0)
+
     def _chunks(self, npages: int):
         per = max(1, CHUNK_PAGES // max(1, npages))
         for w0 in range(0, self.windows, per):
@@ -541,6 +557,12 @@ def serve(regions: list[Region]) -> None:
                 reply({"ok": False, "error": f"no region {arg!r}"})
                 continue
             by_name[arg].write()
+            reply({"ok": True})
+        elif cmd == "remap":
+            if arg not in by_name:
+                reply({"ok": False, "error": f"no region {arg!r}"})
+                continue
+            by_name[arg].remap()
             reply({"ok": True})
         elif cmd == "comm":
             with open("/proc/self/comm", "wb") as f:

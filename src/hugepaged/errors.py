@@ -41,3 +41,9 @@ class DaemonUnreachable(HugepagedError):
     """The control socket is absent or refuses us."""
 
     exit_status = 6
+
+
+class AlreadyRunning(HugepagedError):
+    """Another daemon holds this control socket or state file: a second one refuses to start."""
+
+    exit_status = 6

@@ -5,6 +5,7 @@ import argparse
 from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
 from hugepaged.config import DEFAULT_PATH
 from hugepaged.daemon.kernel_quiet import STATE_FILE
+from hugepaged.kernel.limits import raise_nofile
 from hugepaged.tunables import parse_assignments
 
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     kernel = kernel_of(args)
     check_pids(kernel, args.pid)
+    raise_nofile()  # one pidfd per registered process
     if args.socket is not None:
         check_socket(args.socket)
     overrides = parse_assignments(args.assignments)

@@ -1,12 +1,19 @@
 """kernel_khugepaged = "quiet": turn the kernel's own scanning down while hugepaged runs.
 
 The kernel's values are saved to a state file before they change, so that even after a
-SIGKILL the next start (or `hugepaged restore-kernel`) puts them back.
+SIGKILL the next start (or `hugepaged restore-kernel`) puts them back. The state file is
+one daemon's: a lock next to it (flock, held while quiet) makes a second daemon refuse to
+quiet over it, and keeps a starting daemon or `restore-kernel` from "recovering" the values
+of a daemon that is alive. Only knobs still at the quiet values are put back, as tuned
+restores only what it saved: a value an admin wrote meanwhile is theirs and stays.
 """
 
+import contextlib
 import logging
 import os
 
+from hugepaged.errors import AlreadyRunning
+from hugepaged.kernel.limits import LockHeld, try_lock
 from hugepaged.kernel.sysfs import ThpSysfs
 
 log = logging.getLogger("hugepaged")
@@ -18,41 +25,110 @@ QUIET = {"pages_to_scan": 1, "scan_sleep_millisecs": 2**32 - 1}
 class KernelQuieter:
     def __init__(self, thp: ThpSysfs, state_file: str = STATE_FILE) -> None:
         self.thp, self.state_file = thp, state_file
+        self.lock_file = f"{state_file}.lock"
         self.saved: dict | None = None
+        self._lock_fd: int | None = None
 
+    # --- the lock ------------------------------------------------------------------------
+    def _acquire(self) -> bool:
+        """True if we hold the lock now (already or newly); False if a live daemon does."""
+        if self._lock_fd is not None:
+            return True
+        os.makedirs(os.path.dirname(self.state_file) or ".", exist_ok=True)
+        try:
+            self._lock_fd = try_lock(self.lock_file)
+        except LockHeld as held:
+            self.holder = held.owner
+            return False
+        return True
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def holder_text(self) -> str:
+        owner = getattr(self, "holder", None)
+        return f" (pid {owner})" if owner else ""
+
+    # --- saving and restoring --------------------------------------------------------------
     def recover(self) -> bool:
-        """Restore values left behind by a run that could not restore them."""
+        """Restore values left behind by a run that could not restore them (never those of
+        a daemon that is running: it holds the lock)."""
+        if not self._acquire():
+            return False
+        try:
+            return self._recover_locked()
+        finally:
+            if self.saved is None:
+                self._release()
+
+    def _recover_locked(self) -> bool:
+        import json
+
         try:
             with open(self.state_file) as f:
-                import json
-
                 saved = json.load(f)
         except (FileNotFoundError, ValueError):
             return False
-        self.thp.restore(saved)
+        if not isinstance(saved, dict):
+            saved = {}
+        kept = self._put_back(saved)
         os.unlink(self.state_file)
-        log.warning("restored the kernel's khugepaged settings left by an earlier run: %s",
-                    saved, extra={"event": "kernel_restore", **saved})
+        log.warning("restored the kernel's khugepaged settings left by an earlier run: %s%s",
+                    saved, f" (kept values changed since: {kept})" if kept else "",
+                    extra={"event": "kernel_restore", **saved})
         return True
 
+    def _put_back(self, saved: dict) -> dict:
+        """Write back each saved knob that is still at its quiet value; returns the ones left
+        alone because someone set them since (name: value found)."""
+        kept = {}
+        for name, quiet in QUIET.items():
+            if name not in saved:
+                continue
+            now = self.thp.read(name)
+            if now == quiet:
+                if now != saved[name]:
+                    self.thp.write(name, saved[name])
+            else:
+                kept[name] = now
+        return kept
+
     def quiet(self) -> None:
-        self.recover()
-        self.saved = self.thp.snapshot(tuple(QUIET))
-        os.makedirs(os.path.dirname(self.state_file), exist_ok=True)
-        with open(self.state_file, "w") as f:
+        if not self._acquire():
+            raise AlreadyRunning(f"{self.state_file}: another hugepaged{self.holder_text()} "
+                                 "has quieted the kernel's khugepaged; its saved values stay "
+                                 "its own")
+        try:
+            self._recover_locked()
+            self.saved = self.thp.snapshot(tuple(QUIET))
             import json
 
-            json.dump(self.saved, f)
-        for name, value in QUIET.items():
-            self.thp.write(name, value)
+            with open(self.state_file, "w") as f:
+                json.dump(self.saved, f)
+            for name, value in QUIET.items():
+                self.thp.write(name, value)
+        except BaseException:
+            if self.saved is not None:
+                self.restore()
+            self._release()
+            raise
         log.info("kernel khugepaged quieted (was %s)", self.saved,
                  extra={"event": "kernel_quiet", **self.saved})
 
     def restore(self) -> None:
         if self.saved is None:
             return
-        self.thp.restore(self.saved)
-        self.saved = None
-        if os.path.exists(self.state_file):
-            os.unlink(self.state_file)
-        log.info("kernel khugepaged settings restored", extra={"event": "kernel_restore"})
+        try:
+            kept = self._put_back(self.saved)
+            self.saved = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state_file)
+        finally:
+            self._release()
+        if kept:
+            log.warning("kernel khugepaged settings restored, except values changed while "
+                        "quiet, kept: %s", kept, extra={"event": "kernel_restore", "kept": kept})
+        else:
+            log.info("kernel khugepaged settings restored", extra={"event": "kernel_restore"})

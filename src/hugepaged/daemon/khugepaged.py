@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from hugepaged.collapse import CollapseOutcome, collapse_run, result_of_errno, window_now
 from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
 from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel.madvise import pidfd_exited, pidfd_open
 from hugepaged.kernel.procfs import PF_KTHREAD
 from hugepaged.policy import CollapseControl
 from hugepaged.results import COLLAPSIBLE, ScanResult
@@ -33,6 +34,7 @@ from .workers import CollapsePool, Job
 log = logging.getLogger("hugepaged")
 MAX_BATCH = 16  # windows per process_madvise call: bounds the time one call holds the daemon
 FIRST_COLLAPSE_CPU = 0.003  # CPU-seconds a collapse is assumed to cost before one is measured
+MAX_ERRORS = 3  # unexpected errors in a row before a slot is dropped
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -106,6 +108,7 @@ class Khugepaged:
         self._one_node: bool | None = None
         self._chunk: dict[int, int] = {}  # pid -> windows its next read may decide
         self._set_workers(tunables.collapse_workers)
+        self.registry.on_wrap = self._full_scan
 
     def set_tunables(self, tunables: Tunables) -> None:
         old, self.tunables = self.tunables, tunables
@@ -113,12 +116,14 @@ class Khugepaged:
         if old.collapse_workers != tunables.collapse_workers:
             self._set_workers(tunables.collapse_workers)
         self.budget.set_percent(tunables.max_cpu_percent)
-        for slot in self.registry.slots.values():
+        # list(): this runs on the control thread (`hugepaged set`) while the loop may drop
+        # slots; a slot woken mid-visit is not settled by that visit (see scan_mm_slot).
+        for slot in list(self.registry.slots.values()):
             self._apply_target(slot, slot.target)  # the global part of every policy
         if (old.enabled, old.max_ptes_none, old.max_ptes_swap, old.max_ptes_shared) != \
            (tunables.enabled, tunables.max_ptes_none, tunables.max_ptes_swap,
                 tunables.max_ptes_shared):
-            for slot in self.registry.slots.values():
+            for slot in list(self.registry.slots.values()):
                 slot.wake()  # new rules: look at everyone again
 
     def set_targets(self, targets: list[Target]) -> None:
@@ -191,8 +196,18 @@ class Khugepaged:
         if slot is None:
             return
         try:
-            slot.comm = self.kernel.procfs.stat(pid).comm
+            comm = self.kernel.procfs.stat(pid).comm
         except (HugepagedError, OSError):
+            return
+        if comm != slot.comm:
+            log.info("pid %d: %s -> %s (exec)", pid, slot.comm, comm,
+                     extra={"event": "exec", "pid": pid, "old_comm": slot.comm, "comm": comm})
+        slot.comm = comm
+        if self.exclude_comm is not None and self.exclude_comm.fullmatch(comm):
+            # A fork child had its parent's name until now: exclusions are resolved here too.
+            log.info("pid %d (%s): excluded by exclude_comm; dropped", pid, comm,
+                     extra={"event": "excluded", "pid": pid, "comm": comm})
+            self.exit(pid)
             return
         self.resolve(slot)
         slot.visit = None
@@ -294,9 +309,11 @@ class Khugepaged:
         if back is not None and back != pid and back in self.registry:
             cur.pid, cur.address = back, 0  # where a higher priority slot cut in
             return
-        cur.pid, cur.address = self.registry.next_pid(pid), 0
-        if cur.pid is None:
-            self.counters.full_scans += 1
+        self.registry.advance(pid)  # the one place the cursor moves on (and wraps)
+
+    def _full_scan(self) -> None:
+        """The cursor wrapped past the tail (Registry.advance): one full scan."""
+        self.counters.full_scans += 1
 
     def scan_mm_slot(self, budget: int) -> tuple[int, bool]:
         """khugepaged_scan_mm_slot: (progress, whether the process was really scanned)."""
@@ -325,16 +342,27 @@ class Khugepaged:
             slot.due = now + dry.wait
             self._advance(pid)
             return 1, True
+        except Stop:
+            raise
         except (ProcessGone, AccessDenied) as err:
+            if isinstance(err, ProcessGone) and not slot.exited():
+                self._leader_gone(slot, now)  # threads live: the process does too
+                return 1, True
             if isinstance(err, AccessDenied):
                 log.warning("pid %d: %s; dropped", pid, err,
                             extra={"event": "unregister", "pid": pid})
             self.exit(pid)
             return 1, True
+        except Exception as err:  # noqa: BLE001 - one process never ends the daemon
+            self._contain(slot, err, now)
+            return 1, True
+        slot.errors = 0
         if finished:
             slot.visit = None
             slot.last_full = now
-            if collapsed:
+            # Woken while visited (a rule change on the control thread): the visit may have
+            # used the old rules, so it does not settle the slot.
+            if collapsed or slot.wakes != slot.visit_wakes:
                 slot.wake()
             else:
                 if slot.forced:  # nothing changed and nothing found: force less often
@@ -343,6 +371,64 @@ class Khugepaged:
             slot.forced = False
             self._advance(pid)
         return progress, True
+
+    def _contain(self, slot: MmSlot, err: Exception, now: float) -> None:
+        """An unexpected error from one process (EMFILE, a parse error, a kernel surprise):
+        logged, the slot settled and its visit ended; dropped after MAX_ERRORS in a row."""
+        slot.errors += 1
+        slot.visit = None
+        what = f"{type(err).__name__}: {err}"
+        if slot.errors >= MAX_ERRORS:
+            log.error("pid %d (%s): %s; dropped after %d errors", slot.pid, slot.comm, what,
+                      slot.errors, extra={"event": "slot_error", "pid": slot.pid,
+                                          "comm": slot.comm, "error": what, "dropped": True})
+            self.exit(slot.pid)
+            return
+        log.error("pid %d (%s): %s; settled", slot.pid, slot.comm, what,
+                  extra={"event": "slot_error", "pid": slot.pid, "comm": slot.comm,
+                         "error": what, "dropped": False})
+        slot.settle(now)
+        self._advance(slot.pid)
+
+    def _leader_gone(self, slot: MmSlot, now: float) -> None:
+        """ESRCH from a process whose pidfd says it lives: its leader thread has exited and
+        others run. process_madvise reaches a process through its leader, so it cannot be
+        collapsed from userspace now; the slot stays (settled) until its last thread exits."""
+        if not slot.leader_gone:
+            slot.leader_gone = True
+            log.info("pid %d (%s): leader thread exited, other threads live: kept, but "
+                     "process_madvise cannot reach it", slot.pid, slot.comm,
+                     extra={"event": "leader_gone", "pid": slot.pid, "comm": slot.comm})
+        slot.visit = None
+        slot.settle(now)
+        self._advance(slot.pid)
+
+    def _mm_of(self, slot: MmSlot) -> int:
+        """The pid whose /proc files show the process's memory: the leader's while it runs,
+        else a live thread's (the process lives while any thread does)."""
+        if slot.mm_pid and slot.mm_pid != slot.pid and not pidfd_exited(slot.mm_pidfd):
+            return slot.mm_pid
+        if self.kernel.procfs.stat(slot.pid).state != "Z":
+            slot.mm_pid = slot.pid
+            return slot.pid
+        for tid in self.kernel.procfs.tasks(slot.pid):
+            if tid == slot.pid:
+                continue
+            try:
+                fd = pidfd_open(tid, thread=True)
+            except (HugepagedError, OSError):
+                continue
+            if slot.mm_pidfd >= 0:
+                os.close(slot.mm_pidfd)
+            slot.mm_pid, slot.mm_pidfd = tid, fd
+            log.info("pid %d: leader thread exited; reading its memory through thread %d",
+                     slot.pid, tid, extra={"event": "leader_exit", "pid": slot.pid, "tid": tid})
+            return tid
+        raise ProcessGone(f"pid {slot.pid}: no live thread")
+
+    def _fingerprint(self, pid: int) -> tuple:
+        st = self.kernel.procfs.stat(pid)
+        return (st.minflt, st.majflt, st.rss_pages)
 
     def _due(self, slot: MmSlot, now: float) -> bool:
         """A settled slot is visited when due, and only if its fault counters moved."""
@@ -372,9 +458,14 @@ class Khugepaged:
         slot.resume = 0
         if cur.address == 0:  # a visit's first read and call are one window, then 2, 4, ...:
             self._ramp[slot.pid] = self._chunk[slot.pid] = 1  # its first collapse comes sooner
-        if cur.address == 0 or slot.visit is None:
-            thp_enabled = self.kernel.procfs.status(slot.pid).thp_enabled
-            slot.visit = (thp_enabled, self.kernel.procfs.smaps(slot.pid))
+            slot.visit_wakes = slot.wakes
+        fresh = cur.address == 0 or slot.visit is None or \
+            self._fingerprint(slot.pid) != slot.visit_fp
+        if fresh:  # a resumed visit whose process faulted since may have a new memory map
+            slot.visit_fp = self._fingerprint(slot.pid)
+            mm_pid = self._mm_of(slot)
+            thp_enabled = self.kernel.procfs.status(mm_pid).thp_enabled
+            slot.visit = (thp_enabled, self.kernel.procfs.smaps(mm_pid))
             slot.anon_kb = sum(v.anonymous_kb for v in slot.visit[1])
             slot.anon_huge_kb = sum(v.anon_huge_kb for v in slot.visit[1])
         thp_enabled, vmas = slot.visit
@@ -383,7 +474,8 @@ class Khugepaged:
             raise ProcessGone(f"pid {slot.pid}: process has exited")
         geo = self.kernel.geometry
         progress, collapsed = 1, 0
-        with ProcessScanner(self.kernel, slot.pid, self.kpf, self.control_for(slot)) as mm:
+        mm_pid = slot.mm_pid or slot.pid
+        with ProcessScanner(self.kernel, mm_pid, self.kpf, self.control_for(slot)) as mm:
             for vma in vmas:
                 if vma.end <= cur.address:
                     continue
@@ -396,11 +488,21 @@ class Khugepaged:
                     if progress >= budget:
                         cur.address = addr
                         return progress, False, collapsed
+                    if self.stopping:  # SIGTERM is honoured between chunks, not per pass
+                        cur.address = addr
+                        raise Stop
                     want = max(1, -(-(budget - progress) // geo.pmd_nr))
                     chunk = self._chunk.get(slot.pid, CHUNK_WINDOWS)
                     self._chunk[slot.pid] = min(CHUNK_WINDOWS, 2 * chunk)
                     n = min((hend - addr) >> geo.pmd_shift, want, chunk)
                     verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
+                    if not fresh and (verdicts.codes == ScanResult.SUCCEED).any() and \
+                            self._fingerprint(slot.pid) != slot.visit_fp:
+                        # hugepage_vma_revalidate: the process faulted since its VMAs were
+                        # read (a region may have been replaced by a fresh mapping without
+                        # MADV_HUGEPAGE): read them again before collapsing here.
+                        cur.address, slot.visit = addr, None
+                        return progress, False, collapsed
                     for result in self._windows(slot, state, mm, vma, addr,
                                                 verdicts.codes.tolist(),
                                                 verdicts.none.tolist()):

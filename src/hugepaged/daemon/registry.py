@@ -4,12 +4,17 @@ A pidfd pins the identity: once its process exits the pidfd polls readable, so a
 pid is never taken for the old process.
 """
 
+import errno
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 from hugepaged.errors import HugepagedError
 from hugepaged.kernel.madvise import pidfd_exited, pidfd_open
+
+log = logging.getLogger("hugepaged")
+REFUSAL_LOG_EVERY = 60.0  # a full registry says so at most this often
 
 # A slot whose last visit found nothing to do is checked again after this many seconds,
 # doubling up to SETTLE_MAX while its fault counters stay put. A full rescan is forced
@@ -51,14 +56,24 @@ class MmSlot:
     anon_huge_kb: int = 0
     # Where a visit that left the slot early (its target's CPU share ran dry) resumes.
     resume: int = 0
+    wakes: int = 0  # wake() calls; one during a visit keeps the visit from settling the slot
+    visit_wakes: int = 0
+    visit_fp: tuple = ()  # fault counters when `visit` was read: moved = re-read before collapse
+    errors: int = 0  # unexpected errors in a row
+    # Whose /proc files the scan reads: the leader's, or, once the leader thread has exited
+    # while others live (its /proc maps read empty), a live thread's.
+    mm_pid: int = 0
+    mm_pidfd: int = -1
+    leader_gone: bool = False
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)
 
     def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for fd in (self.pidfd, self.mm_pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.mm_pidfd = -1
 
     def settle(self, now: float) -> None:
         """Nothing to do here: look again later, and later still if nothing changes."""
@@ -66,6 +81,7 @@ class MmSlot:
         self.due = now + self.settled_for
 
     def wake(self) -> None:
+        self.wakes += 1
         self.settled_for, self.due = 0.0, 0.0
         self.rescan_every = RESCAN_MIN
 
@@ -89,6 +105,16 @@ class Registry:
         self._order: list[int] | None = None  # scan order and positions, rebuilt on change
         self._pos: dict[int, int] = {}
         self._mixed = False  # more than one priority among the slots
+        # One pidfd per slot: at most this many slots, so the fd limit is never reached by
+        # the registry (None: no bound). A refusal is counted and logged, rate-limited.
+        self.capacity: int | None = None
+        self.refused = 0
+        self._refused_logged = 0
+        self._last_refusal_log = -REFUSAL_LOG_EVERY
+        # Targeted mode: pidfds taken when the daemon started, by pid. A pid whose pinned
+        # process has exited is a different process now and is never registered.
+        self.pinned: dict[int, int] = {}
+        self.on_wrap = None  # called when the cursor wraps past the tail (full_scans)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -100,14 +126,42 @@ class Registry:
         """__khugepaged_enter: register once; None if it cannot be (gone, ourselves)."""
         if pid == self.own_pid or pid in self.slots:
             return self.slots.get(pid)
+        if self.capacity is not None and len(self.slots) >= self.capacity:
+            self._refuse(pid, f"registry full ({self.capacity} processes, the fd limit)")
+            return None
         try:
-            pidfd = pidfd_open(pid)
-        except (HugepagedError, OSError):
+            pidfd = self._pidfd(pid)
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                self._refuse(pid, f"no file descriptor for a pidfd ({err.strerror})")
+            return None
+        except HugepagedError:
+            return None
+        if pidfd is None:
             return None
         slot = MmSlot(pid, pidfd, comm)
         self.slots[pid] = slot
         self._order = None
         return slot
+
+    def _pidfd(self, pid: int) -> int | None:
+        pinned = self.pinned.get(pid)
+        if pinned is None:
+            return pidfd_open(pid)
+        if pidfd_exited(pinned):
+            return None  # the pid now names a different process
+        return os.dup(pinned)
+
+    def _refuse(self, pid: int, why: str) -> None:
+        """Counted always, logged once a minute with the count since the last line."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_EVERY:
+            log.warning("pid %d not registered: %s; %d refused since the last report", pid,
+                        why, self.refused - self._refused_logged,
+                        extra={"event": "register_refused", "pid": pid, "reason": why,
+                               "refused": self.refused})
+            self._last_refusal_log, self._refused_logged = now, self.refused
 
     def exit(self, pid: int) -> bool:
         """khugepaged_exit/collect_mm_slot: the slot goes; the cursor moves past it."""
@@ -115,7 +169,7 @@ class Registry:
         if slot is None:
             return False
         if self.cursor.pid == pid:
-            self.cursor.pid, self.cursor.address = self.next_pid(pid), 0
+            self.advance(pid)  # collect_mm_slot at the tail still completes a full scan
         del self.slots[pid]
         self._order = None
         slot.close()
@@ -131,6 +185,12 @@ class Registry:
             self._pos = {p: i for i, p in enumerate(self._order)}
             self._mixed = len({s.priority for s in self.slots.values()}) > 1
         return self._order
+
+    def advance(self, pid: int) -> None:
+        """The one place the cursor leaves a slot; wrapping past the tail is a full scan."""
+        self.cursor.pid, self.cursor.address = self.next_pid(pid), 0
+        if self.cursor.pid is None and self.on_wrap is not None:
+            self.on_wrap()
 
     def next_pid(self, pid: int) -> int | None:
         """The pid after `pid` in scan order, or None at the end of the list (O(1): a pass
@@ -166,3 +226,6 @@ class Registry:
             slot.close()
         self.slots.clear()
         self._order = None
+        for fd in self.pinned.values():
+            os.close(fd)
+        self.pinned.clear()

@@ -4,11 +4,13 @@ One thread, one selector: the control socket, the process connector and signals 
 the same sleep, so a valid change of either sleep takes effect at once (wakeup_khugepaged).
 """
 
+import contextlib
 import logging
 import os
 import resource
 import selectors
 import signal
+import threading
 import time
 from typing import Any
 
@@ -17,6 +19,8 @@ from hugepaged.config import Config, DaemonOptions, check_pattern, load_config
 from hugepaged.errors import HugepagedError, InvalidTunable
 from hugepaged.kernel import Kernel
 from hugepaged.kernel.connector import ProcConnector
+from hugepaged.kernel.limits import nofile_soft
+from hugepaged.kernel.madvise import pidfd_open
 from hugepaged.tunables import NAMES, Tunables, parse, resolve
 
 from . import advice
@@ -31,6 +35,9 @@ IDLE_MIN = 5.0  # an idle pass (nothing due, nothing done) is not repeated soone
 BUDDY_POLL = 1.0  # during an allocation back-off
 NEW_PROCESS_SETTLE = 1.0  # "insert behind the cursor, to let the area settle down"
 COUNTERS = ("pages_collapsed", "full_scans")
+# fds kept free of pidfds: control clients, /proc files, pagemap, kpageflags, metrics.
+FD_RESERVE = 128
+ADMIT_BATCH = 256  # deferred fork events turned into slots per wake-up of the loop
 
 
 class Service:
@@ -45,6 +52,8 @@ class Service:
         self.config = self._load()
         self.core = Khugepaged(kernel, self.tunables_from(self.config))
         self.core.only_pids = set(pids) if pids else None
+        self.core.registry.capacity = max(16, nofile_soft() - FD_RESERVE)
+        self._pin(pids or [])
         self._set_exclude()
         self.core.set_targets(self.config.targets)
         self.started = time.monotonic()
@@ -57,6 +66,23 @@ class Service:
         self.hooks: list = []  # called after each pass
         self.ticks: list = []  # called on every wake-up of the loop (sd_notify watchdog)
         self.max_sleep: float | None = None  # cap on the loop's sleep (watchdog interval)
+        # The control thread changes settings while the loop runs: both hold this around
+        # what they change (never across a pass, so a request never waits for one).
+        self.lock = threading.Lock()
+        self._woken = False  # a wakeup() from the control thread, seen by the loop
+        self._wake_w = -1
+        # Fork events wait here for their settle delay before they cost a pidfd or a /proc
+        # read: a process that exits first never does. Insertion order is due order.
+        self.pending: dict[int, float] = {}
+        self._cpu_mark = time.process_time()
+        self._collapse_mark = 0.0
+
+    def _pin(self, pids: list[int]) -> None:
+        """Targeted mode follows the processes named now, not their pid numbers: each is
+        pinned by a pidfd, and a later process given the same pid is not it."""
+        for pid in pids:
+            if pid not in self.core.registry.pinned:
+                self.core.registry.pinned[pid] = pidfd_open(pid)
 
     # --- configuration ---------------------------------------------------------------
     def _load(self) -> Config:
@@ -99,11 +125,28 @@ class Service:
             log.error("reload refused, configuration kept: %s", err,
                       extra={"event": "reload_refused", "error": str(err)})
             return
-        self._apply(tunables, source="reload")
+        try:
+            self._apply(tunables, source="reload")
+        except HugepagedError as err:
+            self.config = old
+            self._set_exclude()
+            log.error("reload refused, configuration kept: %s", err,
+                      extra={"event": "reload_refused", "error": str(err)})
+            return
         self.core.set_targets(cfg.targets)
 
     def _apply(self, new: Tunables, source: str) -> None:
+        with self.lock:
+            self._apply_locked(new, source)
+
+    def _apply_locked(self, new: Tunables, source: str) -> None:
         old = self.core.tunables
+        if old.kernel_khugepaged != new.kernel_khugepaged and self.running:
+            # First, so that a refusal (another daemon holds the state file) changes nothing.
+            if new.kernel_khugepaged == "quiet":
+                self.quieter.quiet()
+            else:
+                self.quieter.restore()
         for key in NAMES:
             if getattr(old, key) != getattr(new, key):
                 log.info("%s: %s -> %s (%s)", key, getattr(old, key), getattr(new, key), source,
@@ -112,12 +155,7 @@ class Service:
         self.core.set_tunables(new)
         rules = ("enabled", "defrag", "max_ptes_none", "max_ptes_swap", "max_ptes_shared")
         if any(getattr(old, k) != getattr(new, k) for k in rules):
-            self.next_pass = 0.0  # as a write to the kernel's `enabled` wakes khugepaged
-        if old.kernel_khugepaged != new.kernel_khugepaged and self.running:
-            if new.kernel_khugepaged == "quiet":
-                self.quieter.quiet()
-            else:
-                self.quieter.restore()
+            self._kick()  # as a write to the kernel's `enabled` wakes khugepaged
         if (old.scan_sleep_millisecs, old.alloc_sleep_millisecs) != \
            (new.scan_sleep_millisecs, new.alloc_sleep_millisecs):
             self.wakeup()
@@ -138,9 +176,17 @@ class Service:
 
     def wakeup(self) -> None:
         """wakeup_khugepaged: the next pass starts now; a sleep change ends a back-off."""
-        self.next_pass = 0.0
         self.core.backoff_until = 0.0
         self.core.cpu_wait_until = 0.0
+        self._kick()
+
+    def _kick(self) -> None:
+        """The next pass starts now; the loop may be asleep in select (another thread)."""
+        self.next_pass = 0.0
+        self._woken = True
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):  # a full pipe wakes the loop just the same
+                os.write(self._wake_w, b"w")
 
     def state(self) -> str:
         now = time.monotonic()
@@ -154,7 +200,10 @@ class Service:
             else "idle"
 
     def status(self) -> dict[str, Any]:
+        """Built on the control thread while the loop runs: every container the loop changes
+        is copied in one C-level call (atomic under the GIL) before it is walked."""
         c, reg = self.core.counters, self.core.registry
+        slots = list(reg.slots.values())
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "version": __version__, "pid": os.getpid(), "state": self.state(),
@@ -167,12 +216,14 @@ class Service:
                          "alloc_backoffs": c.alloc_backoffs},
             "results": dict(sorted(c.results.items())),
             "collapse_failures": dict(c.collapse_failures),
-            "registered": len(reg),
-            "targets": summaries(self.core.targets, self.core.target_states,
-                                 reg.slots.values()),
+            "registered": len(slots),
+            "registry_capacity": reg.capacity,
+            "registry_refused": reg.refused,
+            "pending": len(self.pending),
+            "targets": summaries(self.core.targets, self.core.target_states, slots),
             "processes": [{"pid": s.pid, "comm": s.comm, "last_result": s.last_result,
                            "target": self.core.control_for(s).target,
-                           "settled_seconds": s.settled_for} for s in reg.slots.values()],
+                           "settled_seconds": s.settled_for} for s in slots],
             "cursor": {"pid": reg.cursor.pid, "address": hex(reg.cursor.address)},
             "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
             "connector": self.connector is not None,
@@ -235,27 +286,66 @@ class Service:
 
     def _on_events(self) -> None:
         now = time.monotonic()
+        core = self.core
         for ev in self.connector.events():
+            slot = core.registry.slots.get(ev.pid)
             if ev.what == "exit":
-                self.core.exit(ev.pid)
-            elif ev.what == "exec" and ev.pid in self.core.registry:
-                self.core.on_exec(ev.pid)  # a new program: its comm, exe, target
-                self.core.registry.slots[ev.pid].due = now + NEW_PROCESS_SETTLE
-            elif self.core.enter(ev.pid, settle=NEW_PROCESS_SETTLE):
-                self.next_pass = min(self.next_pass, now + NEW_PROCESS_SETTLE)
+                self.pending.pop(ev.pid, None)
+                # The event is the leader thread's: the process lives on while any of its
+                # threads does, and its pidfd polls readable only once all have exited.
+                if slot is None or slot.exited():
+                    core.exit(ev.pid)
+            elif ev.what == "exec" and slot is not None:
+                self._resolve_at_exec(slot, now)
+            elif ev.pid not in self.pending and (core.only_pids is None
+                                                 or ev.pid in core.only_pids):
+                self.pending[ev.pid] = now + NEW_PROCESS_SETTLE
+
+    def _resolve_at_exec(self, slot, now: float) -> None:
+        """A new program: its name, exclusion and target resolved again (on_exec)."""
+        self.core.on_exec(slot.pid)
+        if slot.pid in self.core.registry:
+            slot.due = now + NEW_PROCESS_SETTLE
+
+    def _admit(self, now: float) -> None:
+        """Fork and exec events whose settle delay has passed become slots, a batch at a
+        time and only within the CPU budget."""
+        if not self.pending:
+            return
+        if not self.core.budget.allows(now):
+            self.core.cpu_wait_until = max(self.core.cpu_wait_until,
+                                           now + self.core.budget.wait(now))
+            return
+        admitted = 0
+        for pid, due in list(self.pending.items())[:ADMIT_BATCH]:
+            if due > now:
+                break
+            del self.pending[pid]
+            if self.core.enter(pid):
+                admitted += 1
+        if admitted:
+            self.next_pass = min(self.next_pass, now)
+
+    def _charge_cpu(self) -> None:
+        """Everything the daemon spends goes to the CPU budget: the process's CPU since the
+        last charge, less the collapses (already charged as they ran)."""
+        cpu, collapses = time.process_time(), self.core.counters.collapse_cpu_seconds
+        spent = (cpu - self._cpu_mark) - (collapses - self._collapse_mark)
+        self._cpu_mark, self._collapse_mark = cpu, collapses
+        if spent > 0:
+            self.core.budget.charge(spent)
 
     def run(self, control=None) -> int:
         """Serve until SIGTERM/SIGINT; everything changed in the kernel is put back."""
         quieter = self.quieter
         quieter.recover()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_w = wfd
         sel = selectors.DefaultSelector()
         try:
             os.setpriority(os.PRIO_PROCESS, 0, 19)  # set_user_nice(current, 19)
             self._signals(wfd)
             sel.register(rfd, selectors.EVENT_READ, "signal")
-            if control is not None:
-                sel.register(control, selectors.EVENT_READ, "control")
             self._open_connector()
             if self.connector is not None:
                 sel.register(self.connector, selectors.EVENT_READ, "connector")
@@ -266,13 +356,20 @@ class Service:
             if self.tunables.kernel_khugepaged == "quiet":
                 quieter.quiet()
             self.running = True
+            if control is not None:
+                control.start()  # its own thread: no client can stall the loop
+            self._cpu_mark = time.process_time()
+            self._collapse_mark = self.core.counters.collapse_cpu_seconds
             self.notify(ready=True, status="scanning")
-            self._loop(sel, rfd, control)
+            self._loop(sel, rfd)
         finally:
-            self.running = False
+            with self.lock:
+                self.running = False
             self.notify(stopping=True, status="stopping")
             signal.set_wakeup_fd(-1)
-            quieter.restore()
+            self._wake_w = -1
+            with self.lock:
+                quieter.restore()
             if self.connector is not None:
                 self.connector.close()
             sel.close()
@@ -285,7 +382,7 @@ class Service:
         log.info("stopped", extra={"event": "stop"})
         return 0
 
-    def _loop(self, sel: selectors.BaseSelector, rfd: int, control) -> None:
+    def _loop(self, sel: selectors.BaseSelector, rfd: int) -> None:
         interval = DISCOVER_INTERVAL_CONNECTED if self.connector else DISCOVER_INTERVAL
         next_discover = 0.0
         core = self.core
@@ -299,17 +396,30 @@ class Service:
             if now >= next_discover:
                 core.discover()
                 next_discover = now + interval
+            self._admit(now)
+            if self._woken:
+                self._woken, self.next_pass = False, 0.0
             if now < core.backoff_until and core.end_backoff_if_free():
                 self.next_pass = 0.0
             if now >= self.next_pass and now >= core.backoff_until \
                     and now >= core.cpu_wait_until:
-                worked = core.do_scan()
-                self.next_pass = self._after_pass(worked, time.monotonic())
-                for hook in self.hooks:
-                    hook(self)
+                if core.budget.allows(now):
+                    worked = core.do_scan()
+                    after = self._after_pass(worked, time.monotonic())
+                    with self.lock:
+                        self.next_pass = 0.0 if self._woken else after
+                        self._woken = False
+                    for hook in self.hooks:
+                        hook(self)
+                else:  # scanning is paid from the same budget as collapses
+                    core.cpu_wait_until = self.next_pass = now + core.budget.wait(now)
             for tick in self.ticks:
                 tick(self)
+            self._charge_cpu()
             wake = min(self.next_pass, next_discover)
+            if self.pending:
+                wake = min(wake, max(next(iter(self.pending.values())), core.cpu_wait_until,
+                                     now + 0.01))
             if now < core.backoff_until:
                 wake = min(wake, now + BUDDY_POLL)
             timeout = max(0.0, wake - time.monotonic())
@@ -328,8 +438,6 @@ class Service:
                             break
                 elif key.data == "workers":
                     self._on_workers()
-                elif key.data == "control":
-                    control.handle_ready()
                 elif key.data == "connector":
                     self._on_events()
 

@@ -41,9 +41,12 @@ def require_collapse_support() -> None:
         raise Unsupported(f"process_madvise syscall number unknown on {platform.machine()}")
 
 
-def pidfd_open(pid: int) -> int:
+PIDFD_THREAD = os.O_EXCL  # Linux 6.9: a pidfd for one thread, not its thread group
+
+
+def pidfd_open(pid: int, thread: bool = False) -> int:
     with process_errors(pid):
-        return os.pidfd_open(pid)
+        return os.pidfd_open(pid, PIDFD_THREAD if thread else 0)
 
 
 def pidfd_exited(pidfd: int) -> bool:

@@ -76,6 +76,11 @@ class ProcFS:
     def exists(self, pid: int) -> bool:
         return os.path.isdir(f"{self.root}/{pid}")
 
+    def tasks(self, pid: int) -> list[int]:
+        """The thread ids of a thread group (/proc/PID/task)."""
+        with process_errors(pid):
+            return sorted(int(t) for t in os.listdir(f"{self.root}/{pid}/task") if t.isdigit())
+
     def pid_max(self) -> int:
         """/proc/sys/kernel/pid_max: pids are 1..pid_max-1 (4194304 if unreadable, the
         kernel's PID_MAX_LIMIT on 64-bit)."""
