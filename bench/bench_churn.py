@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Process churn: what the daemon spends while 300 processes start and exit continuously.
+
+`hugepaged run` at its defaults, in discovery mode (process connector and /proc walk),
+`exclude_comm` leaving out everything but the churn's own processes (so no other workload on
+the machine is touched). The churn keeps CHURN processes alive at all times, each living a
+random 0.2-4 s (`sleep`, run under the name `hpchurn`), replacing each one as it exits.
+
+Measured from outside (never through hugepaged's code): the daemon's utime + stime from
+/proc/PID/stat over the run, as % of one core, against its cap (`max_cpu_percent`, 5 by
+default), which since issue 11 bounds everything the daemon spends, not only collapses.
+Takes the machine lock, as every benchmark does.
+
+    python bench/bench_churn.py [--seconds 300] [--procs 300]
+Results: bench/results/churn-<date>-<machine>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scenarios import common as C  # noqa: E402
+
+RESULTS = C.ROOT / "bench" / "results"
+
+
+def churn(seconds: float, procs: int, link: str, sample) -> dict:
+    """Keep `procs` short-lived processes alive for `seconds`; returns counts."""
+    alive: list[subprocess.Popen] = []
+    started = exited = 0
+    rng = random.Random(11)
+    t_end = time.monotonic() + seconds
+    next_sample = time.monotonic()
+    try:
+        while time.monotonic() < t_end:
+            still = []
+            for p in alive:
+                if p.poll() is None:
+                    still.append(p)
+                else:
+                    exited += 1
+            alive = still
+            while len(alive) < procs:
+                life = f"{rng.uniform(0.2, 4.0):.2f}"
+                alive.append(subprocess.Popen([link, life], stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, close_fds=True))
+                started += 1
+            if time.monotonic() >= next_sample:
+                sample()
+                next_sample += 5.0
+            time.sleep(0.01)
+    finally:
+        for p in alive:
+            p.kill()
+        for p in alive:
+            p.wait()
+    return {"started": started, "exited": exited}
+
+
+def run(seconds: float, procs: int) -> dict:
+    work = tempfile.mkdtemp(prefix="bench-churn-")
+    link = os.path.join(work, "hpchurn")
+    os.symlink("/bin/sleep", link)
+    cfg = os.path.join(work, "hugepaged.toml")
+    Path(cfg).write_text("exclude_comm = '(?!hpchurn$).*'\n")  # fullmatch: all but ours
+    with C.H.machine_lock():
+        daemon = C.Daemon([], {}, cfg, work).start()
+        try:
+            time.sleep(2.0)  # start-up (the first /proc walk) is not churn
+            cpu0, t0 = C.stat_cpu_seconds(daemon.pid), time.monotonic()
+            samples: list[dict] = []
+
+            def sample() -> None:
+                st = daemon.status()
+                samples.append({"t": round(time.monotonic() - t0, 1),
+                                "cpu_s": round(C.stat_cpu_seconds(daemon.pid) - cpu0, 3),
+                                "registered": st.get("registered"),
+                                "pending": st.get("pending")})
+
+            counts = churn(seconds, procs, link, sample)
+            cpu1, t1 = C.stat_cpu_seconds(daemon.pid), time.monotonic()
+            st = daemon.status()
+            cap = st["tunables"]["max_cpu_percent"]
+        finally:
+            daemon.close()
+    wall = t1 - t0
+    pct = 100.0 * (cpu1 - cpu0) / wall
+    return {
+        "machine": C.machine(), "seconds": round(wall, 1), "procs": procs,
+        "started": counts["started"], "starts_per_second": round(counts["started"] / wall, 1),
+        "daemon_cpu_seconds": round(cpu1 - cpu0, 2), "daemon_cpu_percent": round(pct, 2),
+        "max_cpu_percent": cap, "within_cap": pct <= cap,
+        "registered_at_end": st.get("registered"), "samples": samples,
+    }
+
+
+def write(res: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"churn-{time.strftime('%Y-%m-%d')}-{C.machine_tag(res['machine'])}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    m = res["machine"]
+    md = [f"# Process churn, {m['date_utc']}, commit {m['git_commit']}", "",
+          f"`python bench/bench_churn.py --seconds {res['seconds']:.0f} --procs {res['procs']}`"
+          f" on {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}.", "",
+          f"{res['procs']} processes alive at all times, each living 0.2-4 s: "
+          f"{res['started']} started in {res['seconds']:.0f} s "
+          f"({res['starts_per_second']}/s). `hugepaged run` at its defaults, discovery mode.",
+          "", "| daemon CPU | % of one core | cap (max_cpu_percent) | within cap |",
+          "|---|---|---|---|",
+          f"| {res['daemon_cpu_seconds']} s | {res['daemon_cpu_percent']}% | "
+          f"{res['max_cpu_percent']}% | {'yes' if res['within_cap'] else 'no'} |", "",
+          "Samples every 5 s (t, daemon CPU since start, registered, pending fork events):", "",
+          "| t (s) | CPU (s) | registered | pending |", "|---|---|---|---|"]
+    md += [f"| {s['t']} | {s['cpu_s']} | {s['registered']} | {s['pending']} |"
+           for s in res["samples"]]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    return RESULTS / f"{stem}.md"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--procs", type=int, default=300)
+    args = ap.parse_args()
+    res = run(args.seconds, args.procs)
+    path = write(res)
+    print(f"{res['started']} processes in {res['seconds']} s; daemon "
+          f"{res['daemon_cpu_percent']}% of a core (cap {res['max_cpu_percent']}%); {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
