@@ -104,12 +104,15 @@ def run(seconds: float, procs: int) -> dict:
     }
 
 
-def write(res: dict) -> Path:
+def write(res: dict, label: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"churn-{time.strftime('%Y-%m-%d')}-{C.machine_tag(res['machine'])}"
+    stem += f"-{label}" if label else ""
     (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["machine"]
-    md = [f"# Process churn, {m['date_utc']}, commit {m['git_commit']}", "",
+    md = [f"# Process churn, {m['date_utc']}, commit {m['git_commit']}"
+          + (f" ({res['label']})" if res.get("label") else ""), "",
+          f"Daemon code from PYTHONPATH={res.get('pythonpath') or '(installed)'}.", "",
           f"`python bench/bench_churn.py --seconds {res['seconds']:.0f} --procs {res['procs']}`"
           f" on {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}.", "",
           f"{res['procs']} processes alive at all times, each living 0.2-4 s: "
@@ -131,9 +134,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--procs", type=int, default=300)
+    ap.add_argument("--label", default="", help="suffix of the result files (e.g. the tree "
+                    "measured, when PYTHONPATH points the daemon at another checkout)")
     args = ap.parse_args()
     res = run(args.seconds, args.procs)
-    path = write(res)
+    res["label"] = args.label
+    res["pythonpath"] = os.environ.get("PYTHONPATH", "")
+    path = write(res, args.label)
     print(f"{res['started']} processes in {res['seconds']} s; daemon "
           f"{res['daemon_cpu_percent']}% of a core (cap {res['max_cpu_percent']}%); {path}")
     return 0

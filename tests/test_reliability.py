@@ -736,8 +736,9 @@ def test_an_unexpected_error_in_one_process_is_contained_to_its_slot(monkeypatch
 def test_the_unit_raises_the_fd_limit():
     # systemd's default soft limit (1024) caps the registry at ~900 processes; the whole unit
     # is checked by systemd-analyze verify in tests/test_systemd.py.
-    unit = (Path(__file__).resolve().parents[1] / "src" / "hugepaged" / "data"
-            / "hugepaged.service").read_text()
+    import hugepaged
+
+    unit = (Path(hugepaged.__file__).parent / "data" / "hugepaged.service").read_text()
     values = [line.split("=", 1)[1] for line in unit.splitlines()
               if line.startswith("LimitNOFILE=")]
     assert values and int(values[0].split(":")[-1]) >= 65536, values

@@ -74,7 +74,7 @@ class Service:
         # Fork events wait here for their settle delay before they cost a pidfd or a /proc
         # read: a process that exits first never does. Insertion order is due order.
         self.pending: dict[int, float] = {}
-        self._cpu_mark = time.process_time()
+        self._cpu_mark = time.thread_time()
         self._collapse_mark = 0.0
 
     def _pin(self, pids: list[int]) -> None:
@@ -327,9 +327,11 @@ class Service:
             self.next_pass = min(self.next_pass, now)
 
     def _charge_cpu(self) -> None:
-        """Everything the daemon spends goes to the CPU budget: the process's CPU since the
-        last charge, less the collapses (already charged as they ran)."""
-        cpu, collapses = time.process_time(), self.core.counters.collapse_cpu_seconds
+        """Everything the scan loop spends goes to the CPU budget (scanning, registration,
+        the /proc walk, connector events): the loop thread's CPU since the last charge, less
+        the collapses (already charged as they ran). The control and metrics threads are
+        not charged, so that a client polling `status` cannot starve the scan."""
+        cpu, collapses = time.thread_time(), self.core.counters.collapse_cpu_seconds
         spent = (cpu - self._cpu_mark) - (collapses - self._collapse_mark)
         self._cpu_mark, self._collapse_mark = cpu, collapses
         if spent > 0:
@@ -358,7 +360,7 @@ class Service:
             self.running = True
             if control is not None:
                 control.start()  # its own thread: no client can stall the loop
-            self._cpu_mark = time.process_time()
+            self._cpu_mark = time.thread_time()
             self._collapse_mark = self.core.counters.collapse_cpu_seconds
             self.notify(ready=True, status="scanning")
             self._loop(sel, rfd)
