@@ -27,11 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scenarios import ROOT
+from scenarios.cpu import stat_cpu_seconds
+from scenarios.machine import machine, machine_tag
 
-from scenarios import common as C  # noqa: E402
+from tests.daemon_runner import Daemon
+from tests.helpers import machine_lock
 
-RESULTS = C.ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "results"
 
 
 def churn(seconds: float, procs: int, link: str, sample) -> dict:
@@ -73,22 +76,22 @@ def run(seconds: float, procs: int) -> dict:
     os.symlink("/bin/sleep", link)
     cfg = os.path.join(work, "hugepaged.toml")
     Path(cfg).write_text("exclude_comm = '(?!hpchurn$).*'\n")  # fullmatch: all but ours
-    with C.H.machine_lock():
-        daemon = C.Daemon([], {}, cfg, work).start()
+    with machine_lock():
+        daemon = Daemon(config=cfg, log_level="info", workdir=work).start()
         try:
             time.sleep(2.0)  # start-up (the first /proc walk) is not churn
-            cpu0, t0 = C.stat_cpu_seconds(daemon.pid), time.monotonic()
+            cpu0, t0 = stat_cpu_seconds(daemon.pid), time.monotonic()
             samples: list[dict] = []
 
             def sample() -> None:
                 st = daemon.status()
                 samples.append({"t": round(time.monotonic() - t0, 1),
-                                "cpu_s": round(C.stat_cpu_seconds(daemon.pid) - cpu0, 3),
+                                "cpu_s": round(stat_cpu_seconds(daemon.pid) - cpu0, 3),
                                 "registered": st.get("registered"),
                                 "pending": st.get("pending")})
 
             counts = churn(seconds, procs, link, sample)
-            cpu1, t1 = C.stat_cpu_seconds(daemon.pid), time.monotonic()
+            cpu1, t1 = stat_cpu_seconds(daemon.pid), time.monotonic()
             st = daemon.status()
             cap = st["tunables"]["max_cpu_percent"]
         finally:
@@ -96,7 +99,7 @@ def run(seconds: float, procs: int) -> dict:
     wall = t1 - t0
     pct = 100.0 * (cpu1 - cpu0) / wall
     return {
-        "machine": C.machine(), "seconds": round(wall, 1), "procs": procs,
+        "machine": machine(), "seconds": round(wall, 1), "procs": procs,
         "started": counts["started"], "starts_per_second": round(counts["started"] / wall, 1),
         "daemon_cpu_seconds": round(cpu1 - cpu0, 2), "daemon_cpu_percent": round(pct, 2),
         "max_cpu_percent": cap, "within_cap": pct <= cap,
@@ -106,7 +109,7 @@ def run(seconds: float, procs: int) -> dict:
 
 def write(res: dict, label: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"churn-{time.strftime('%Y-%m-%d')}-{C.machine_tag(res['machine'])}"
+    stem = f"churn-{time.strftime('%Y-%m-%d')}-{machine_tag(res['machine'])}"
     stem += f"-{label}" if label else ""
     (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["machine"]

@@ -277,7 +277,8 @@ def test_a_trickling_client_stalls_neither_status_nor_sigterm():
                 trickler.settimeout(3)
                 reply = trickler.recv(4096)  # cut off at its deadline, with a reason
                 assert b"timed out" in reply
-                rc, took = d.stop(signal.SIGTERM)
+                rc = d.stop(signal.SIGTERM)
+                took = d.stop_seconds
                 assert rc == 0 and took <= 2.0, (rc, took)
             finally:
                 stop.set()
@@ -292,7 +293,7 @@ def test_a_trickling_client_stalls_neither_status_nor_sigterm():
 def test_200_concurrent_status_calls_and_30_idle_clients_all_answered():
     import socket
 
-    from daemon_runner import request
+    from .daemon_runner import request
 
     sleeper = subprocess.Popen(["sleep", "300"])
     idle: list[socket.socket] = []
@@ -345,7 +346,8 @@ def test_status_answers_within_a_second_during_a_long_pass_and_sigterm_within_tw
                 latencies.append(timed_status(d))
                 time.sleep(0.02)
             assert latencies and max(latencies) <= 1.0, max(latencies)
-            rc, took = d.stop(signal.SIGTERM)
+            rc = d.stop(signal.SIGTERM)
+            took = d.stop_seconds
             assert rc == 0 and took <= 2.0, (rc, took)
         w.verify()
 
@@ -374,9 +376,10 @@ def test_1100_processes_under_an_fd_limit_of_1024_degrade_gracefully(tmp_path):
             assert st["registry_refused"] > 0 and d.alive()
             refused = d.events("register_refused")
             assert 1 <= len(refused) <= 2  # rate-limited: one line, not one per process
-            rc, took = d.stop(signal.SIGTERM)
+            rc = d.stop(signal.SIGTERM)
+            took = d.stop_seconds
             assert rc == 0 and took <= 2.0, (rc, took)
-            assert not [line for line in d.raw if "Traceback" in line]
+            assert not [line for line in d.lines if "Traceback" in line]
     finally:
         for p in sleepers:
             p.kill()
@@ -393,12 +396,11 @@ def _write(tmp_path, text: str) -> str:
 # --------------------------------------------------------------------------------------------
 # 6, 7. One daemon per socket and state file; restore only what is still quiet
 
-STATE_FILE = "/run/hugepaged/kernel-khugepaged.json"
 QUIET = {"pages_to_scan": "1", "scan_sleep_millisecs": "4294967295"}
 
 
 def knobs() -> dict[str, str]:
-    from helpers import read_knob
+    from .helpers import read_knob
 
     return {k: read_knob(k) for k in QUIET}
 
@@ -421,61 +423,55 @@ def test_a_second_daemon_on_the_same_socket_refuses_and_leaves_the_first_reachab
 
 @kernel_test
 def test_two_quiet_daemons_do_not_share_the_state_file(tmp_path):
-    if os.path.exists(STATE_FILE):
-        pytest.skip(f"{STATE_FILE} exists: another daemon's kernel settings are saved there")
+    state = str(tmp_path / "kernel-khugepaged.json")  # one state file for both daemons
     original = knobs()
     assert original != QUIET
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
-        with saved_thp(**original), Daemon(pids=[sleeper.pid],
+        with saved_thp(**original), Daemon(pids=[sleeper.pid], state_file=state,
                                            sets={"kernel_khugepaged": "quiet"}) as first:
             assert knobs() == QUIET
-            saved = Path(STATE_FILE).read_text()
+            saved = Path(state).read_text()
             r = hugepaged_cli("run", "--socket", str(tmp_path / "second.sock"),
-                              "--pid", str(sleeper.pid), "--set", "kernel_khugepaged=quiet")
+                              "--state-file", state, "--pid", str(sleeper.pid),
+                              "--set", "kernel_khugepaged=quiet")
             line = one_line_error(r, 6)
-            assert STATE_FILE in line and "another hugepaged" in line, line
-            assert knobs() == QUIET and Path(STATE_FILE).read_text() == saved
+            assert state in line and "another hugepaged" in line, line
+            assert knobs() == QUIET and Path(state).read_text() == saved
             assert not (tmp_path / "second.sock").exists()
             # Nor can `restore-kernel` take the running daemon's values away.
-            r = hugepaged_cli("restore-kernel")
+            r = hugepaged_cli("restore-kernel", "--state-file", state)
             assert r.returncode == 0 and "nothing to restore" in r.stdout, r
-            assert knobs() == QUIET and Path(STATE_FILE).read_text() == saved
-            rc, _ = first.stop(signal.SIGTERM)
-            assert rc == 0
-            assert knobs() == original and not os.path.exists(STATE_FILE)
+            assert knobs() == QUIET and Path(state).read_text() == saved
+            assert first.stop(signal.SIGTERM) == 0
+            assert knobs() == original and not os.path.exists(state)
     finally:
         sleeper.kill()
         sleeper.wait()
 
 
 @kernel_test
-def test_restore_kernel_keeps_a_value_an_admin_wrote_after_the_crash():
-    if os.path.exists(STATE_FILE):
-        pytest.skip(f"{STATE_FILE} exists: another daemon's kernel settings are saved there")
-    from helpers import _write_knob
+def test_restore_kernel_keeps_a_value_an_admin_wrote_after_the_crash(tmp_path):
+    from .helpers import KHUGEPAGED_DIR, _write_knob
 
+    state = str(tmp_path / "kernel-khugepaged.json")
     original = knobs()
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
         with saved_thp(**original):
-            with Daemon(pids=[sleeper.pid], sets={"kernel_khugepaged": "quiet"}) as d:
+            with Daemon(pids=[sleeper.pid], state_file=state,
+                        sets={"kernel_khugepaged": "quiet"}) as d:
                 assert knobs() == QUIET
                 d.stop(signal.SIGKILL)
-            from helpers import KHUGEPAGED_DIR
             _write_knob(KHUGEPAGED_DIR / "scan_sleep_millisecs", 12345)  # the admin's
-            r = hugepaged_cli("restore-kernel")
-            # "nothing to restore" if another daemon started on this machine meanwhile: its
-            # start recovers the file, by the same rule.
-            assert r.returncode == 0 and r.stdout in ("restored\n", "nothing to restore\n")
+            r = hugepaged_cli("restore-kernel", "--state-file", state)
+            assert (r.returncode, r.stdout) == (0, "restored\n"), r.stderr
             assert knobs() == {"pages_to_scan": original["pages_to_scan"],
                                "scan_sleep_millisecs": "12345"}
-            assert not os.path.exists(STATE_FILE)
+            assert not os.path.exists(state)
     finally:
         sleeper.kill()
         sleeper.wait()
-        if os.path.exists(STATE_FILE):
-            os.unlink(STATE_FILE)
 
 
 def test_recovery_writes_back_only_knobs_still_quiet(tmp_path):
@@ -551,7 +547,7 @@ def test_a_reused_pid_of_a_target_is_not_registered():
 
 @kernel_test
 def test_exclude_comm_is_resolved_again_at_exec(tmp_path):
-    from helpers import WORKLOAD, pmd_mapped_windows
+    from .helpers import WORKLOAD, pmd_mapped_windows
 
     link = tmp_path / "hpexcluded"
     link.symlink_to(sys.executable)
@@ -596,7 +592,7 @@ def test_a_region_replaced_mid_visit_without_madv_hugepage_is_not_collapsed():
             before = len(d.collapsed(w.pid))
             time.sleep(3.0)
             after = d.collapsed(w.pid)
-            from helpers import pmd_mapped_windows, vm_flags
+            from .helpers import pmd_mapped_windows, vm_flags
             assert "hg" not in vm_flags(w.pid, r.start)
             assert pmd_mapped_windows(w.pid, r.start, r.end) == [False] * 64
             assert len(after) - before <= 1, after[before:]  # at most the one in flight
@@ -697,11 +693,11 @@ def test_the_cursor_wraps_and_counts_in_one_place():
 def test_an_unexpected_error_in_one_process_is_contained_to_its_slot(monkeypatch):
     # The error is injected (a parse failure of one process's smaps is not something a
     # real process can be made to produce); the processes and the collapses are real.
-    from helpers import pmd_mapped_windows
-
     from hugepaged.daemon.khugepaged import Khugepaged
     from hugepaged.kernel import Kernel
     from hugepaged.tunables import Tunables
+
+    from .helpers import pmd_mapped_windows
 
     with saved_thp(enabled="never"), \
             Workload(regions=[{"name": "a", "windows": 4, "hugepage": True}]) as bad, \
