@@ -1,7 +1,9 @@
 """`hugepaged run`: the khugepaged() thread as a system daemon.
 
-One thread, one selector: the control socket, the process connector and signals all wake
-the same sleep, so a valid change of either sleep takes effect at once (wakeup_khugepaged).
+The scan loop is one thread with one selector: the process connector and signals wake its
+sleep. The control socket is served on a thread of its own (control/server.py), so no client
+can stall a pass; a valid change of either sleep writes to the loop's wake-up pipe, so it
+takes effect at once (wakeup_khugepaged).
 """
 
 import contextlib
