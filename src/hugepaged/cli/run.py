@@ -5,7 +5,6 @@ import argparse
 from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
 from hugepaged.config import DEFAULT_PATH
 from hugepaged.daemon.kernel_quiet import STATE_FILE
-from hugepaged.kernel.limits import raise_nofile
 from hugepaged.tunables import parse_assignments
 
 
@@ -35,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hugepaged.control.server import ControlServer
     from hugepaged.daemon.service import Service
+    from hugepaged.kernel.limits import raise_nofile
     from hugepaged.logs import setup_logging
     from hugepaged.preflight import require_collapse_support
     from hugepaged.sdnotify import SdNotify, attach
