@@ -420,7 +420,9 @@ class Service:
             for tick in self.ticks:
                 tick(self)
             self._charge_cpu()
-            wake = min(self.next_pass, next_discover)
+            # A pass is not due before the CPU budget allows one (the cap may have been hit by
+            # registration rather than by a pass): never wake just to find it still resting.
+            wake = min(max(self.next_pass, core.cpu_wait_until), next_discover)
             if self.pending:
                 wake = min(wake, max(next(iter(self.pending.values())), core.cpu_wait_until,
                                      now + 0.01))
