@@ -258,3 +258,23 @@ def test_reload_applies_new_targets_or_keeps_the_running_ones(tmp_path):
         cfg.write_text(bad)
         svc.reload()
         assert [t.name for t in svc.config.targets] == ["b", "a"]
+
+
+def test_pacer_keeps_the_running_average_at_its_share():
+    from hugepaged.pacing import Pacer
+
+    now = [100.0]
+    slept = []
+
+    def sleep(s: float) -> None:
+        slept.append(round(s, 6))
+        now[0] += s
+
+    p = Pacer(25, clock=lambda: now[0], sleep=sleep)
+    now[0] += 0.01  # a window that took 10 ms of CPU (and of wall time)
+    p.charge(0.01)
+    assert slept == [0.03]  # 10 ms is 25% of 40 ms
+    now[0] += 0.05  # a slow one: 50 ms
+    p.charge(0.05)
+    assert slept == [0.03, 0.15]  # 60 ms of CPU over 240 ms
+    assert Pacer(0, clock=lambda: now[0], sleep=sleep).charge(1.0) is None and len(slept) == 2
