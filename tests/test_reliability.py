@@ -176,7 +176,9 @@ def test_scan_top_and_collapse_print_any_name_literally(name):
         r = hugepaged_cli("collapse", "--pid", str(w.pid), "--set", "enabled=madvise")
         assert r.returncode == 0, r.stderr
         _shows_name_safely(r.stdout, raw)
-        assert "collapsed 2 window(s)" in r.stdout
+        # 2, or fewer if another collapser on this shared machine got there first (the rest
+        # then shows as PMD_MAPPED): what matters here is how the name is printed.
+        assert "collapsed 2 window(s)" in r.stdout or "PMD_MAPPED" in r.stdout, r.stdout
         assert anon_huge_kb(w.pid, w.regions["a"].start) == 4096
         w.verify()
 
