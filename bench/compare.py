@@ -33,13 +33,17 @@ import time
 import traceback
 from pathlib import Path
 
-from scenarios import comeback, heap, report, require, tlb, watch
-from scenarios.contenders import CONTENDERS, KERNEL_DEFAULTS
-from scenarios.context import make_context, measure_daemon_startup
-from scenarios.knobs import write_knob
-from scenarios.machine import machine, machine_tag
+import scenarios
 
-from tests import helpers as H
+scenarios.require("numpy", "hugepaged", "matplotlib")  # before anything imports them
+
+from scenarios import comeback, heap, report, tlb, watch  # noqa: E402
+from scenarios.contenders import CONTENDERS, KERNEL_DEFAULTS  # noqa: E402
+from scenarios.context import make_context, measure_daemon_startup  # noqa: E402
+from scenarios.knobs import write_knob  # noqa: E402
+from scenarios.machine import machine, machine_tag  # noqa: E402
+
+from tests import helpers as H  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = {"1": ("heap", heap), "2": ("comeback", comeback), "3": ("tlb", tlb)}
@@ -67,7 +71,6 @@ def main(argv=None) -> int:
     ap.add_argument("--scenarios", default="1234", help=argparse.SUPPRESS)  # development
     ap.add_argument("--contenders", default=None, help=argparse.SUPPRESS)  # development
     args = ap.parse_args(argv)
-    require("matplotlib")  # for NAME.png
     if os.geteuid() != 0:
         print("compare.py: needs root (kernel THP knobs, pagemap PFNs, MADV_COLLAPSE)",
               file=sys.stderr)

@@ -86,11 +86,13 @@ class Daemon:
     """`hugepaged run --socket DIR/hugepaged.sock --state-file DIR/... [options]`.
 
     pids: the processes it may scan (none: discovery mode); sets: --set KEY=VALUE; config: a
-    TOML path; args: more options; env: more environment; log_format/log_level: None leaves
-    the option out (the daemon's default then applies); interpreter_args: options for Python
-    before `-m hugepaged` (a profiler); state_file: where it saves the kernel's khugepaged
-    settings (default: in its own directory); workdir: where its directory is made (kept
-    there after close, with the log as daemon.log; default: a temporary one, removed).
+    TOML path; args: more options; env: more environment (None removes a variable);
+    log_format/log_level: None leaves the option out (the daemon's default then applies);
+    interpreter_args: options for Python before `-m hugepaged` (a profiler); command: the
+    hugepaged command to run instead (another installation's console script); state_file:
+    where it saves the kernel's khugepaged settings (default: in its own directory);
+    workdir: where its directory is made (kept there after close, with the log as
+    daemon.log; default: a temporary one, removed).
 
     Log lines (stderr) are read on a thread: all of them into `lines`, the JSON ones into
     `records`. Use as a context manager: the process is stopped on the way out, whatever
@@ -99,9 +101,10 @@ class Daemon:
 
     def __init__(self, pids: Sequence[int] = (), sets: dict[str, Any] | None = None,
                  config: str | None = None, *, args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, log_format: str | None = "json",
+                 env: dict[str, str | None] | None = None, log_format: str | None = "json",
                  log_level: str | None = "debug", interpreter_args: Sequence[str] = (),
-                 state_file: str | None = None, workdir: str | None = None) -> None:
+                 command: Sequence[str] | None = None, state_file: str | None = None,
+                 workdir: str | None = None) -> None:
         self.keep_dir = workdir is not None
         self.dir = tempfile.mkdtemp(prefix="hugepaged-daemon-", dir=workdir)
         os.chmod(self.dir, 0o755)  # other users reach the socket; its own mode decides
@@ -119,8 +122,9 @@ class Daemon:
             argv += ["--log-format", log_format]
         if log_level is not None:
             argv += ["--log-level", log_level]
-        self.cmd = [sys.executable, *interpreter_args, "-m", "hugepaged", *argv, *args]
-        self.env = {**os.environ, **(env or {})}
+        hugepaged = command or [sys.executable, *interpreter_args, "-m", "hugepaged"]
+        self.cmd = [*hugepaged, *argv, *args]
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.records: list[dict] = []

@@ -23,6 +23,8 @@ from .marks import require_tool
 
 UNIT = resources.files("hugepaged").joinpath("data/hugepaged.service")
 SYSTEMD = "part of systemd (apt-get install systemd)"
+HOME_NOTE = ("# This installation lives in a home directory, which ProtectHome=yes would hide.\n"
+             "ProtectHome=read-only")
 
 
 def unit_settings() -> dict[str, list[str]]:
@@ -68,12 +70,16 @@ def test_unit_settings():
 
 @pytest.fixture
 def unit_dir(tmp_path) -> Path:
-    """The unit with ExecStart pointing at this environment's hugepaged, and its man page
-    installed in a MANPATH (Documentation=man:hugepaged(1) is checked by verify)."""
+    """The unit as `hugepaged unit` prints it for this environment, and its man page installed
+    in a MANPATH (Documentation=man:hugepaged(1) is checked by verify)."""
     exe = Path(sys.executable).parent / "hugepaged"
     assert exe.exists(), exe
-    text = UNIT.read_text().replace("/usr/local/bin/hugepaged", str(exe))
-    (tmp_path / "hugepaged.service").write_text(text)
+    r = hugepaged_cli("unit")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert f"ExecStart={exe} run\n" in r.stdout, r.stdout
+    assert r.stdout.replace(str(exe), "/usr/local/bin/hugepaged").replace(
+        HOME_NOTE, "ProtectHome=yes") == UNIT.read_text()  # the shipped unit but for the path
+    (tmp_path / "hugepaged.service").write_text(r.stdout)
     man1 = tmp_path / "man" / "man1"
     man1.mkdir(parents=True)
     r = hugepaged_cli("manpage")

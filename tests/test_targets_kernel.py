@@ -81,7 +81,7 @@ def test_daemon_target_always_covers_redis_without_force(tmp_path):
         anon, huge = anon_rollup_kb(r.pid)
         assert anon > 450 * 1024 and huge == 0
         t0 = time.monotonic()
-        with Daemon(pids=[r.pid], config=cfg, log_level="info") as d:
+        with Daemon(pids=[r.pid], config=cfg) as d:  # debug: the register record
             while True:
                 anon, huge = anon_rollup_kb(r.pid)
                 if huge >= 0.95 * anon or time.monotonic() - t0 > 90:

@@ -28,9 +28,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def require(module: str, extra: str = "bench") -> None:
-    """Exit with one line that says what to install when an optional package is missing:
-    checked at the start of a benchmark, not met as a traceback after minutes of running."""
-    if importlib.util.find_spec(module) is None:
-        sys.exit(f"{Path(sys.argv[0]).name}: needs {module}, which is not installed: "
+def require(*modules: str, extra: str = "bench") -> None:
+    """Exit with one line that says what to install when a package the benchmark needs is
+    missing: checked at its start, not met as a traceback after minutes of running."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"{Path(sys.argv[0]).name}: needs {', '.join(missing)}, which "
+                 f"{'is' if len(missing) == 1 else 'are'} not installed: "
                  f"pip install -e '.[{extra}]' (in the repository's root)")

@@ -327,7 +327,7 @@ def _coverage(ax, rr, title, xlabel, key_samples="samples"):
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib  # the `bench` extra: compare.py checks for it at its start
+    import matplotlib  # the `bench` extra, which compare.py checks for at its start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,11 +16,13 @@ from hugepaged.cli import (
     set,
     status,
     top,
+    unit,
 )
 from hugepaged.errors import HugepagedError
 from hugepaged.names import printable
 
-COMMANDS = [scan, collapse, run, status, top, get, set, restore_kernel, completion, manpage]
+COMMANDS = [scan, collapse, run, status, top, get, set, restore_kernel, unit, completion,
+            manpage]
 
 
 def build_parser() -> argparse.ArgumentParser:

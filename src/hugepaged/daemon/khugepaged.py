@@ -52,6 +52,8 @@ class Counters:
     collapse_seconds_sum: float = 0.0
     collapse_cpu_seconds: float = 0.0
     alloc_backoffs: int = 0
+    registered: int = 0  # hugepaged's own: processes registered, and gone (or dropped)
+    gone: int = 0
 
     def observe(self, outcome: CollapseOutcome) -> None:
         self.collapse_attempts += 1
@@ -94,6 +96,7 @@ class Khugepaged:
         self.cpu_wait_until = 0.0
         self.stopping = False
         self.kthreads: set[int] = set()
+        self.unreadable: set[int] = set()  # alive but not ours to read: dropped, not re-entered
         self.only_pids: set[int] | None = None  # targeted mode: these processes only
         self.exclude_comm: re.Pattern | None = None
         self.targets: list[Target] = []
@@ -219,7 +222,7 @@ class Khugepaged:
     # --- the registry's feeds -------------------------------------------------------
     def enter(self, pid: int, settle: float = 0.0) -> MmSlot | None:
         """Register a user process (never kernel threads, never ourselves)."""
-        if pid in self.registry or pid in self.kthreads:
+        if pid in self.registry or pid in self.kthreads or pid in self.unreadable:
             return None
         if self.only_pids is not None and pid not in self.only_pids:
             return None
@@ -237,28 +240,34 @@ class Khugepaged:
             slot.due = self.clock() + settle
             self.resolve(slot)
             target = self.control_for(slot).target
-            log.info("registered pid %d (%s)%s", pid, st.comm,
-                     f", target {target}" if target else "",
-                     extra={"event": "register", "pid": pid, "comm": st.comm,
-                            "target": target})
+            self.counters.registered += 1
+            log.debug("registered pid %d (%s)%s", pid, st.comm,
+                      f", target {target}" if target else "",
+                      extra={"event": "register", "pid": pid, "comm": st.comm,
+                             "target": target})
         return slot
 
-    def exit(self, pid: int) -> None:
+    def exit(self, pid: int, why: str = "gone") -> None:
         self.kthreads.discard(pid)
         self._ramp.pop(pid, None)
         self._chunk.pop(pid, None)
         if self.pool is not None:
             self.pool.drop(pid)
+        if why == "gone":
+            self.unreadable.discard(pid)
         if pid in self.registry and self.registry.cursor.pid == pid:
             self._advance(pid)  # collect_mm_slot at the tail still completes a full scan
         self.target_states.forget(pid)  # its bloat no longer counts against its target
         if self.registry.exit(pid):
-            log.info("pid %d gone", pid, extra={"event": "unregister", "pid": pid})
+            self.counters.gone += 1
+            log.debug("pid %d %s", pid, why, extra={"event": "unregister", "pid": pid,
+                                                    "reason": why})
 
     def discover(self) -> None:
         """The periodic /proc walk: catches what the connector missed, and exits."""
         pids = set(self.kernel.procfs.pids())
         self.kthreads &= pids
+        self.unreadable &= pids
         for pid in list(self.registry.slots):
             if pid not in pids or self.registry.slots[pid].exited():
                 self.exit(pid)
@@ -348,10 +357,13 @@ class Khugepaged:
             if isinstance(err, ProcessGone) and not slot.exited():
                 self._leader_gone(slot, now)  # threads live: the process does too
                 return 1, True
-            if isinstance(err, AccessDenied):
-                log.warning("pid %d: %s; dropped", pid, err,
-                            extra={"event": "unregister", "pid": pid})
-            self.exit(pid)
+            if isinstance(err, ProcessGone) or slot.exited():  # an exiting one refuses too
+                self.exit(pid)
+                return 1, True
+            self.unreadable.add(pid)  # alive, but not readable: said once, not entered again
+            log.warning("pid %d (%s): dropped: not readable", pid, slot.comm,
+                        extra={"event": "dropped", "pid": pid, "comm": slot.comm})
+            self.exit(pid, "dropped: not readable")
             return 1, True
         except Exception as err:  # noqa: BLE001 - one process never ends the daemon
             self._contain(slot, err, now)

@@ -28,6 +28,7 @@ from hugepaged.tunables import NAMES, Tunables, parse, resolve
 from . import advice
 from .kernel_quiet import STATE_FILE, KernelQuieter
 from .khugepaged import Khugepaged
+from .summary import Summary
 from .targets import summaries
 
 log = logging.getLogger("hugepaged")
@@ -67,6 +68,8 @@ class Service:
         self.running = False
         self.hooks: list = []  # called after each pass
         self.ticks: list = []  # called on every wake-up of the loop (sd_notify watchdog)
+        self.summary = Summary(self.core.counters)  # the info line a minute
+        self.ticks.append(self.summary.tick)
         self.max_sleep: float | None = None  # cap on the loop's sleep (watchdog interval)
         # The control thread changes settings while the loop runs: both hold this around
         # what they change (never across a pass, so a request never waits for one).
@@ -383,6 +386,7 @@ class Service:
             os.close(rfd)
             os.close(wfd)
             self.core.close()
+        self.summary.flush()
         log.info("stopped", extra={"event": "stop"})
         return 0
 
