@@ -488,7 +488,8 @@ def proc_status(pid: int) -> dict[str, str]:
     return out
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# libc with the prototypes of the memory calls the helpers and tests make themselves.
+libc = _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]

@@ -29,7 +29,7 @@ from hugepaged.scan.shmem import (
     within_size,
 )
 
-from .helpers import HPAGE, THP_DIR, saved_thp, smaps_vma
+from .helpers import HPAGE, THP_DIR, libc, saved_thp, smaps_vma
 from .marks import KERNEL
 
 SIZE_KNOB = "hugepages-2048kB/shmem_enabled"
@@ -150,12 +150,7 @@ def test_refusal_names_the_mode():
 # ---------------------------------------------------------------------------------------------
 # Eligibility against the running kernel
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc = libc  # tests/helpers' prototypes (mmap, munmap, madvise), and System V's here
 _libc.shmat.restype = ctypes.c_void_p
 _libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.shmdt.argtypes = [ctypes.c_void_p]
