@@ -198,10 +198,10 @@ t0 = time.monotonic()
 alive = 0
 for i in range(n):
     if os.fork() == 0:
-        time.sleep(0.02 + (i % 10) * 0.01)  # long enough to be seen, most of them
+        time.sleep(1.2 + (i % 10) * 0.02)  # past the daemon's 1 s settle: registered
         os._exit(0)
     alive += 1
-    if alive >= 200:  # at most 200 at a time
+    if alive >= 500:  # at most 500 at a time
         os.wait()
         alive -= 1
 while alive:
