@@ -244,7 +244,7 @@ def test_a_fork_storm_gives_a_few_info_lines_and_a_summary_that_counts_it(tmp_pa
     records = json_lines(d.stderr())
     registered = [r for r in records if r.get("event") == "register"]
     gone = [r for r in records if r.get("event") == "unregister"]
-    assert len(registered) > 200, len(registered)  # the storm was seen
+    assert len(registered) >= 20, len(registered)  # the storm was seen (admission is budgeted)
     assert {r["level"] for r in registered + gone} == {"debug"}
     info = [r for r in records if r["level"] != "debug"]
     assert len(info) <= 5, [r["message"] for r in info]  # a few, not one per process
