@@ -1,5 +1,8 @@
 """Shared pytest set-up: kernel tests hold the machine lock; fixtures more than one file uses."""
 
+import os
+import subprocess
+
 import pytest
 
 from .helpers import machine_lock, saved_thp
@@ -13,6 +16,19 @@ def _kernel_lock(request):
         return
     with machine_lock():
         yield
+
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracefs_as_found():
+    """The daemons mount tracefs when it is absent (for the syscall tracepoints) and unmount
+    what they mounted, but a daemon a test kills with SIGKILL cannot: leave it as found."""
+    mounted = os.path.ismount(TRACEFS)
+    yield
+    if not mounted and os.path.ismount(TRACEFS) and os.geteuid() == 0:
+        subprocess.run(["umount", TRACEFS], check=False, capture_output=True)
 
 
 @pytest.fixture
