@@ -15,13 +15,12 @@ both sources must agree on every range. Writes bench/results/NAME.md and NAME.js
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 
-from scenarios import ROOT
+from scenarios import write_results
 
 from hugepaged.kernel.pagecache import MappedFile
 from tests.helpers import HPAGE, Workload, machine_lock
@@ -81,10 +80,7 @@ def main() -> int:
         result["median"][source] = {"cpu_ms_per_gib": cpu, "wall_ms_per_gib": wall}
         lines.append(f"| {source} | {cpu:.2f} | {wall:.2f} | "
                      f"{'yes' if source == 'cachestat' else 'no'} |")
-    out = ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.name, result, lines)
     return 0
 
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from scenarios import ROOT
+from scenarios import write_results
 
 from tests import pg
 from tests.helpers import machine_lock, saved_thp, smaps_vma
@@ -124,10 +124,7 @@ def main() -> int:
               f"{state['2m']['collapse']['seconds']:.2f} s; a new backend after count(*): "
               f"{state['2m']['backend_shmem_pmd_kb']} kB of {state['2m']['backend_rss_kb']} kB "
               "resident buffers PMD-mapped."]
-    out = ROOT / "bench" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.name, result, lines)
     return 0
 
 

@@ -20,6 +20,7 @@ runner) lives, is not. Importing this package puts it there: the one place that 
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -36,3 +37,11 @@ def require(*modules: str, extra: str = "bench") -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: needs {', '.join(missing)}, which "
                  f"{'is' if len(missing) == 1 else 'are'} not installed: "
                  f"pip install -e '.[{extra}]' (in the repository's root)")
+
+
+def write_results(name: str, doc: dict, lines: list[str]) -> None:
+    """bench/results/NAME.json (the figures) and NAME.md (the table), and the table printed."""
+    out = ROOT / "bench" / "results"
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
