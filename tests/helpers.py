@@ -250,6 +250,24 @@ def read_counter(name: str) -> int:
     return int((KHUGEPAGED_DIR / name).read_text())
 
 
+# The kernel's khugepaged as an oracle: paused while a test lays out its workload, then run
+# flat out (in this order of writes: the sleep's write wakes it) for two full scans.
+KHUGEPAGED_PAUSED = {"pages_to_scan": 1, "scan_sleep_millisecs": 4294967295}
+KHUGEPAGED_RUNNING = {"pages_to_scan": 65536, "scan_sleep_millisecs": 0}
+
+
+def khugepaged_full_scans(n: int = 2, timeout: float = 30.0) -> float:
+    """Run the kernel's khugepaged until full_scans has advanced by n; its seconds."""
+    start, t0 = read_counter("full_scans"), time.monotonic()
+    with saved_thp(**KHUGEPAGED_RUNNING):
+        while read_counter("full_scans") < start + n:
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"khugepaged's full_scans went {start} -> "
+                                     f"{read_counter('full_scans')} in {timeout} s")
+            time.sleep(0.01)
+    return time.monotonic() - t0
+
+
 _LOCK_PATH = "/run/lock/hugepaged-tests.lock"
 _lock_state = {"depth": 0, "fd": -1}
 

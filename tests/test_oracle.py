@@ -33,6 +33,8 @@ from . import marks
 from .helpers import (
     HPAGE,
     KHUGEPAGED_DIR,
+    KHUGEPAGED_PAUSED,
+    KHUGEPAGED_RUNNING,
     Workload,
     drain_lru,
     exclusive_per_window,
@@ -44,8 +46,7 @@ from .helpers import (
 
 pytestmark = marks.ORACLE
 
-PAUSED = {"pages_to_scan": 1, "scan_sleep_millisecs": 4294967295}
-RUNNING = {"pages_to_scan": 65536, "scan_sleep_millisecs": 0}  # in this order: the 2nd wakes it
+PAUSED, RUNNING = KHUGEPAGED_PAUSED, KHUGEPAGED_RUNNING
 FULL_SCANS_TIMEOUT = 30.0
 
 # Every region sets share_after_fork (0: all its pages are made private again), because with a

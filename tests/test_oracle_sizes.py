@@ -21,13 +21,20 @@ import pytest
 from hugepaged.kernel.sysfs import combined_enabled
 
 from . import marks
-from .helpers import KHUGEPAGED_DIR, THP_DIR, Workload, pmd_mapped_windows, saved_thp
+from .helpers import (
+    KHUGEPAGED_DIR,
+    KHUGEPAGED_PAUSED,
+    KHUGEPAGED_RUNNING,
+    THP_DIR,
+    Workload,
+    pmd_mapped_windows,
+    saved_thp,
+)
 
 pytestmark = marks.ORACLE
 
 PMD_KNOB = "hugepages-2048kB/enabled"
-PAUSED = {"pages_to_scan": 1, "scan_sleep_millisecs": 4294967295}
-RUNNING = {"pages_to_scan": 65536, "scan_sleep_millisecs": 0}  # the 2nd write wakes it
+PAUSED, RUNNING = KHUGEPAGED_PAUSED, KHUGEPAGED_RUNNING
 # "reg" is the small MADV_HUGEPAGE mapping that registers the mm (registration needs a VMA with
 # an anon_vma, hence one page); "adv" is MADV_HUGEPAGE memory, "plain" is not advised.
 LAYOUT = [

@@ -27,6 +27,9 @@ REGION (only "name" and "windows" are required)::
      "cache_fill": "none",       # memfd: pages (same syntax as fill, disjoint from it) written
                                  # through the file only: in the page cache, never mapped
      "pageout": "none",          # after filling: MADV_PAGEOUT of these pages (swap, if on)
+     "cold": false,              # after filling: MADV_COLD of the region (deactivated:
+                                 # PG_referenced and the PTEs' young bits cleared, as
+                                 # reclaim's aging does)
      "thp_fault": false,         # fault this region in with THP allowed (mTHP sizes the
                                  # kernel has on give large folios); default: 4 KiB pages
      "attach": PATH}             # memfd: map the file at PATH (say /proc/P/fd/N of another
@@ -110,6 +113,7 @@ MAP_NORESERVE = 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
+MADV_COLD = 20
 MADV_PAGEOUT = 21
 MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
@@ -234,7 +238,7 @@ class Region:
             raise SpecError("a region must be an object")
         unknown = set(spec) - {"name", "windows", "fill", "zero_pages", "hugepage", "nohugepage",
                                "mlock", "share_after_fork", "kind", "misalign", "cache_fill",
-                               "pageout", "thp_fault", "attach"}
+                               "pageout", "thp_fault", "attach", "cold"}
         if unknown:
             raise SpecError(f"region {spec.get('name')!r}: unknown keys {sorted(unknown)}")
         self.name = spec.get("name")
@@ -274,6 +278,7 @@ class Region:
         self.misalign = bool(spec.get("misalign", False))
         self.cache = parse_fill(spec.get("cache_fill", "none"))
         self.pageout = parse_fill(spec.get("pageout", "none"))
+        self.cold = bool(spec.get("cold", False))
         if self.kind == "private" and (self.misalign or self.cache):
             raise SpecError(f"region {self.name}: misalign and cache_fill need a shared kind")
         if self.cache and (self.kind != "memfd" or set(self.cache) & set(self.touched)):
@@ -514,6 +519,8 @@ def setup(regions: list[Region], thp_disable: bool, fork_child: bool) -> int | N
         if r.mlock:
             _check(_libc.mlock2(r.start, r.length, MLOCK_ONFAULT), f"mlock2 {r.name}")
         r.page_out()
+        if r.cold:
+            madvise(r.start, r.length, MADV_COLD)
     if not fork_child:
         return None
     sys.stdout.flush()

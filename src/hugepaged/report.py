@@ -19,6 +19,8 @@ from hugepaged.scan.usage import ThpUsage
 JSON_VERSION = 1
 REFERENCED_UNKNOWN = ("referenced: unknown (no per-page access source on this machine: "
                       "LACK_REFERENCED_PAGE is not applied)")
+REFERENCED_KNOWN = ("referenced: from idle page tracking (frames the daemon marked idle and "
+                    "nothing touched since are not referenced)")
 
 
 def console() -> Console:
@@ -166,7 +168,8 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
         detail = thp_detail(s)
         if detail:
             out.print(f"{s.pid}: {detail}", markup=False)
-    out.print(REFERENCED_UNKNOWN)
+    known = bool(scans) and all(s.referenced_known for s in scans)
+    out.print(REFERENCED_KNOWN if known else REFERENCED_UNKNOWN)
     for line in skipped:
         out.print(printable(line), markup=False)
 
@@ -253,6 +256,8 @@ def print_status(st: dict[str, Any]) -> None:
     out.print(f"cursor: pid {st['cursor']['pid']} at {st['cursor']['address']}")
     if "madvise_source" in st:
         out.print(f"MADV_HUGEPAGE seen by: {st['madvise_source']}")
+    if "referenced_source" in st:
+        out.print(f"referenced pages (LACK_REFERENCED_PAGE) seen by: {st['referenced_source']}")
     out.print(f"pages_collapsed {c['pages_collapsed']}  full_scans {c['full_scans']}  "
               f"passes {c['passes']}  collapse_attempts {c['collapse_attempts']}  "
               f"alloc_backoffs {c['alloc_backoffs']}")

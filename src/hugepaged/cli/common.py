@@ -15,6 +15,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    f"keys: {', '.join(SPECS)}")
     p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
+    # The idle page tracking bitmap alone, for tests on a kernel without it (a fixture file).
+    p.add_argument("--page-idle", default="", help=argparse.SUPPRESS)
 
 
 def add_socket(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,8 @@ def add_socket(p: argparse.ArgumentParser) -> None:
 
 
 def kernel_of(args: argparse.Namespace) -> Kernel:
-    return Kernel(proc_root=args.proc_root, sys_root=args.sys_root)
+    return Kernel(proc_root=args.proc_root, sys_root=args.sys_root,
+                  page_idle_path=getattr(args, "page_idle", ""))
 
 
 def tunables_of(args: argparse.Namespace, kernel: Kernel, *layers: dict) -> Tunables:

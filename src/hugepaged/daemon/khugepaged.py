@@ -22,6 +22,7 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import COLLAPSIBLE, ScanResult
 from hugepaged.scan.eligibility import aligned_range
 from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
+from hugepaged.scan.referenced import Referenced
 from hugepaged.targets import ProcessFacts, Target, first_match
 from hugepaged.tunables import Tunables
 
@@ -92,6 +93,10 @@ class Khugepaged:
         self.tunables = tunables
         self.control = CollapseControl.from_tunables(tunables)  # the global policy
         self._kpf: KPageFlags | None = None  # opened at the first scan, after the start-up checks
+        # The young-bit check's source: idle page tracking where the kernel has it, the daemon
+        # marking the windows it leaves so that its next visit can tell which were touched.
+        idle = kernel.page_idle()
+        self.referenced = Referenced(idle, mark=True) if idle is not None else None
         self.backoff_until = 0.0
         self.cpu_wait_until = 0.0
         self.stopping = False
@@ -163,6 +168,8 @@ class Khugepaged:
         if self._kpf is not None:
             self._kpf.close()
             self._kpf = None
+        if self.referenced is not None:
+            self.referenced.idle.close()
 
     def control_for(self, slot: MmSlot) -> CollapseControl:
         """The policy this slot's process is decided and collapsed by (the kernel passes a
@@ -487,7 +494,8 @@ class Khugepaged:
         geo = self.kernel.geometry
         progress, collapsed = 1, 0
         mm_pid = slot.mm_pid or slot.pid
-        with ProcessScanner(self.kernel, mm_pid, self.kpf, self.control_for(slot)) as mm:
+        with ProcessScanner(self.kernel, mm_pid, self.kpf, self.control_for(slot),
+                            referenced=self.referenced) as mm:
             for vma in vmas:
                 if vma.end <= cur.address:
                     continue

@@ -233,6 +233,7 @@ class Service:
             "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
             "connector": self.connector is not None,
             "madvise_source": "tracepoints" if self.tracer is not None else "fingerprint",
+            "referenced_source": "page_idle" if self.core.referenced is not None else "none",
         }
 
     # --- the loop ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from hugepaged.kernel.sysfs import MmStats, ThpSysfs
 
 if TYPE_CHECKING:
     from hugepaged.kernel.kpageflags import KPageFlags
+    from hugepaged.kernel.pageidle import PageIdle
     from hugepaged.kernel.pagemap import PageMap
 
 _LAZY = {"KPageFlags": "hugepaged.kernel.kpageflags", "PageMap": "hugepaged.kernel.pagemap"}
@@ -37,6 +38,7 @@ class Kernel:
 
     proc_root: str = "/proc"
     sys_root: str = "/sys"
+    page_idle_path: str = ""  # idle page tracking's bitmap; "" is the one under sys_root
     procfs: ProcFS = field(init=False)
     thp: ThpSysfs = field(init=False)
     mm: MmStats = field(init=False)
@@ -65,6 +67,13 @@ class Kernel:
         from hugepaged.kernel.kpageflags import KPageFlags
 
         return KPageFlags(self.proc_root)
+
+    def page_idle(self) -> PageIdle | None:
+        """The page_idle bitmap, opened, or None where this kernel has no idle page tracking:
+        the one per-page access source userspace has (LACK_REFERENCED_PAGE needs one)."""
+        from hugepaged.kernel.pageidle import bitmap_path, open_page_idle
+
+        return open_page_idle(self.page_idle_path or bitmap_path(self.sys_root))
 
     def drain_lru(self) -> None:
         """lru_add_drain_all(), so kpageflags shows fresh pages on their LRU lists."""

@@ -22,6 +22,7 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
 from hugepaged.scan.decide import HPAGE_PMD_NR, Verdicts, decide
 from hugepaged.scan.eligibility import uffd_armed
+from hugepaged.scan.referenced import Referenced
 
 _U = np.uint64
 _STEPS = np.arange(HPAGE_PMD_NR, dtype=np.uint64)
@@ -91,8 +92,11 @@ class AnonScanner:
     """Private anonymous windows of one process, over its pagemap and a shared kpageflags."""
 
     def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
-                 pagemap: PageMap, use_pagemap_scan: bool | None = None) -> None:
+                 pagemap: PageMap, use_pagemap_scan: bool | None = None,
+                 referenced: Referenced | None = None) -> None:
         self.kpf, self.limits, self.pagemap = kpf, control.limits(), pagemap
+        # The young-bit check is khugepaged's only (cc->is_khugepaged), not MADV_COLLAPSE's.
+        self.referenced = referenced if self.limits.khugepaged else None
         self.shift = kernel.geometry.pmd_shift
         self.use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None \
             else use_pagemap_scan
@@ -117,10 +121,7 @@ class AnonScanner:
         if detail.size == 0:
             return out
         pm = self._read_windows(start, detail)
-        if self.use_scan:
-            v = decide(pm, self._read_flags(pm), self.limits, uffd_armed=armed)
-        else:
-            v = self._decide_unscanned(pm, armed)
+        v = self._decide(pm, armed) if self.use_scan else self._decide_unscanned(pm, armed)
         for name in _VERDICT_FIELDS:
             getattr(out, name)[detail] = getattr(v, name)
         return out
@@ -140,14 +141,13 @@ class AnonScanner:
             pmd[rows] = ((head[rows] & _U(KPF_COMPOUND_HEAD)) != 0) \
                 & ((head[rows] & _U(KPF_THP)) != 0)
         if not pmd.any():
-            return decide(pm, self._read_flags(pm), self.limits, uffd_armed=armed)
+            return self._decide(pm, armed)
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(np.full(n, int(ScanResult.PMD_MAPPED), dtype=np.int8),
                        zeros + HPAGE_PMD_NR, zeros.copy(), zeros.copy(), zeros.copy())
         rest = np.flatnonzero(~pmd)
         if rest.size:
-            sub = pm[rest]
-            v = decide(sub, self._read_flags(sub), self.limits, uffd_armed=armed)
+            v = self._decide(pm[rest], armed)
             for name in _VERDICT_FIELDS:
                 getattr(out, name)[rest] = getattr(v, name)
         # Counts as decide() has them, all 512 entries being present: the zero page counts
@@ -170,6 +170,17 @@ class AnonScanner:
             out.none[rows] = nzero
             out.shared[rows] = (~zero & ~excl).sum(axis=1)
         return out
+
+    def _decide(self, pm: np.ndarray, armed: bool) -> Verdicts:
+        """decide() over read windows, with their referenced state where a source exists;
+        the windows left uncollapsed are marked for the next visit's young-bit check."""
+        kf = self._read_flags(pm)
+        if self.referenced is None:
+            return decide(pm, kf, self.limits, uffd_armed=armed)
+        v = decide(pm, kf, self.limits, referenced=self.referenced.of(pm, kf),
+                   uffd_armed=armed)
+        self.referenced.leave(pm[v.codes != int(ScanResult.SUCCEED)])
+        return v
 
     def _read_windows(self, start: int, detail: np.ndarray) -> np.ndarray:
         pm = np.empty((detail.size, HPAGE_PMD_NR), dtype=np.uint64)

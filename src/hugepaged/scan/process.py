@@ -19,6 +19,7 @@ from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
 from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
+from hugepaged.scan.referenced import Referenced
 from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
 from hugepaged.scan.shmem_scan import ShmemScanner
 from hugepaged.scan.usage import ThpUsage, thp_usage
@@ -48,7 +49,7 @@ class ProcessScan:
     anon_kb: int
     anon_huge_kb: int
     vmas: list[VmaScan]
-    referenced_known: bool = False  # no per-page access source is read (see README)
+    referenced_known: bool = False  # a per-page access source was read (scan.referenced)
     shmem_kb: int = 0  # resident shared memory (shmem, memfd, MAP_SHARED|MAP_ANONYMOUS)
     shmem_pmd_kb: int = 0  # of it, PMD-mapped (smaps ShmemPmdMapped)
     thp: ThpUsage | None = None  # every kind of THP mapped, when asked for
@@ -112,8 +113,10 @@ class ProcessScanner:
     """An open view of one process's memory under one policy; one scanner per memory kind."""
 
     def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
-                 use_pagemap_scan: bool | None = None) -> None:
+                 use_pagemap_scan: bool | None = None, *,
+                 referenced: Referenced | None = None) -> None:
         self.kernel, self.pid, self.kpf, self.control = kernel, pid, kpf, control
+        self.referenced = referenced
         self.geometry = kernel.geometry
         self.pagemap = kernel.pagemap(pid)
         self._use_scan = use_pagemap_scan
@@ -158,7 +161,8 @@ class ProcessScanner:
     def _scanner(self, kind: MemoryKind):
         if kind not in self._scanners:
             self._scanners[kind] = SCANNERS[kind](self.kernel, self.pid, self.kpf, self.control,
-                                                  self.pagemap, self._use_scan)
+                                                  self.pagemap, self._use_scan,
+                                                  referenced=self.referenced)
         return self._scanners[kind]
 
     def decide_range(self, vma: Vma, start: int, end: int) -> Verdicts:
@@ -182,13 +186,16 @@ class ProcessScanner:
 
 
 def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageFlags, *,
-                 use_pagemap_scan: bool | None = None, usage: bool = False) -> ProcessScan:
+                 use_pagemap_scan: bool | None = None, usage: bool = False,
+                 referenced: Referenced | None = None) -> ProcessScan:
     """Decide every window of every VMA of `pid` (raises ProcessGone if it exits);
-    `usage`: also count every kind of THP it maps (scan.usage)."""
+    `usage`: also count every kind of THP it maps (scan.usage); `referenced`: the access
+    source for khugepaged's young-bit check, where one exists."""
     status = kernel.procfs.status(pid)
     vmas = kernel.procfs.smaps(pid)
     kernel.drain_lru()  # as khugepaged_do_scan and madvise_collapse do first
-    with ProcessScanner(kernel, pid, kpf, control, use_pagemap_scan) as mm:
+    with ProcessScanner(kernel, pid, kpf, control, use_pagemap_scan,
+                        referenced=referenced) as mm:
         scans = [mm.scan_vma(v, not status.thp_enabled) for v in vmas]
     return ProcessScan(
         pid=pid, comm=status.name,
@@ -198,6 +205,7 @@ def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageF
         shmem_kb=sum(v.rss_kb for v in vmas if memory_kind(v) is MemoryKind.SHMEM),
         shmem_pmd_kb=sum(v.shmem_pmd_kb for v in vmas),
         thp=thp_usage(kernel, pid, vmas, kpf, use_pagemap_scan) if usage else None,
+        referenced_known=referenced is not None and control.is_khugepaged,
     )
 
 
@@ -206,14 +214,32 @@ def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
     """Scan each pid; vanished ones are dropped, unreadable ones summed up in one line.
 
     `explicit`: the pids were named by the user, so a vanished or unreadable one is an error.
+    The young-bit check reads idle page tracking where it exists and marks nothing.
     """
+    idle = kernel.page_idle()
+    try:
+        scans, denied = _scan_each(kernel, pids, control, explicit, usage,
+                                   Referenced(idle) if idle is not None else None)
+    finally:
+        if idle is not None:
+            idle.close()
+    skipped = []
+    if denied:
+        skipped.append(f"{len(denied)} process(es) not readable (permission denied): "
+                       + ", ".join(map(str, denied[:10])) + (" ..." if len(denied) > 10 else ""))
+    return scans, skipped
+
+
+def _scan_each(kernel: Kernel, pids: list[int], control: CollapseControl, explicit: bool,
+               usage: bool, referenced: Referenced | None) -> tuple[list[ProcessScan], list[int]]:
+    """scan_processes' loop: the scans kept, and the pids we may not read."""
     from hugepaged.errors import AccessDenied, ProcessGone
 
     scans, denied = [], []
     with kernel.kpageflags() as kpf:
         for pid in pids:
             try:
-                s = scan_process(kernel, pid, control, kpf, usage=usage)
+                s = scan_process(kernel, pid, control, kpf, usage=usage, referenced=referenced)
             except ProcessGone:
                 if explicit:
                     raise
@@ -225,8 +251,4 @@ def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
                 continue
             if explicit or s.anon_kb or s.shmem_kb or s.eligible_windows:
                 scans.append(s)
-    skipped = []
-    if denied:
-        skipped.append(f"{len(denied)} process(es) not readable (permission denied): "
-                       + ", ".join(map(str, denied[:10])) + (" ..." if len(denied) > 10 else ""))
-    return scans, skipped
+    return scans, denied

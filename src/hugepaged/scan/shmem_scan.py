@@ -32,7 +32,9 @@ class ShmemScanner:
     """hpage_collapse_scan_file over the windows of this process's shared-memory VMAs."""
 
     def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
-                 pagemap: PageMap, use_pagemap_scan: bool | None = None) -> None:
+                 pagemap: PageMap, use_pagemap_scan: bool | None = None,
+                 referenced: object = None) -> None:
+        # `referenced` is unused: hpage_collapse_scan_file has no young-bit check.
         self.kernel, self.pid, self.kpf, self.pagemap = kernel, pid, kpf, pagemap
         self.limits = FileLimits(control.max_ptes_none, control.max_ptes_swap,
                                  khugepaged=control.is_khugepaged)
