@@ -170,6 +170,9 @@ class FakeKernel:
     def kpageflags(self):
         return SimpleNamespace(close=lambda: None)
 
+    def page_idle(self) -> None:
+        return None  # no idle page tracking: the young-bit check is not applied
+
     def drain_lru(self) -> None:
         self.drains = getattr(self, "drains", 0) + 1
 
@@ -178,7 +181,7 @@ class FakeScanner:
     """ProcessScanner over the fixture: a window's code from its present count and the limits;
     eligibility is the real one."""
 
-    def __init__(self, kernel: FakeKernel, pid: int, kpf, control) -> None:
+    def __init__(self, kernel: FakeKernel, pid: int, kpf, control, referenced=None) -> None:
         self.kernel, self.pid, self.limits = kernel, pid, control
 
     def ineligible(self, vma, thp_disabled: bool):
