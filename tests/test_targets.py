@@ -38,6 +38,7 @@ cgroup = "/kubepods.slice/kubepods-burstable.slice"
 exe = "/usr/bin/java"
 pid = [1234, 5678]
 enabled = "never"
+shmem_enabled = "always"
 '''
 
 
@@ -53,8 +54,10 @@ def test_the_issues_shape_parses():
     assert (pod.priority, pod.max_ptes_none, pod.max_bloat_mb) == (0, None, None)
     assert redis.max_bloat_kb == 256 * 1024
     # What the target sets over the global policy; the rest stays the global one.
+    assert (redis.shmem_enabled, pod.shmem_enabled) == (None, "always")
     assert pod.overrides() == {"target": "pod-a_1", "priority": 0, "max_cpu_percent": None,
-                               "max_bloat_kb": None, "enabled": "never"}
+                               "max_bloat_kb": None, "enabled": "never",
+                               "shmem_enabled": "always"}
 
 
 HEAD = '# targets\n[[target]]\nname = "t"\n'  # the target's keys start on line 4
@@ -67,6 +70,8 @@ HEAD = '# targets\n[[target]]\nname = "t"\n'  # the target's keys start on line 
     (HEAD + 'comm = "a"\nmax_ptes_shared = 1.5\n', 5, "expected an integer 0..511"),
     (HEAD + 'comm = "a"\nmax_ptes_none = true\n', 5, "expected an integer 0..511"),
     (HEAD + 'comm = "a"\nenabled = "sometimes"\n', 5, "one of always, madvise, never"),
+    (HEAD + 'comm = "a"\nshmem_enabled = "inherit"\n', 5, "shmem_enabled: invalid value"),
+    (HEAD + 'comm = "a"\nshmem_enabled = 1\n', 5, "shmem_enabled: expected one of always"),
     (HEAD + 'comm = "a"\nmax_cpu_percent = 101\n', 5, "max_cpu_percent: invalid value '101'"),
     (HEAD + 'comm = "a"\npriority = 1001\n', 5, "priority: invalid value 1001"),
     (HEAD + 'comm = "a"\npriority = "high"\n', 5, "priority: invalid value 'high'"),

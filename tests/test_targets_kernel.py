@@ -147,8 +147,9 @@ def test_bloat_budget_caps_the_rss_sparse_windows_add(tmp_path):
         assert t["results"]["EXCEED_BLOAT_BUDGET"] >= 14
         assert st["results"]["EXCEED_BLOAT_BUDGET"] >= 14
         (row,) = [ln.split() for ln in human.splitlines() if ln.startswith("lean ")]
-        # TARGET PRIO ENABLED PROCS ANON THP COVER COLLAPSED BLOAT CPU
-        assert row[:4] == ["lean", "0", "(global)", "1"] and row[8] == "3.5M/4.0M", human
+        # TARGET PRIO ENABLED SHMEM PROCS ANON THP COVER COLLAPSED BLOAT CPU
+        assert row[:5] == ["lean", "0", "(global)", "(global)", "1"] and row[9] == "3.5M/4.0M", \
+            human
         (mine,) = [ln.split() for ln in top.splitlines() if ln.split()[:1] == [str(w.pid)]]
         assert mine[2] == "lean", top  # top shows each process's target
         w.verify()

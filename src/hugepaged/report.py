@@ -230,10 +230,10 @@ def print_json(doc: Any) -> None:
 def targets_table(targets: list[dict[str, Any]]) -> Table:
     """One row per configured target, in the configuration file's order."""
     table = Table(box=None, pad_edge=False)
-    for col in ("TARGET", "PRIO", "ENABLED", "PROCS", "ANON", "THP", "COVER", "COLLAPSED",
-                "BLOAT", "CPU"):
-        table.add_column(col, justify="left" if col in ("TARGET", "ENABLED") else "right",
-                         no_wrap=True)
+    for col in ("TARGET", "PRIO", "ENABLED", "SHMEM", "PROCS", "ANON", "THP", "COVER",
+                "COLLAPSED", "BLOAT", "CPU"):
+        table.add_column(col, justify="left" if col in ("TARGET", "ENABLED", "SHMEM")
+                         else "right", no_wrap=True)
     for t in targets:
         limit = t["bloat_limit_kb"]
         bloat = human_kb(t["bloat_used_kb"]) + "/" + (human_kb(limit) if limit is not None
@@ -241,7 +241,8 @@ def targets_table(targets: list[dict[str, Any]]) -> Table:
         cpu = f"{t['cpu_seconds']:.2f} s" + (f" ({t['max_cpu_percent']}%)"
                                              if t["max_cpu_percent"] else "")
         table.add_row(t["name"], str(t["priority"]), t["enabled"] or "(global)",
-                      str(t["processes"]), human_kb(t["anon_kb"]), human_kb(t["anon_huge_kb"]),
+                      t.get("shmem_enabled") or "(global)", str(t["processes"]),
+                      human_kb(t["anon_kb"]), human_kb(t["anon_huge_kb"]),
                       f"{t['coverage_pct']:.1f}%", str(t["windows_collapsed"]), bloat, cpu)
     return table
 

@@ -1,10 +1,11 @@
 """Targets: processes an admin names (by comm, exe, cgroup or pid) that get their own policy.
 
 The kernel has one policy for every process; MADV_COLLAPSE ignores the sysfs `enabled` mode,
-so hugepaged can give one process `enabled = "always"` on a `madvise` machine, its own
-`max_ptes_*` limits, a priority, a CPU share and a bloat budget. Targets are tried in the
-order of the configuration file and the first whose every match key matches wins; a
-process no target matches gets the global policy.
+so hugepaged can give one process `enabled = "always"` on a `madvise` machine (and
+`shmem_enabled = "always"` for its shared memory on a `never` one), its own `max_ptes_*`
+limits, a priority, a CPU share and a bloat budget. Targets are tried in the order of the
+configuration file and the first whose every match key matches wins; a process no target
+matches gets the global policy.
 """
 
 import re
@@ -16,8 +17,8 @@ from hugepaged.kernel.procfs import ProcFS
 
 MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
 # The keys a target shares with the tunables: same names, same ranges, same refusals.
-TUNABLE_KEYS = ("enabled", "max_ptes_none", "max_ptes_swap", "max_ptes_shared",
-                "max_cpu_percent")
+TUNABLE_KEYS = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
+                "max_ptes_shared", "max_cpu_percent")
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 PRIORITY_RANGE = (-1000, 1000)
 MAX_TARGETS = 64  # each is a label value in the metrics: bounded
@@ -33,6 +34,7 @@ class Target:
     cgroup: str | None = None  # path prefix, whole components, in any hierarchy
     pid: tuple[int, ...] | None = None
     enabled: str | None = None
+    shmem_enabled: str | None = None
     max_ptes_none: int | None = None
     max_ptes_swap: int | None = None
     max_ptes_shared: int | None = None
@@ -64,7 +66,8 @@ class Target:
         out: dict[str, object] = {"target": self.name, "priority": self.priority,
                                   "max_cpu_percent": self.max_cpu_percent or None,
                                   "max_bloat_kb": self.max_bloat_kb}
-        for key in ("enabled", "max_ptes_none", "max_ptes_swap", "max_ptes_shared"):
+        for key in ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
+                    "max_ptes_shared"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out

@@ -128,9 +128,9 @@ class Khugepaged:
         # slots; a slot woken mid-visit is not settled by that visit (see scan_mm_slot).
         for slot in list(self.registry.slots.values()):
             self._apply_target(slot, slot.target)  # the global part of every policy
-        if (old.enabled, old.max_ptes_none, old.max_ptes_swap, old.max_ptes_shared) != \
-           (tunables.enabled, tunables.max_ptes_none, tunables.max_ptes_swap,
-                tunables.max_ptes_shared):
+        rules = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
+                 "max_ptes_shared")
+        if any(getattr(old, k) != getattr(tunables, k) for k in rules):
             for slot in list(self.registry.slots.values()):
                 slot.wake()  # new rules: look at everyone again
 

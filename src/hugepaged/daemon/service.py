@@ -158,7 +158,8 @@ class Service:
                          extra={"event": "tunable", "key": key, "old": getattr(old, key),
                                 "value": getattr(new, key), "source": source})
         self.core.set_tunables(new)
-        rules = ("enabled", "defrag", "max_ptes_none", "max_ptes_swap", "max_ptes_shared")
+        rules = ("enabled", "shmem_enabled", "defrag", "max_ptes_none", "max_ptes_swap",
+                 "max_ptes_shared")
         if any(getattr(old, k) != getattr(new, k) for k in rules):
             self._kick()  # as a write to the kernel's `enabled` wakes khugepaged
         if (old.scan_sleep_millisecs, old.alloc_sleep_millisecs) != \

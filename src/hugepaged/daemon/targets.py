@@ -86,6 +86,7 @@ def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
         huge = min(anon, sum(s.anon_huge_kb for s in mine))
         out.append({
             "name": t.name, "match": t.describe(), "enabled": t.enabled,
+            "shmem_enabled": t.shmem_enabled,
             "priority": t.priority, "processes": len(mine), "pids": [s.pid for s in mine],
             "anon_kb": anon, "anon_huge_kb": huge,
             "coverage_pct": round(100.0 * huge / anon, 1) if anon else 0.0,
