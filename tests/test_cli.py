@@ -32,8 +32,8 @@ ROOT = os.geteuid() == 0
 
 SCAN_KEYS = {"version", "tunables", "target", "referenced_known", "processes", "total",
              "skipped"}
-PROCESS_KEYS = {"pid", "comm", "anon_kb", "anon_huge_kb", "coverage_pct", "eligible_windows",
-                "collapsible", "results", "ineligible", "shmem_kb", "thp"}
+PROCESS_KEYS = {"pid", "comm", "target", "anon_kb", "anon_huge_kb", "coverage_pct",
+                "eligible_windows", "collapsible", "results", "ineligible", "shmem_kb", "thp"}
 TOTAL_KEYS = {"processes", "anon_kb", "anon_huge_kb", "eligible_windows", "collapsible",
               "results", "ineligible", "shmem_kb", "thp"}
 COLLAPSE_KEYS = {"version", "pid", "comm", "dry_run", "force", "target", "max_cpu_percent",

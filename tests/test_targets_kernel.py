@@ -211,6 +211,35 @@ def test_collapse_with_a_target_dry_run_predicts_the_rss_it_adds(tmp_path):
         w.verify()
 
 
+def test_config_alone_gives_each_process_the_target_it_matches(tmp_path):
+    """As the daemon resolves a process at registration: --config without --target decides
+    each process by the first target it matches, the others by the global policy."""
+    spec = [{"name": "heap", "windows": 3, "hugepage": False}]
+    with saved_thp(enabled="never"), Workload(regions=spec) as a, Workload(regions=spec) as b:
+        cfg = config(tmp_path, f'[[target]]\nname = "t"\npid = [{a.pid}]\n'
+                               'enabled = "always"\n')
+        res = hugepaged_cli("scan", "--pid", str(a.pid), "--pid", str(b.pid), "--config", cfg,
+                            "--set", "enabled=madvise", "--json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        by_pid = {p["pid"]: p for p in doc["processes"]}
+        assert doc["target"] is None
+        assert by_pid[a.pid]["target"] == "t" and by_pid[b.pid]["target"] is None
+        assert by_pid[a.pid]["results"].get("SUCCEED", 0) >= 3
+        assert by_pid[b.pid]["ineligible"].get("NO_MADV_HUGEPAGE", 0) >= 3 * 2048
+        text = hugepaged_cli("scan", "--pid", str(a.pid), "--config", cfg,
+                             "--set", "enabled=madvise").stdout
+        assert f"pid {a.pid} (python" in text and "target t" in text
+        for w, target in ((a, "t"), (b, None)):
+            res = hugepaged_cli("collapse", "--pid", str(w.pid), "--config", cfg,
+                                "--set", "enabled=madvise", "--json")
+            assert res.returncode == 0, res.stderr
+            assert json.loads(res.stdout)["target"] == target
+        assert all(mapped(a, "heap")) and not any(mapped(b, "heap"))
+        a.verify()
+        b.verify()
+
+
 def test_collapse_paced_keeps_its_cpu_near_the_given_share():
     spec = [{"name": "heap", "windows": 24, "hugepage": True}]
     with saved_thp(enabled="never"), Workload(regions=spec) as w:

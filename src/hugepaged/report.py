@@ -103,7 +103,8 @@ def scan_json(scans: list[ProcessScan], tunables: dict, skipped: list[str],
 def scan_record(s: ProcessScan) -> dict[str, Any]:
     counts = s.results()
     return {
-        "pid": s.pid, "comm": s.comm, "anon_kb": s.anon_kb, "anon_huge_kb": s.anon_huge_kb,
+        "pid": s.pid, "comm": s.comm, "target": s.target,
+        "anon_kb": s.anon_kb, "anon_huge_kb": s.anon_huge_kb,
         "coverage_pct": round(s.coverage, 1), "eligible_windows": s.eligible_windows,
         "collapsible": collapsible(counts),
         "results": {r.name: n for r, n in sorted(counts.items())},
@@ -163,6 +164,8 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
     out.print(table)
     for s in scans:
         why = ineligible_text(_ineligible_json(s))
+        if s.target is not None:  # the policy it was decided by, when not the global one
+            why = f"target {s.target}" + (f"; {why}" if why else "")
         if why:
             out.print(f"pid {s.pid} ({printable(s.comm)}): {why}", markup=False)
         detail = thp_detail(s)

@@ -9,11 +9,13 @@ matches gets the global policy.
 """
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from hugepaged.errors import HugepagedError
 from hugepaged.kernel.procfs import ProcFS
+from hugepaged.policy import CollapseControl
 
 MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
 # The keys a target shares with the tunables: same names, same ranges, same refusals.
@@ -110,6 +112,26 @@ class ProcessFacts:
 def first_match(targets: list[Target], proc: ProcessFacts) -> Target | None:
     """Targets are tried in file order; the first that matches wins."""
     return next((t for t in targets if t.matches(proc)), None)
+
+
+def control_under(control: CollapseControl, target: Target | None) -> CollapseControl:
+    """The policy of a process that matched `target`: its settings over the global ones."""
+    return control if target is None else replace(control, **target.overrides())
+
+
+def controls_by_pid(procfs: ProcFS, control: CollapseControl, targets: list[Target]
+                    ) -> Callable[[int], CollapseControl]:
+    """pid -> its policy, resolved as the daemon resolves a process at registration (first
+    match wins). A process that is gone gets the global policy (its scan then says gone)."""
+    def control_for(pid: int) -> CollapseControl:
+        if not targets:
+            return control
+        try:
+            comm = procfs.stat(pid).comm
+        except (HugepagedError, OSError):
+            return control
+        return control_under(control, first_match(targets, ProcessFacts(procfs, pid, comm)))
+    return control_for
 
 
 def by_name(targets: list[Target], name: str) -> Target | None:

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     kernel = kernel_of(args)
     percent = cpu_percent(args.max_cpu_percent)
     check_pids(kernel, [args.pid])
-    _, control, _ = policy_of(args, kernel, args.force)
+    _, control_for, _ = policy_of(args, kernel, args.force)
+    control = control_for(args.pid)
     require_collapse_support(kernel)
     pidfd = pidfd_open(args.pid)
     try:

@@ -66,19 +66,19 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
 
 
 def policy_of(args: argparse.Namespace, kernel: Kernel, force: bool = False):
-    """(tunables, control, target) of a one-shot command: the global policy, or with
-    --target that target's over it. An unknown target is bad input (exit 2)."""
-    from dataclasses import replace
-
+    """(tunables, control_for, target) of a one-shot command. control_for(pid) is one
+    process's policy: with --target that target's over the global one; with --config alone
+    the first target the process matches, as the daemon resolves it; else the global one.
+    An unknown target is bad input (exit 2)."""
     from hugepaged.config import load_config
     from hugepaged.errors import UsageError
-    from hugepaged.targets import by_name
+    from hugepaged.targets import by_name, control_under, controls_by_pid
 
     cfg = load_config(args.config) if args.config or args.target else None
     tunables = tunables_of(args, kernel, *([cfg.tunables] if cfg else []))
     control = control_of(tunables, force)
     if not args.target:
-        return tunables, control, None
+        return tunables, controls_by_pid(kernel.procfs, control, cfg.targets if cfg else []), None
     target = by_name(cfg.targets, args.target)
     if target is None:
         from hugepaged.config import DEFAULT_PATH
@@ -86,4 +86,5 @@ def policy_of(args: argparse.Namespace, kernel: Kernel, force: bool = False):
         known = ", ".join(t.name for t in cfg.targets) or "none"
         raise UsageError(f"{args.config or DEFAULT_PATH}: no target named '{args.target}' "
                          f"(targets: {known})")
-    return tunables, replace(control, **target.overrides()), target
+    forced = control_under(control, target)
+    return tunables, lambda pid: forced, target

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     kernel = kernel_of(args)
     check_pids(kernel, args.pid)
-    tunables, control, target = policy_of(args, kernel)
+    tunables, control_for, target = policy_of(args, kernel)
     require_scan_support(kernel)
     if args.vmas and not args.pid:
         raise UsageError("--vmas needs --pid")
@@ -45,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
         pids = matching(kernel, pids, target)  # the processes this target would take
     if args.cgroup is not None:
         pids = in_cgroup(kernel, pids, args.cgroup)
-    scans, skipped = scan_processes(kernel, pids, control, explicit=explicit, usage=True)
+    scans, skipped = scan_processes(kernel, pids, control_for, explicit=explicit, usage=True)
     if args.json:
-        doc = report.scan_json(scans, tunables.as_dict(), skipped, target=control.target)
+        doc = report.scan_json(scans, tunables.as_dict(), skipped,
+                               target=target.name if target else None)
         if args.vmas:
             doc["vmas"] = {str(s.pid): report.vmas_json(s) for s in scans}
         report.print_json(doc)

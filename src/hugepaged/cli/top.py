@@ -56,7 +56,8 @@ def take_frame(args: argparse.Namespace, kernel):
     tunables = tunables_of(args, kernel, *layers)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     t0 = time.monotonic()
-    scans, skipped = scan_processes(kernel, pids, control_of(tunables), explicit=False)
+    control = control_of(tunables)
+    scans, skipped = scan_processes(kernel, pids, lambda pid: control, explicit=False)
     return Frame(rows=rows_of(scans, status), status=status, daemon_error=error,
                  skipped=skipped, interval=None if args.once else args.interval,
                  scan_seconds=time.monotonic() - t0)

@@ -23,7 +23,7 @@ from hugepaged.results import COLLAPSIBLE, ScanResult
 from hugepaged.scan.eligibility import aligned_range
 from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
 from hugepaged.scan.referenced import Referenced
-from hugepaged.targets import ProcessFacts, Target, first_match
+from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 from hugepaged.tunables import Tunables
 
 from .budget import CpuBudget
@@ -193,8 +193,7 @@ class Khugepaged:
 
     def _apply_target(self, slot: MmSlot, target: Target | None) -> None:
         slot.target = target
-        control = self.control if target is None else replace(self.control,
-                                                              **target.overrides())
+        control = control_under(self.control, target)
         if slot.priority != control.priority:
             slot.priority = control.priority
             self.registry.reorder()

@@ -6,7 +6,7 @@ the file rules. SCANNERS is the only place that chooses; a new kind is one more 
 """
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -53,6 +53,7 @@ class ProcessScan:
     shmem_kb: int = 0  # resident shared memory (shmem, memfd, MAP_SHARED|MAP_ANONYMOUS)
     shmem_pmd_kb: int = 0  # of it, PMD-mapped (smaps ShmemPmdMapped)
     thp: ThpUsage | None = None  # every kind of THP mapped, when asked for
+    target: str | None = None  # the target whose policy decided it (hugepaged's own)
 
     @property
     def eligible_windows(self) -> int:
@@ -206,19 +207,22 @@ def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageF
         shmem_pmd_kb=sum(v.shmem_pmd_kb for v in vmas),
         thp=thp_usage(kernel, pid, vmas, kpf, use_pagemap_scan) if usage else None,
         referenced_known=referenced is not None and control.is_khugepaged,
+        target=control.target,
     )
 
 
-def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
-                   explicit: bool, usage: bool = False) -> tuple[list[ProcessScan], list[str]]:
-    """Scan each pid; vanished ones are dropped, unreadable ones summed up in one line.
+def scan_processes(kernel: Kernel, pids: list[int],
+                   control_for: Callable[[int], CollapseControl], *, explicit: bool,
+                   usage: bool = False) -> tuple[list[ProcessScan], list[str]]:
+    """Scan each pid under its own policy (`control_for(pid)`: its target's, or the global
+    one); vanished ones are dropped, unreadable ones summed up in one line.
 
     `explicit`: the pids were named by the user, so a vanished or unreadable one is an error.
     The young-bit check reads idle page tracking where it exists and marks nothing.
     """
     idle = kernel.page_idle()
     try:
-        scans, denied = _scan_each(kernel, pids, control, explicit, usage,
+        scans, denied = _scan_each(kernel, pids, control_for, explicit, usage,
                                    Referenced(idle) if idle is not None else None)
     finally:
         if idle is not None:
@@ -230,8 +234,9 @@ def scan_processes(kernel: Kernel, pids: list[int], control: CollapseControl, *,
     return scans, skipped
 
 
-def _scan_each(kernel: Kernel, pids: list[int], control: CollapseControl, explicit: bool,
-               usage: bool, referenced: Referenced | None) -> tuple[list[ProcessScan], list[int]]:
+def _scan_each(kernel: Kernel, pids: list[int], control_for: Callable[[int], CollapseControl],
+               explicit: bool, usage: bool, referenced: Referenced | None
+               ) -> tuple[list[ProcessScan], list[int]]:
     """scan_processes' loop: the scans kept, and the pids we may not read."""
     from hugepaged.errors import AccessDenied, ProcessGone
 
@@ -239,7 +244,8 @@ def _scan_each(kernel: Kernel, pids: list[int], control: CollapseControl, explic
     with kernel.kpageflags() as kpf:
         for pid in pids:
             try:
-                s = scan_process(kernel, pid, control, kpf, usage=usage, referenced=referenced)
+                s = scan_process(kernel, pid, control_for(pid), kpf, usage=usage,
+                                 referenced=referenced)
             except ProcessGone:
                 if explicit:
                     raise
