@@ -144,6 +144,34 @@ def test_bloat_budget_stops_sparse_windows_and_full_ones_still_collapse(world, s
     core.close()
 
 
+def test_a_reload_moves_a_process_bloat_to_its_new_target(world, sleepers):  # noqa: F811
+    (pid,) = sleepers(1)
+    p, hg = layout(world, pid, windows=4)
+    for a in range(hg.start, hg.end, HP):
+        p.present[a] = NR - 256  # each collapse adds 1 MiB
+    core = core_with(world, [Target("a", pid=(pid,), max_bloat_mb=2)])
+    core.discover()
+    core.do_scan()
+    assert core.target_states.get("a").bloat_used_kb == 2 * 1024
+    # Reload: the process now matches "b"; the 2 MiB its collapses added go with it, and "a"
+    # (kept, matching no one) has nothing charged any more.
+    core.set_targets([Target("a", pid=(1,), max_bloat_mb=2),
+                      Target("b", pid=(pid,), max_bloat_mb=3)])
+    assert core.target_states.get("a").bloat_used_kb == 0
+    assert core.target_states.get("b").bloat_used_kb == 2 * 1024
+    before = len(world.collapses)
+    core.registry.slots[pid].wake()
+    core.do_scan()
+    assert len(world.collapses) - before == 1  # 1 MiB left in b's budget
+    assert core.target_states.get("b").bloat_used_kb == 3 * 1024
+    # Back to the global policy (no budget), then to "b" again: still counted.
+    core.set_targets([Target("b", pid=(1,), max_bloat_mb=3)])
+    assert core.target_states.get("b").bloat_used_kb == 0
+    core.set_targets([Target("b", pid=(pid,), max_bloat_mb=3)])
+    assert core.target_states.get("b").bloat_used_kb == 3 * 1024
+    core.close()
+
+
 def test_a_targets_cpu_share_leaves_its_slot_and_the_pass_goes_on(world, sleepers):  # noqa: F811
     a, b = sleepers(2)
     layout(world, a, windows=4)

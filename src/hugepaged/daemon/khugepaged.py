@@ -192,6 +192,13 @@ class Khugepaged:
         return slot.control != old
 
     def _apply_target(self, slot: MmSlot, target: Target | None) -> None:
+        old = getattr(slot.target, "name", None)
+        new = getattr(target, "name", None)
+        if old != new:  # its added RSS counts against the target it has now
+            self.target_states.forget(slot.pid)
+            state = self.target_states.get(new)
+            if state is not None:
+                state.adopt(slot.pid, slot.bloat_kb)
         slot.target = target
         control = control_under(self.control, target)
         if slot.priority != control.priority:
@@ -619,6 +626,7 @@ class Khugepaged:
                    bloat_kb: int) -> None:
         if outcome.result == ScanResult.SUCCEED:
             slot.anon_huge_kb += self.kernel.geometry.pmd_size >> 10
+            slot.bloat_kb += bloat_kb
             if state is not None:
                 state.collapsed += 1
                 state.charge_bloat(slot.pid, bloat_kb)

@@ -54,6 +54,9 @@ class MmSlot:
     priority: int = 0
     anon_kb: int = 0  # Anonymous and AnonHugePages of its last smaps read (+ collapses since)
     anon_huge_kb: int = 0
+    # The RSS its collapses added (kB; empty and zero-page PTEs filled): counted in the bloat
+    # ledger of whichever target it has now, moved with it when a reload or exec changes it.
+    bloat_kb: int = 0
     # Where a visit that left the slot early (its target's CPU share ran dry) resumes.
     resume: int = 0
     wakes: int = 0  # wake() calls; one during a visit keeps the visit from settling the slot

@@ -41,6 +41,11 @@ class TargetState:
     def forget(self, pid: int) -> None:
         self.bloat_kb.pop(pid, None)
 
+    def adopt(self, pid: int, kb: int) -> None:
+        """A process that has just matched this target brings the RSS its collapses added."""
+        self.forget(pid)
+        self.charge_bloat(pid, kb)
+
 
 class TargetStates:
     """The states of the configured targets; a reload keeps what a kept name had."""
