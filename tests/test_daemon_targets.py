@@ -7,6 +7,8 @@ on the real kernel with Redis and real workloads in test_targets_kernel.py.
 
 from __future__ import annotations
 
+import logging
+
 from hugepaged.results import ScanResult
 from hugepaged.targets import Target
 
@@ -44,6 +46,22 @@ def test_each_slot_gets_its_targets_policy_and_the_rest_the_global_one(world, sl
     core.set_targets([Target("jvm", comm="java", enabled="never")])
     assert core.control_for(core.registry.slots[a]) == core.control
     assert core.control_for(core.registry.slots[b]).enabled == "never"
+    core.close()
+
+
+def test_a_reload_logs_one_info_line_per_change_of_target(world, sleepers, caplog):  # noqa: F811
+    pids = sleepers(3)
+    for pid in pids:
+        layout(world, pid, comm="java")
+    core = core_with(world, [])
+    core.discover()
+    caplog.set_level(logging.DEBUG, logger="hugepaged")
+    core.set_targets([Target("jvm", comm="java")])
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert [r.getMessage() for r in info] == ["targets reloaded: 3 process(es) None -> jvm"]
+    debug = [r for r in caplog.records if getattr(r, "event", None) == "target"]
+    assert sorted(r.pid for r in debug) == sorted(pids)
+    assert all(r.levelno == logging.DEBUG for r in debug)
     core.close()
 
 

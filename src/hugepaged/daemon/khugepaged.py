@@ -139,9 +139,19 @@ class Khugepaged:
         self.targets = list(targets)
         self.target_states.configure(
             [(t.name, t.max_cpu_percent, t.max_bloat_kb) for t in targets], self.clock())
+        moved: Counter = Counter()
         for slot in list(self.registry.slots.values()):
-            if self.resolve(slot):
+            old = slot.control.target if slot.control is not None else None
+            if self.resolve(slot, level=logging.DEBUG):
                 slot.wake()
+            if slot.control.target != old:
+                moved[(old, slot.control.target)] += 1
+        for (old, new), n in sorted(moved.items(), key=lambda i: -i[1]):
+            # One line per change of target, not per process: a fleet reload can move
+            # thousands (each one is logged at debug).
+            log.info("targets reloaded: %d process(es) %s -> %s", n, old, new,
+                     extra={"event": "targets_reloaded", "processes": n, "target": new,
+                            "old": old})
 
     @property
     def kpf(self) -> KPageFlags:
@@ -177,18 +187,18 @@ class Khugepaged:
         on exec and on reload, or the global one."""
         return slot.control if slot.control is not None else self.control
 
-    def resolve(self, slot: MmSlot) -> bool:
+    def resolve(self, slot: MmSlot, level: int = logging.INFO) -> bool:
         """Match the slot's process against the targets (first match wins); True if its
-        policy changed."""
+        policy changed. A change of target is logged at `level`."""
         target = first_match(self.targets, ProcessFacts(self.kernel.procfs, slot.pid,
                                                         slot.comm)) if self.targets else None
         old = slot.control
         self._apply_target(slot, target)
         new = target.name if target is not None else None
         if old is not None and old.target != new:  # at registration the register line says
-            log.info("pid %d (%s): target %s -> %s", slot.pid, slot.comm, old.target, new,
-                     extra={"event": "target", "pid": slot.pid, "comm": slot.comm,
-                            "target": new, "old": old.target})
+            log.log(level, "pid %d (%s): target %s -> %s", slot.pid, slot.comm, old.target,
+                    new, extra={"event": "target", "pid": slot.pid, "comm": slot.comm,
+                                "target": new, "old": old.target})
         return slot.control != old
 
     def _apply_target(self, slot: MmSlot, target: Target | None) -> None:
