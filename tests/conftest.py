@@ -5,17 +5,28 @@ import subprocess
 
 import pytest
 
-from .helpers import machine_lock, saved_thp
+from .helpers import knob_snapshot, machine_lock, restore_knobs, saved_thp
 
 
 @pytest.fixture(autouse=True)
 def _kernel_lock(request):
-    """A test marked `kernel` sees THP state no other test or benchmark is changing."""
+    """A test marked `kernel` sees THP state no other test or benchmark is changing, and
+    leaves it as it found it: a knob it left changed (a daemon killed before it could
+    restore what it quieted, say) is put back and the test fails, naming the knob."""
     if request.node.get_closest_marker("kernel") is None:
         yield
         return
     with machine_lock():
+        before = knob_snapshot() if os.geteuid() == 0 else None
         yield
+        if before is None:
+            return
+        after = knob_snapshot()
+        if after != before:
+            restore_knobs(before)
+            changed = {k: f"{before[k]} -> {after.get(k)}" for k in before
+                       if after.get(k) != before[k]}
+            pytest.fail(f"the test left kernel state changed (knobs restored): {changed}")
 
 
 TRACEFS = "/sys/kernel/tracing"

@@ -245,6 +245,29 @@ def write_knob(name: str, value) -> None:
     _write_knob(_knob_path(name), value)
 
 
+def knob_snapshot() -> dict[str, str]:
+    """Every THP knob a test may change (by the names of _saved_thp), and the swap devices:
+    what a kernel test must leave as it found it."""
+    names = ["enabled", "shmem_enabled", "thp_defrag"]
+    names += sorted(p.name for p in KHUGEPAGED_DIR.iterdir()
+                    if p.name not in {"pages_collapsed", "full_scans"})
+    for size in sorted(THP_DIR.glob("hugepages-*kB")):
+        names += [f"{size.name}/{f}" for f in ("enabled", "shmem_enabled")
+                  if (size / f).exists()]
+    out = {n: read_knob(n) for n in names}
+    with open("/proc/swaps") as f:
+        out["swaps"] = " ".join(sorted(line.split()[0] for line in f.readlines()[1:]))
+    return out
+
+
+def restore_knobs(saved: dict[str, str]) -> None:
+    """Write back the knobs of a knob_snapshot() that differ now (swap is only reported)."""
+    now = knob_snapshot()
+    for name, value in saved.items():
+        if name != "swaps" and now.get(name) != value:
+            write_knob(name, value)
+
+
 def read_counter(name: str) -> int:
     """One of khugepaged's counters: pages_collapsed or full_scans."""
     return int((KHUGEPAGED_DIR / name).read_text())
