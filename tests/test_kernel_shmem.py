@@ -168,6 +168,37 @@ def test_a_second_process_mapping_the_same_memfd(capsys):
             a.verify()
 
 
+def test_a_range_another_process_collapsed_and_this_one_never_touched(capsys):
+    """hpage_collapse_scan_file reads the page cache only: a range that is one 2 MiB folio
+    there is PTE_MAPPED_HUGEPAGE whether or not this process maps it. MADV_COLLAPSE then
+    installs the PMD (collapse_pte_mapped_thp, install_pmd) where this process has no page
+    table; the daemon, like the kernel's khugepaged, leaves it to the next fault."""
+    first = {"regions": [{"name": "m", "windows": 2, "kind": "memfd"}]}
+    with Workload(first) as a:
+        m = a.regions["m"]
+        second = {"regions": [{"name": "m", "windows": 2, "kind": "memfd", "fill": "none",
+                               "attach": f"/proc/{a.pid}/fd/{m.fd}"}]}
+        with Workload(second) as b:
+            mb = b.regions["m"]
+            assert results(b.pid, mb.start) == [R.SUCCEED] * 2  # 512 pages in the cache
+            assert attempted(collapse(capsys, a.pid), m) == ["SUCCEED"] * 2
+            assert pmd_mapped_windows(a.pid, m.start, m.end) == [True, True]
+            assert results(b.pid, mb.start) == [R.PTE_MAPPED_HUGEPAGE] * 2
+            assert results(b.pid, mb.start, force=True) == [R.PTE_MAPPED_HUGEPAGE] * 2
+            assert smaps_vma(b.pid, mb.start)["Rss"] == 0  # the scan mapped nothing into it
+            with Daemon(pids=[b.pid], sets={**POLICY, "max_cpu_percent": 0,
+                                            "scan_sleep_millisecs": 0}) as d:
+                st = d.wait_for(lambda st: settled(st, b.pid), timeout=30)
+            assert st["results"].get("PTE_MAPPED_HUGEPAGE", 0) >= 2
+            assert [r for r in d.events("collapse") if r["pid"] == b.pid] == []
+            assert smaps_vma(b.pid, mb.start)["Rss"] == 0
+            assert attempted(collapse(capsys, b.pid), mb) == ["SUCCEED"] * 2
+            assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 4096  # never touched
+            assert pmd_mapped_windows(b.pid, mb.start, mb.end) == [True, True]
+            assert results(b.pid, mb.start) == [R.PMD_MAPPED] * 2
+            a.verify()
+
+
 @pytest.mark.skipif(not zram_available(), reason="no /dev/zram0 or mkswap")
 def test_swapped_shmem_pages_against_max_ptes_swap(capsys):
     spec = {"regions": [{"name": "m", "windows": 2, "kind": "memfd", "pageout": "first:100"}]}

@@ -55,8 +55,9 @@ class ScanResult(IntEnum):
 # range with nothing in its page cache).
 NOTHING_TO_DO = frozenset({ScanResult.PMD_NULL, ScanResult.PMD_NONE, ScanResult.PMD_MAPPED,
                            ScanResult.TRUNCATED})
-# Windows a pass collapses: PTE_MAPPED_HUGEPAGE is a file range that is one huge page
-# already, mapped by PTEs here; the collapse only installs the PMD (collapse_pte_mapped_thp).
+# Windows a pass collapses: PTE_MAPPED_HUGEPAGE is a file range that is one huge page in
+# the page cache already, mapped by PTEs here or not at all; the collapse only installs the
+# PMD (collapse_pte_mapped_thp).
 COLLAPSIBLE = frozenset({ScanResult.SUCCEED, ScanResult.PTE_MAPPED_HUGEPAGE})
 
 

@@ -541,7 +541,7 @@ class Khugepaged:
                         return progress, False, collapsed
                     for result in self._windows(slot, state, mm, vma, addr,
                                                 verdicts.codes.tolist(),
-                                                verdicts.none.tolist()):
+                                                verdicts.none.tolist(), verdicts.mapped):
                         progress += geo.pmd_nr
                         if result is None:  # handed to a worker: counted when it is reaped
                             collapsed += 1
@@ -559,7 +559,8 @@ class Khugepaged:
         slot.last_result = result.name
 
     def _windows(self, slot: MmSlot, state: TargetState | None, mm: ProcessScanner, vma,
-                 addr: int, codes: list[int], nones: list[int]) -> Iterator[ScanResult]:
+                 addr: int, codes: list[int], nones: list[int], mapped=None
+                 ) -> Iterator[ScanResult]:
         """Each window's result in address order, the cursor on it. A run of SUCCEED windows
         within its target's bloat budget (a collapse fills the window's empty and zero-page
         PTEs with new pages; a full window adds nothing) is collapsed a bounded batch per
@@ -574,7 +575,9 @@ class Khugepaged:
                 continue
             key = mm.range_key(vma, cur.address)
             if key is not None:  # shared memory: one call per range of its file
-                yield self._collapse_range(slot, state, key, cur.address, nones[i])
+                unmapped = codes[i] == ScanResult.PTE_MAPPED_HUGEPAGE and mapped is not None \
+                    and mapped[i] == 0
+                yield self._collapse_range(slot, state, key, cur.address, nones[i], unmapped)
                 i += 1
                 continue
             j, kb, limit = i, 0, self._ramp.get(slot.pid, MAX_BATCH)
@@ -612,12 +615,15 @@ class Khugepaged:
                 raise Stop
 
     def _collapse_range(self, slot: MmSlot, state: TargetState | None, key, address: int,
-                        none_ptes: int) -> ScanResult:
+                        none_ptes: int, unmapped: bool = False) -> ScanResult:
         """One collapse per range of a file: a shared-memory range another process already
         collapsed is one huge page in the page cache, and this process maps it by PMD at
-        its next fault (PTE_MAPPED_HUGEPAGE until then); it is not asked again. Collapsed
-        on the daemon's thread, one window a call, so the memo stays exact."""
-        if self.collapsed_ranges.seen(key):
+        its next fault (PTE_MAPPED_HUGEPAGE until then); it is not asked again. Nor is a
+        range that is one huge page and that this process maps none of (`unmapped`): the
+        kernel's khugepaged has no page table to retract there and installs no PMD
+        (collapse_pte_mapped_thp with install_pmd false). Collapsed on the daemon's thread,
+        one window a call, so the memo stays exact."""
+        if unmapped or self.collapsed_ranges.seen(key):
             return ScanResult.PTE_MAPPED_HUGEPAGE
         bloat_kb = none_ptes * (self.kernel.geometry.page_size >> 10)
         if state is not None and not state.bloat_allows(bloat_kb):

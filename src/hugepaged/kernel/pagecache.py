@@ -15,6 +15,15 @@ is "none". Two ways to see that from userspace, on the file opened through
   as not resident), so it is the fallback where cachestat is missing.
 
 Neither faults a page in nor changes its LRU position.
+
+What neither tells is the size of the folio that holds a page: a range another process
+collapsed is one 2 MiB folio in the cache (hpage_collapse_scan_file says PTE_MAPPED_HUGEPAGE
+there), and a process that maps none of it shows no frame in its pagemap. `frames()` learns
+the frame of a page that is in the cache by mapping that one page into hugepaged itself with
+MAP_POPULATE, reading its own pagemap and unmapping it: the page is mapped here for a moment
+and marked accessed once, as a read of the file would; nothing is allocated where the page is
+present (the caller asks only for those), and a page past the end of the file is no frame
+(populating reports no SIGBUS).
 """
 
 import ctypes
@@ -28,10 +37,12 @@ import numpy as np
 
 from hugepaged.errors import ProcessGone, Unsupported
 from hugepaged.kernel.errors import process_errors
+from hugepaged.kernel.pagemap import PM_PFN_MASK, PM_PRESENT
 
 _SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451, "arm64": 451, "riscv64": 451,
                   "ppc64le": 451, "s390x": 451}
 PROT_NONE = 0
+PROT_READ = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -149,6 +160,32 @@ class MappedFile:
         finally:
             _libc.munmap(addr, length)
         return (vec & 1).astype(bool)
+
+    def frames(self, proc_root: str, offsets: list[int]) -> np.ndarray:
+        """uint64 frame (PFN) of the page-cache page at each page-aligned byte offset, 0
+        where none is mapped (not in the cache, past the end of the file). See the module
+        docstring: ask only for pages the cache holds."""
+        out = np.zeros(len(offsets), dtype=np.uint64)
+        if not offsets:
+            return out
+        pagemap = os.open(f"{proc_root}/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for i, offset in enumerate(offsets):
+                addr = _libc.mmap(None, mmap.PAGESIZE, PROT_READ,
+                                  mmap.MAP_SHARED | mmap.MAP_POPULATE, self.fd, offset)
+                if addr is None or addr == _MAP_FAILED:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mmap of the mapped file: {os.strerror(err)}")
+                try:
+                    entry = int.from_bytes(os.pread(pagemap, 8, addr // mmap.PAGESIZE * 8),
+                                           "little")
+                finally:
+                    _libc.munmap(addr, mmap.PAGESIZE)
+                if entry & PM_PRESENT:
+                    out[i] = entry & PM_PFN_MASK
+        finally:
+            os.close(pagemap)
+        return out
 
     def ranges_mincore(self, offset: int, nranges: int, size: int) -> np.ndarray:
         """(nranges, 2) int64 like ranges_cachestat; swapped is -1 (mincore cannot tell)."""

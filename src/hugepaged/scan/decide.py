@@ -51,6 +51,8 @@ class Verdicts:
     none: np.ndarray  # empty PTEs plus zero-page PTEs
     swap: np.ndarray
     shared: np.ndarray
+    # File rules only: pages of the range this process maps (present counts the page cache).
+    mapped: np.ndarray | None = None
 
 
 def _bit(a: np.ndarray, mask: int) -> np.ndarray:

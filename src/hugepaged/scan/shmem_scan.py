@@ -84,6 +84,8 @@ class ShmemScanner:
         counts = self.cache_counts(vma, start, nwin)
         present, swap = counts[:, 0], counts[:, 1]
         pm = self.pagemap.read(start, end).reshape(nwin, HPAGE_PMD_NR)
+        mapped = (pm >= _U(PM_PRESENT)).sum(axis=1)
+        self._probe_unmapped(vma, start, pm, mapped, present)
         pfns = np.where(pm >= _U(PM_PRESENT), pm & _U(PM_PFN_MASK), _U(0))
         kflags = self.kpf.read(pfns)
         heads = head_candidates(pm).astype(np.uint64)
@@ -94,7 +96,24 @@ class ShmemScanner:
                                                                          end))
         codes = decide_file(present, swap, folios, self.limits)
         none = HPAGE_PMD_NR - present - np.maximum(swap, 0)
-        return Verdicts(codes, present.copy(), none, swap.copy(), np.zeros(nwin, np.int64))
+        return Verdicts(codes, present.copy(), none, swap.copy(), np.zeros(nwin, np.int64),
+                        mapped=mapped)
+
+    def _probe_unmapped(self, vma: Vma, start: int, pm: np.ndarray, mapped: np.ndarray,
+                        present: np.ndarray) -> None:
+        """A range wholly in the cache that this process maps none of may be one 2 MiB folio
+        already (another process collapsed it; the kernel took this one's page table away):
+        its first page's frame, learnt through hugepaged's own mapping (MappedFile.frames),
+        goes into that range's first pagemap entry, so that the folio facts see it as if this
+        process mapped that one page."""
+        rows = np.flatnonzero((mapped == 0) & (present == HPAGE_PMD_NR))
+        if not rows.size:
+            return
+        size = self.geometry.pmd_size
+        base = self.file_offset(vma, start)
+        frames = self.file(vma).frames(self.kernel.proc_root,
+                                       [base + int(r) * size for r in rows])
+        pm[rows, 0] = np.where(frames > 0, frames | _U(PM_PRESENT), _U(0))
 
     def _pmd_mapped(self, pm: np.ndarray, hf: np.ndarray, tf: np.ndarray, nf: np.ndarray,
                     start: int, end: int) -> np.ndarray:
