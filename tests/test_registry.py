@@ -211,7 +211,8 @@ class FakeScanner:
             else:
                 codes.append(ScanResult.SUCCEED)
         none = [NR - p.present.get(a, 0) for a in range(start, end, HP)]
-        return SimpleNamespace(codes=np.array(codes, dtype=np.int8), none=np.array(none))
+        return SimpleNamespace(codes=np.array(codes, dtype=np.int8), none=np.array(none),
+                               mapped=None)  # private memory: no shared-range mapped counts
 
 
 class Clock:
