@@ -134,7 +134,10 @@ def scrape_checks(d: Daemon, w1: Workload) -> None:
     port = d.wait_event("metrics_listen")["port"]
     assert d.wait_event("metrics_listen")["host"] == "127.0.0.1"
     assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
-    st = d.wait_for(lambda s: s["counters"]["pages_collapsed"] >= 8, what="8 collapses")
+    # The cursor wraps (a full scan) only after the last visit ends, a moment after its
+    # collapse is counted.
+    st = d.wait_for(lambda s: s["counters"]["pages_collapsed"] >= 8
+                    and s["counters"]["full_scans"] >= 1, what="8 collapses, a full scan")
     text = scrape(port)
     fams = families(text)
     st = d.status()

@@ -163,6 +163,8 @@ class FakeKernel:
         self.mm = FakeMm()
         self.scans: list[tuple[int, int, int]] = []  # (pid, start, end) of decide_range calls
         self.geometry = Geometry()
+        # The kernel's per-size nr_anon: no mTHP folio on the machine, so nothing is counted.
+        self.thp = SimpleNamespace(nr_anon=lambda: {16: 0, 64: 0, 2048: 0})
 
     def pagemap(self, pid: int) -> FakePageMap:
         return FakePageMap()

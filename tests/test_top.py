@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -79,11 +80,12 @@ def test_frame_with_the_daemon():
         assert part in text, part
     header = next(line for line in lines if "COLLAPSIBLE" in line)
     assert header.split() == ["PID", "COMMAND", "TARGET", "ANON", "THP", "COVER", "ELIGIBLE",
-                              "COLLAPSIBLE", "LAST"]
+                              "COLLAPSIBLE", "mTHP", "LAST"]
     assert table_pids(text) == [200, 400, 100, 300]
     row = next(line for line in lines if line.lstrip().startswith("200"))
     assert row.split() == ["200", "postgres*", "pg", "20.0M", "2.0M", "10.0%", "5", "3",
-                           "(6.0M)", "SUCCEED"]  # its target, from the daemon
+                           "(6.0M)", "-", "SUCCEED"]  # its target, from the daemon; mTHP not
+    # counted here
     row = next(line for line in lines if line.lstrip().startswith("100"))
     assert row.split()[-1] == "-"  # not registered with the daemon
     assert "* registered with the daemon" in text
@@ -105,6 +107,19 @@ def test_narrow_terminal_keeps_one_line_per_process():
     assert table_pids(text) == [200, 400, 100, 300]
     row = next(line for line in text.splitlines() if line.lstrip().startswith("200"))
     assert row.split()[3:8] == ["20.0M", "2.0M", "10.0%", "5", "3"]  # numbers never cut
+
+
+def test_mthp_column_and_totals_by_size():
+    rows = rows_of(SCANS, None)
+    rows[0] = replace(rows[0], anon_mthp_kb=((16, 512), (64, 2432)))
+    rows[1] = replace(rows[1], anon_mthp_kb=((64, 1024),))
+    rows[2] = replace(rows[2], anon_mthp_kb=())
+    text = render_text(Frame(rows, None), width=160)
+    assert "  mTHP 16K:512K 64K:3.4M" in text.splitlines()[1]
+    cells = {line.split()[0]: line.split()[-2] for line in text.splitlines()
+             if table_pids(line)}
+    assert cells == {"200": "2.9M", "400": "1.0M", "100": "0K", "300": "-"}
+    assert "mTHP" not in render_text(Frame(rows_of(SCANS, None), None)).splitlines()[1]
 
 
 def test_bad_arguments():
@@ -130,6 +145,7 @@ def test_top_once_and_with_a_daemon(tmp_path):
         cols = row.split()
         assert cols[1] == "python" and cols[2] == "-" and cols[6] == "8"  # 8 eligible windows
         assert cols[7:9] == ["6", "(12.0M)"] and cols[-1] == "-"
+        assert cols[-2] == "0K"  # no mTHP: 4 KiB pages only
         assert "1 processes" in r.stdout and "collapsible 6 windows (12.0M)" in r.stdout
         # with the daemon: its counters, its tunables (max_ptes_none 256), its last result
         with Daemon([w.pid], sets={"enabled": "madvise", "max_ptes_none": "256"}) as d:

@@ -17,6 +17,7 @@ from hugepaged.kernel import Kernel
 from hugepaged.scan.usage import folio_pages, head_sizes
 
 from . import marks
+from .daemon_runner import Daemon, hugepaged_cli, settled
 from .helpers import (
     HPAGE,
     THP_DIR,
@@ -26,6 +27,7 @@ from .helpers import (
     smaps_vma,
     thp_pages_by_folio,
 )
+from .test_metrics import families, samples, scrape
 
 pytestmark = marks.KERNEL
 PAGE_KB = 4
@@ -62,6 +64,60 @@ def test_anonymous_mthp_and_pmd_mapped():
         assert dict(um.anon_pte_kb) == expected_pte_kb(w.pid, m, 0) == {64: 2 * 304 * PAGE_KB}
         assert up.anon_pmd_kb == smaps_vma(w.pid, p.start)["AnonHugePages"] == 4096
         assert dict(up.anon_pte_kb) == expected_pte_kb(w.pid, p, 4096) == {}
+        w.verify()
+
+
+def process_mthp_kb(pid: int) -> dict[int, int]:
+    """kB in anonymous folios smaller than 2 MiB per folio kB, over every private anonymous
+    VMA of the process (helpers.thp_pages_by_folio, page by page)."""
+    out: dict[int, int] = {}
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if fields[1][3] != "p" or fields[4] != "0" or not (
+                    path in ("", "[heap]", "[stack]") or path.startswith("[anon:")):
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            for pages, n in thp_pages_by_folio(pid, lo, hi).items():
+                if 1 < pages < 512:
+                    out[pages * PAGE_KB] = out.get(pages * PAGE_KB, 0) + n * PAGE_KB
+    return out
+
+
+def _human(kb: int) -> str:
+    """As `top` prints a size (report.human_kb), written out here."""
+    return f"{kb / 1024:.1f}M" if kb >= 1024 else f"{kb}K"
+
+
+@pytest.mark.skipif(not (THP_DIR / "hugepages-64kB/enabled").exists(), reason="no mTHP")
+def test_anonymous_mthp_in_top_and_the_metrics(tmp_path):
+    """64 KiB folios faulted by a real process: `top`'s mTHP column and the daemon's
+    per-process gauge equal what kpageflags, walked page by page, says it maps."""
+    spec = {"regions": [{"name": "m", "windows": 2, "thp_fault": True, "fill": "first:300"}]}
+    with saved_thp(**{"hugepages-64kB/enabled": "always", "enabled": "never"}), \
+            Workload(spec) as w:
+        m = w.regions["m"]
+        assert expected_pte_kb(w.pid, m, 0) == {64: 2 * 304 * PAGE_KB}
+        want = process_mthp_kb(w.pid)  # the interpreter's own heap has 64 KiB folios too
+        assert set(want) == {64} and want[64] >= 2 * 304 * PAGE_KB
+        r = hugepaged_cli("top", "--once", "--pid", str(w.pid),
+                          "--socket", str(tmp_path / "none.sock"))
+        assert r.returncode == 0, r.stderr
+        (row,) = [line for line in r.stdout.splitlines() if line.lstrip().startswith(str(w.pid))]
+        assert row.split()[-2] == _human(want[64])
+        assert f"  mTHP 64K:{_human(want[64])}" in r.stdout
+        with Daemon([w.pid], args=["--metrics", ":0", "--metrics-top-processes", "1"]) as d:
+            d.wait_for(lambda st: settled(st, w.pid), timeout=30)
+            fams = families(scrape(d.wait_event("metrics_listen")["port"]))
+        by_size = {dict(labels)["size"]: v for (_, labels), v in samples(
+            fams, "hugepaged_process_anon_mthp_bytes").items()
+            if dict(labels)["pid"] == str(w.pid)}
+        assert by_size == {"64kB": want[64] * 1024}
+        nr_anon = {dict(labels)["size"]: v for (_, labels), v in samples(
+            fams, "hugepaged_thp_nr_anon").items()}
+        assert nr_anon["64kB"] >= 2 * 304 // 16  # the machine's count holds this process's
+        assert process_mthp_kb(w.pid) == want  # nothing changed them meanwhile
         w.verify()
 
 

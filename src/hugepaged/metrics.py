@@ -167,8 +167,22 @@ class HugepagedCollector:
         settings.add_metric([], words)
         yield settings
 
+        yield from self._nr_anon()
         yield from self._processes(slots)
         yield from self._targets(core, slots)
+
+    def _nr_anon(self) -> Iterator[Metric]:
+        """The kernel's own count of anonymous THP folios by size (whole machine)."""
+        try:
+            counts = self.kernel.thp.nr_anon()
+        except OSError:
+            counts = {}
+        m = GaugeMetricFamily("hugepaged_thp_nr_anon",
+                              "Anonymous THP folios of this size on the machine "
+                              "(the kernel's hugepages-<size>/stats/nr_anon)", labels=["size"])
+        for kb, n in sorted(counts.items()):
+            m.add_metric([f"{kb}kB"], n)
+        yield m
 
     def _targets(self, core, slots: list) -> Iterator[Metric]:
         """Per-target series, labelled by the target's name only: as many series as the
@@ -202,8 +216,8 @@ class HugepagedCollector:
                 limit.add_metric([r["name"]], r["bloat_limit_kb"] * 1024)
         yield limit
 
-    def _top(self, slots: list) -> list[tuple[int, str, int]]:
-        """(pid, comm, rss_pages) of the largest registered processes by RSS."""
+    def _top(self, slots: list) -> list[tuple[int, str, object]]:
+        """(pid, comm, slot) of the largest registered processes by RSS."""
         limit = self.top_processes if self.top_processes is not None \
             else self.service.options.metrics_top_processes
         if limit <= 0:
@@ -214,9 +228,9 @@ class HugepagedCollector:
                 st = self.kernel.procfs.stat(slot.pid)
             except (HugepagedError, OSError, ValueError):
                 continue
-            sized.append((st.rss_pages, slot.pid, st.comm))
-        sized.sort(reverse=True)
-        return [(pid, comm, rss) for rss, pid, comm in sized[:limit]]
+            sized.append((st.rss_pages, slot.pid, st.comm, slot))
+        sized.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        return [(pid, comm, slot) for _, pid, comm, slot in sized[:limit]]
 
     def _memory(self, pid: int) -> tuple[int, int, int, int] | None:
         """(Anonymous, AnonHugePages, ShmemPmdMapped, FilePmdMapped) in kB: smaps_rollup, or
@@ -251,10 +265,17 @@ class HugepagedCollector:
         files = GaugeMetricFamily("hugepaged_process_file_pmd_bytes",
                                   "File pages mapped by huge pages (smaps FilePmdMapped)",
                                   labels=labels)
-        for pid, comm, _ in self._top(slots):
+        mthp = GaugeMetricFamily("hugepaged_process_anon_mthp_bytes",
+                                 "Anonymous memory of a top process in mTHP folios of this "
+                                 "size (larger than a page, smaller than a PMD), mapped by "
+                                 "PTEs; as of its last visit (hugepaged's own figure, from "
+                                 "pagemap and kpageflags)", labels=[*labels, "size"])
+        for pid, comm, slot in self._top(slots):
             mem = self._memory(pid)
             if mem is None:
                 continue
+            for kb, n in sorted(_snapshot(slot.anon_mthp_kb).items()):
+                mthp.add_metric([str(pid), comm, f"{kb}kB"], n * 1024)
             anon_kb, huge_kb, shmem_kb, file_kb = mem
             key = [str(pid), comm]
             anon.add_metric(key, anon_kb * 1024)
@@ -267,6 +288,7 @@ class HugepagedCollector:
         yield cover
         yield shmem
         yield files
+        yield mthp
 
 
 def _le(bound: float) -> str:

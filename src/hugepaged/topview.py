@@ -23,9 +23,8 @@ from hugepaged.scan.process import ProcessScan
 HPAGE_KB = 2048
 HEADER_LINES = 4  # title, totals, daemon line, table header
 COLUMNS = (("PID", "right"), ("COMMAND", "left"), ("TARGET", "left"), ("ANON", "right"),
-           ("THP", "right"),
-           ("COVER", "right"), ("ELIGIBLE", "right"), ("COLLAPSIBLE", "right"),
-           ("LAST", "left"))
+           ("THP", "right"), ("COVER", "right"), ("ELIGIBLE", "right"), ("COLLAPSIBLE", "right"),
+           ("mTHP", "right"), ("LAST", "left"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,15 @@ class TopRow:
     target: str = "-"  # the daemon's target for it; "-": the global policy or unknown
     shmem_kb: int = 0  # resident shared memory, and of it PMD-mapped
     shmem_pmd_kb: int = 0
+    # Anonymous mTHP: (folio kB, kB mapped) pairs; None where it was not counted (a row
+    # beyond what is shown).
+    anon_mthp_kb: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def mthp_cell(self) -> str:
+        if self.anon_mthp_kb is None:
+            return "-"
+        return human_kb(sum(kb for _, kb in self.anon_mthp_kb))
 
     @property
     def coverage(self) -> float:
@@ -91,9 +99,16 @@ def _totals(rows: list[TopRow]) -> str:
     cover = 100.0 * huge / anon if anon else 0.0
     shmem = sum(r.shmem_kb for r in rows)
     shmem_pmd = sum(r.shmem_pmd_kb for r in rows)
+    sizes: dict[int, int] = {}
+    for r in rows:
+        for size, kb in r.anon_mthp_kb or ():
+            sizes[size] = sizes.get(size, 0) + kb
+    mthp = " ".join(f"{human_kb(size)}:{human_kb(kb)}" for size, kb in sorted(sizes.items())
+                    if kb)
     return (f"{len(rows)} processes  anon {human_kb(anon)}  THP {human_kb(huge)} ({cover:.1f}%)"
             f"  collapsible {windows} windows ({human_kb(windows * HPAGE_KB)})"
-            f"  shmem {human_kb(shmem)} (PMD {human_kb(shmem_pmd)})")
+            f"  shmem {human_kb(shmem)} (PMD {human_kb(shmem_pmd)})"
+            + (f"  mTHP {mthp}" if mthp else ""))
 
 
 def daemon_line(status: dict[str, Any] | None, error: str | None) -> str:
@@ -126,6 +141,7 @@ def render(frame: Frame, limit: int | None = None) -> RenderableType:
               human_kb(r.anon_kb),
               human_kb(r.anon_huge_kb), f"{r.coverage:.1f}%", str(r.eligible),
               f"{r.collapsible} ({human_kb(r.collapsible_kb)})" if r.collapsible else "0",
+              r.mthp_cell,
               printable(r.last_result)] for r in shown]
     table = Table(box=None, pad_edge=False, expand=False, header_style="bold reverse")
     for i, (col, just) in enumerate(COLUMNS):

@@ -46,8 +46,9 @@ def daemon_status(path: str) -> tuple[dict | None, str | None]:
         return None, str(err)
 
 
-def take_frame(args: argparse.Namespace, kernel):
-    """One refresh: the daemon's status first (its tunables decide), then the scan."""
+def take_frame(args: argparse.Namespace, kernel, limit: int | None = None):
+    """One refresh: the daemon's status first (its tunables decide), then the scan; the
+    mTHP of the `limit` rows shown (all: None) last."""
     status, error = daemon_status(args.socket)
     from hugepaged.scan.process import scan_processes
     from hugepaged.topview import Frame, rows_of
@@ -58,9 +59,39 @@ def take_frame(args: argparse.Namespace, kernel):
     t0 = time.monotonic()
     control = control_of(tunables)
     scans, skipped = scan_processes(kernel, pids, lambda pid: control, explicit=False)
-    return Frame(rows=rows_of(scans, status), status=status, daemon_error=error,
+    rows = with_mthp(kernel, rows_of(scans, status), scans, limit)
+    return Frame(rows=rows, status=status, daemon_error=error,
                  skipped=skipped, interval=None if args.once else args.interval,
                  scan_seconds=time.monotonic() - t0)
+
+
+def with_mthp(kernel, rows: list, scans: list, limit: int | None) -> list:
+    """The rows with their anonymous mTHP by size, counted (pagemap and kpageflags of every
+    present page) only for the rows shown, and not at all while the kernel's nr_anon
+    counters say the machine has no mTHP folio."""
+    from dataclasses import replace
+
+    from hugepaged.errors import HugepagedError
+    from hugepaged.scan.usage import anon_mthp_kb, mthp_in_system
+
+    try:
+        nr_anon = kernel.thp.nr_anon()
+    except OSError:
+        nr_anon = {}
+    if not mthp_in_system(nr_anon, kernel.geometry.pmd_size >> 10):
+        return [replace(r, anon_mthp_kb=()) for r in rows]
+    vmas = {s.pid: [v.vma for v in s.vmas] for s in scans}
+    shown = rows if limit is None else rows[:max(0, limit)]
+    out = []
+    with kernel.kpageflags() as kpf:
+        for r in shown:
+            try:
+                counts = anon_mthp_kb(kernel, r.pid, vmas[r.pid], kpf)
+            except (HugepagedError, OSError):  # gone since the scan: shown as not counted
+                out.append(r)
+                continue
+            out.append(replace(r, anon_mthp_kb=tuple(sorted(counts.items()))))
+    return out + rows[len(shown):]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,8 +135,8 @@ def _live(args, kernel, console, frames: int | None) -> None:
         n = 0
         while frames is None or n < frames:
             t0 = time.monotonic()
-            live.update(render(take_frame(args, kernel), _limit(args, console, True)),
-                        refresh=True)
+            limit = _limit(args, console, True)
+            live.update(render(take_frame(args, kernel, limit), limit), refresh=True)
             n += 1
             if frames is None or n < frames:
                 time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))
@@ -119,7 +150,8 @@ def _printed(args, kernel, console, frames: int | None) -> None:
         t0 = time.monotonic()
         if n:
             console.print()
-        console.print(render(take_frame(args, kernel), _limit(args, console, False)))
+        limit = _limit(args, console, False)
+        console.print(render(take_frame(args, kernel, limit), limit))
         n += 1
         if frames is None or n < frames:
             time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))

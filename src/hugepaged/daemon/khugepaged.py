@@ -27,6 +27,7 @@ from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 from hugepaged.tunables import Tunables
 
 from .budget import CpuBudget
+from .mthp import MthpSampler
 from .ranges import RangeMemo
 from .registry import RESCAN_MAX, MmSlot, Registry
 from .targets import TargetState, TargetStates
@@ -108,6 +109,7 @@ class Khugepaged:
         self._return_to: int | None = None  # the slot a higher priority one cut in before
         self.target_states = TargetStates()
         self.collapsed_ranges = RangeMemo()
+        self.mthp = MthpSampler(kernel)
         self.wake_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a worker's batch finished
         self.pool: CollapsePool | None = None
         self.queue_stalled = False  # the last pass stopped because the workers' queue was full
@@ -393,6 +395,7 @@ class Khugepaged:
             return 1, True
         slot.errors = 0
         if finished:
+            self.mthp.visited(slot, self.kpf, now)
             slot.visit = None
             slot.last_full = now
             # Woken while visited (a rule change on the control thread): the visit may have

@@ -57,6 +57,9 @@ class MmSlot:
     # The RSS its collapses added (kB; empty and zero-page PTEs filled): counted in the bloat
     # ledger of whichever target it has now, moved with it when a reload or exec changes it.
     bloat_kb: int = 0
+    # Anonymous mTHP by folio kB as of a recent visit, and when it was counted (daemon/mthp).
+    anon_mthp_kb: dict = field(default_factory=dict)
+    mthp_at: float = 0.0
     # Where a visit that left the slot early (its target's CPU share ran dry) resumes.
     resume: int = 0
     wakes: int = 0  # wake() calls; one during a visit keeps the visit from settling the slot

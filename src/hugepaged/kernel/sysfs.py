@@ -103,6 +103,20 @@ class ThpSysfs:
         except FileNotFoundError:
             return "inherit"
 
+    def nr_anon(self) -> dict[int, int]:
+        """Anonymous THP folios on the machine per folio kB, the kernel's own count
+        (hugepages-<size>kB/stats/nr_anon, 6.11+); empty where the kernel has none."""
+        out: dict[int, int] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.dir):
+                m = re.fullmatch(r"hugepages-(\d+)kB", name)
+                if m is None:
+                    continue
+                with contextlib.suppress(FileNotFoundError), \
+                        open(f"{self.dir}/{name}/stats/nr_anon") as f:
+                    out[int(m.group(1))] = int(f.read())
+        return out
+
     def khugepaged(self) -> dict[str, int]:
         return {n: int(self.read_raw(n)) for n in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS}
 

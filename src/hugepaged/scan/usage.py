@@ -21,6 +21,7 @@ from hugepaged.kernel.procfs import Vma
 from hugepaged.scan.eligibility import MemoryKind, memory_kind
 
 MAX_ORDER = 9  # the largest folio reported: one PMD
+CHUNK_BYTES = 1 << 30  # of address space read at once where PAGEMAP_SCAN is missing
 _U = np.uint64
 
 
@@ -121,12 +122,24 @@ def _present_spans(pagemap: PageMap, start: int, end: int, use_scan: bool,
     return spans
 
 
+def _vma_pages(pagemap: PageMap, kpf: KPageFlags, v: Vma, use_scan: bool) -> tuple[Counter, int]:
+    """(pages mapped per folio size in pages, pages of partly mapped folios) of one VMA."""
+    pages: Counter = Counter()
+    partial = 0
+    for a, b in _present_spans(pagemap, v.start, v.end, use_scan, CHUNK_BYTES):
+        pm = pagemap.read(a, b)
+        flags = kpf.read(np.where(pm >= _U(PM_PRESENT), pm & _U(PM_PFN_MASK), _U(0)))
+        got, part = folio_pages(pm, flags, kpf.read)
+        pages.update(got)
+        partial += part
+    return pages, partial
+
+
 def thp_usage(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
               use_pagemap_scan: bool | None = None) -> ThpUsage:
     """Every kind of THP `pid` maps; raises ProcessGone if it exits."""
     use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None else use_pagemap_scan
     page_kb = kernel.geometry.page_size >> 10
-    chunk = 1 << 30
     out = ThpUsage()
     with kernel.pagemap(pid) as pagemap:
         for v in vmas:
@@ -136,18 +149,39 @@ def thp_usage(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
             kind = memory_kind(v)
             if kind not in (MemoryKind.ANON, MemoryKind.SHMEM) or not v.rss_kb:
                 continue
-            pages: Counter = Counter()
-            partial = 0
-            for a, b in _present_spans(pagemap, v.start, v.end, use_scan, chunk):
-                pm = pagemap.read(a, b)
-                flags = kpf.read(np.where(pm >= _U(PM_PRESENT), pm & _U(PM_PFN_MASK), _U(0)))
-                got, part = folio_pages(pm, flags, kpf.read)
-                pages.update(got)
-                partial += part
+            pages, partial = _vma_pages(pagemap, kpf, v, use_scan)
             if kind is MemoryKind.ANON:
                 out.anon_pte_kb.update(pte_kb(pages, v.anon_huge_kb, page_kb))
                 out.anon_partial_kb += partial * page_kb
             else:
                 out.shmem_pte_kb.update(pte_kb(pages, v.shmem_pmd_kb, page_kb))
                 out.shmem_partial_kb += partial * page_kb
+    return out
+
+
+def mthp_in_system(nr_anon: dict[int, int], pmd_kb: int) -> bool:
+    """Whether any anonymous folio smaller than a PMD exists on the machine, from the kernel's
+    per-size hugepages-<size>kB/stats/nr_anon (folio kB -> folios; empty where the kernel has
+    no such counters, and then the answer is "maybe"). Where it says none, no process maps
+    one, and anon_mthp_kb has nothing to find."""
+    if not nr_anon:
+        return True
+    return any(n > 0 for kb, n in nr_anon.items() if kb < pmd_kb)
+
+
+def anon_mthp_kb(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
+                 use_pagemap_scan: bool | None = None) -> Counter:
+    """kB of `pid`'s anonymous memory in mTHP folios (larger than a page, smaller than a PMD)
+    by folio kB: thp_usage's anon_pte_kb without the 2 MiB folios, reading only the private
+    anonymous VMAs that hold pages not PMD-mapped. Raises ProcessGone if it exits."""
+    use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None else use_pagemap_scan
+    page_kb = kernel.geometry.page_size >> 10
+    pmd_kb = kernel.geometry.pmd_size >> 10
+    out: Counter = Counter()
+    with kernel.pagemap(pid) as pagemap:
+        for v in vmas:
+            if memory_kind(v) is not MemoryKind.ANON or v.anonymous_kb <= v.anon_huge_kb:
+                continue
+            pages, _ = _vma_pages(pagemap, kpf, v, use_scan)
+            out.update({kb: n for kb, n in pte_kb(pages, 0, page_kb).items() if kb < pmd_kb})
     return out
