@@ -265,7 +265,8 @@ def world(monkeypatch):
 
     def make_core(**tunables) -> Khugepaged:
         t = Tunables(enabled="madvise", max_cpu_percent=0, **tunables)
-        core = Khugepaged(kernel, t, clock=clock)
+        # The fake world's own CPU is not the daemon's: only what a test sets is charged.
+        core = Khugepaged(kernel, t, clock=clock, cpu_clock=lambda: 0.0)
         return core
 
     return SimpleNamespace(kernel=kernel, clock=clock, collapses=collapses,
@@ -749,7 +750,7 @@ def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
     core = world.make_core()
     core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
     core.discover()
-    core.budget.tokens = -0.01  # 10 ms over, and a quarter of the 0.25 s bucket to refill
+    core.budget.tokens = -0.01  # 10 ms over, and the 62.5 ms bucket to refill
     assert core.do_scan()
     assert world.collapses == []
     assert core.cpu_wait_until == pytest.approx(world.clock.now + (0.0625 + 0.01) / 0.05)
@@ -764,20 +765,32 @@ def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
 
 def test_budget_token_bucket():
     b = CpuBudget(5, now=0.0)
-    assert b.capacity == pytest.approx(0.25) and b.allows(0.0)
+    assert b.capacity == pytest.approx(0.0625) and b.tokens == 0
+    assert b.allows(0.0)  # an empty bucket: the first batch goes on credit
     b.charge(0.3)
     assert not b.allows(0.0)
-    assert b.wait(0.0) == pytest.approx((0.0625 + 0.05) / 0.05)  # rests until 1/4 full
-    assert not b.allows(1.01)  # above zero but still resting
-    assert b.allows(2.26)
+    assert b.wait(0.0) == pytest.approx((0.0625 + 0.3) / 0.05)  # rests until full
+    assert not b.allows(6.0)  # above zero but still resting
+    assert b.allows(7.26)
+    b.idle(7.26)  # nothing to do: the credit is dropped and none is saved up
+    assert b.tokens == 0 and b.allows(100.0) and b.tokens == 0
+    b.charge(0.1)
+    b.idle(100.0)  # a debt is paid off while idle, then it is a fresh start
+    assert not b.allows(101.0) and b.wait(101.0) == pytest.approx(1.0)
+    assert b.allows(102.0) and b.tokens == 0
+    b.busy(102.0)
+    b.charge(0.01)
+    assert not b.allows(102.0) and b.wait(102.0) == pytest.approx((0.0625 + 0.01) / 0.05)
+    assert b.allows(103.46) and b.tokens == pytest.approx(b.capacity)
+    assert b.allows(200.0) and b.tokens == pytest.approx(b.capacity)  # never more than full
     b.set_percent(0)  # no cap
     b.charge(100.0)
-    assert b.allows(2.27) and b.wait(2.27) == 0.0
-    b.set_percent(10)  # a cap again: a full bucket, not the debt run up without one
-    assert b.tokens == b.capacity and b.allows(2.27)
+    assert b.allows(200.0) and b.wait(200.0) == 0.0
+    b.set_percent(10)  # a cap again: an empty bucket, not the debt run up without one
+    assert b.tokens == 0 and b.allows(200.0)
     b.charge(1.0)
     b.set_percent(5)  # from one cap to another: the debt stays
-    assert b.tokens < 0 and not b.allows(1.02)
+    assert b.tokens < 0 and not b.allows(201.0)
 
 
 def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):

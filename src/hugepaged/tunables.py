@@ -49,8 +49,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("alloc_sleep_millisecs", 0, UINT_MAX,
          doc="back-off after a huge page allocation failed"),
     Spec("max_cpu_percent", 0, 100, kernel=False,
-         doc="cap on all CPU the daemon spends (collapses, scanning, registration), percent "
-             "of one core averaged over 5 s; 0: no cap"),
+         doc="cap on all CPU the daemon spends (collapses, its workers, scanning, "
+             "registration), percent of one core over any interval, give or take one batch; "
+             "0: no cap"),
     Spec("collapse_workers", 1, 16, kernel=False,
          doc="threads that collapse different processes' windows at the same time"),
     Spec("kernel_khugepaged", choices=("leave", "quiet"), kernel=False,

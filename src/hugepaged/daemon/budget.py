@@ -1,51 +1,112 @@
-"""A cap on the CPU spent in collapses: a token bucket refilled at max_cpu_percent of a core."""
+"""A cap on all the CPU the daemon spends: a token bucket refilled at max_cpu_percent of a core.
 
-WINDOW_SECONDS = 5.0
-# Once the bucket runs dry, collapses rest until it is this full again, so that each pass
-# pays its fixed cost (reading the page state) for a batch of collapses, not for one.
-RESUME_FRACTION = 0.25
+Every CPU-second is charged once, by whoever measured it on the thread that spent it: the
+scan loop's thread through a ThreadMeter (scanning, registration, the /proc walk, the syscall
+records, its own collapses), each collapse worker's batches as they are taken back. Nothing
+is subtracted from anything.
+
+The bucket holds at most BURST_SECONDS of refill, and once it runs dry work rests until it is
+full again, so that each pass pays its fixed cost (reading the page state) for a batch of
+collapses, not for one. Credit is not saved up while there is nothing to do: after an idle
+spell the bucket starts empty (a debt is still paid off), and the first collapse may go at
+once on credit. So over any interval the daemon spends at most max_cpu_percent of it, give
+or take the batch in flight at its ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+BURST_SECONDS = 1.25
 
 
 class CpuBudget:
-    """Tokens are CPU-seconds; a collapse may start while the bucket is not empty."""
+    """Tokens are CPU-seconds; work may start while the bucket is not in debt and not
+    resting."""
 
-    def __init__(self, percent: int, now: float, window: float = WINDOW_SECONDS) -> None:
-        self.window = window
+    def __init__(self, percent: int, now: float, burst: float = BURST_SECONDS) -> None:
+        self.burst = burst
         self.tokens = 0.0
         self.resting = False
+        self.idle_now = False  # nothing to do: no credit beyond paying off a debt
         self.stamp = now
         self.percent = 0
         self.set_percent(percent)
-        self.tokens = self.capacity
 
     def set_percent(self, percent: int) -> None:
         uncapped = self.percent == 0
         self.percent = percent
         self.rate = percent / 100.0
-        self.capacity = self.rate * self.window
-        # From no cap to a cap: start with a full bucket, as at start-up; otherwise keep what
-        # is left (a debt stays a debt).
-        self.tokens = self.capacity if uncapped else min(self.tokens, self.capacity)
+        self.capacity = self.rate * self.burst
+        # From no cap to a cap: an empty bucket, as at start-up (what was spent without a cap
+        # is not owed); otherwise what is left stays (a debt stays a debt).
+        if uncapped:
+            self.tokens, self.resting = 0.0, False
+        else:
+            self.tokens = min(self.tokens, self.capacity)
 
     def _refill(self, now: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        top = 0.0 if self.idle_now else self.capacity
+        if self.tokens < top:
+            self.tokens = min(top, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+        if self.idle_now and self.tokens >= 0.0:
+            self.resting = False  # a fresh start: the first batch goes on credit
 
     def allows(self, now: float) -> bool:
         if self.percent == 0:
             return True
         self._refill(now)
-        if self.tokens <= 0:
+        if self.tokens < 0:
             self.resting = True
-        elif self.resting and self.tokens >= self.capacity * RESUME_FRACTION:
+        elif self.resting and self.tokens >= self.capacity:
             self.resting = False
         return not self.resting
 
     def charge(self, cpu_seconds: float) -> None:
         self.tokens -= cpu_seconds
 
+    def idle(self, now: float) -> None:
+        """Nothing to do: unspent credit is dropped, and none is saved up until busy()."""
+        self._refill(now)
+        self.tokens = min(self.tokens, 0.0)
+        self.idle_now = True
+        self._refill(now)
+
+    def busy(self, now: float) -> None:
+        """Work again: the bucket refills towards full from now."""
+        if self.idle_now:
+            self._refill(now)
+            self.idle_now = False
+
     def wait(self, now: float) -> float:
-        """Seconds until collapses may start again."""
+        """Seconds until work may start again."""
         if self.allows(now):
             return 0.0
-        return (self.capacity * RESUME_FRACTION - self.tokens) / self.rate
+        top = 0.0 if self.idle_now else self.capacity
+        return (top - self.tokens) / self.rate
+
+
+class ThreadMeter:
+    """One thread's CPU, charged to a budget exactly once: what it spent since the last
+    charge. A charge from another thread (a test driving the core) only moves the mark."""
+
+    def __init__(self, budget: CpuBudget, clock: Callable[[], float] = time.thread_time
+                 ) -> None:
+        self.budget, self.clock = budget, clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.thread = threading.get_ident()
+        self.mark = self.clock()
+
+    def charge(self) -> float:
+        now = self.clock()
+        if threading.get_ident() != self.thread:
+            self.reset()
+            return 0.0
+        spent, self.mark = now - self.mark, now
+        self.budget.charge(spent)
+        return spent

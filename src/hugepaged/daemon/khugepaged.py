@@ -26,12 +26,12 @@ from hugepaged.scan.referenced import Referenced
 from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 from hugepaged.tunables import Tunables
 
-from .budget import CpuBudget
+from .budget import CpuBudget, ThreadMeter
 from .mthp import MthpSampler
 from .ranges import RangeMemo
 from .registry import RESCAN_MAX, MmSlot, Registry
 from .targets import TargetState, TargetStates
-from .workers import CollapsePool, Job
+from .workers import LANE_WINDOWS, CollapsePool, Job
 
 log = logging.getLogger("hugepaged")
 MAX_BATCH = 16  # windows per process_madvise call: bounds the time one call holds the daemon
@@ -86,11 +86,13 @@ class TargetDry(Exception):
 class Khugepaged:
     """The scan state machine, free of I/O multiplexing so tests can drive it pass by pass."""
 
-    def __init__(self, kernel: Kernel, tunables: Tunables, clock=time.monotonic) -> None:
+    def __init__(self, kernel: Kernel, tunables: Tunables, clock=time.monotonic,
+                 cpu_clock=time.thread_time) -> None:
         self.kernel, self.clock = kernel, clock
         self.registry = Registry()
         self.counters = Counters()
         self.budget = CpuBudget(tunables.max_cpu_percent, clock())
+        self.meter = ThreadMeter(self.budget, cpu_clock)  # the loop thread's CPU, all of it
         self.tunables = tunables
         self.control = CollapseControl.from_tunables(tunables)  # the global policy
         self._kpf: KPageFlags | None = None  # opened at the first scan, after the start-up checks
@@ -113,6 +115,8 @@ class Khugepaged:
         self.wake_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a worker's batch finished
         self.pool: CollapsePool | None = None
         self.queue_stalled = False  # the last pass stopped because the workers' queue was full
+        self.handed = 0  # windows handed to the workers so far
+        self._ticket = False  # this pass's first batch may go on credit (_capped)
         self._ramp: dict[int, int] = {}  # pid -> windows its next call may take
         self.backoff_nodes: set[int] | None = None  # where the back-off's allocation was
         self._one_node: bool | None = None
@@ -309,6 +313,8 @@ class Khugepaged:
         self.reap()
         self.queue_stalled = False
         self.kernel.drain_lru()  # khugepaged_do_scan: lru_add_drain_all()
+        before, stopped = self.counters.collapse_attempts + self.handed, False
+        self._ticket = self.budget.allows(self.clock())
         try:
             while progress < pages and not self.stopping:
                 if self.registry.cursor.pid is None:
@@ -323,7 +329,12 @@ class Khugepaged:
                 progress += step
                 worked |= visited
         except Stop:
-            worked = True
+            worked = stopped = True
+        # A pass that tried no collapse and left none waiting is idle: the CPU cap saves no
+        # credit up for later (daemon/budget.py).
+        busy = stopped or self.queue_stalled or (self.pool is not None and self.pool.lanes) \
+            or self.counters.collapse_attempts + self.handed != before
+        (self.budget.busy if busy else self.budget.idle)(self.clock())
         return worked
 
     def _preempt(self) -> None:
@@ -533,7 +544,9 @@ class Khugepaged:
                     want = max(1, -(-(budget - progress) // geo.pmd_nr))
                     chunk = self._chunk.get(slot.pid, CHUNK_WINDOWS)
                     self._chunk[slot.pid] = min(CHUNK_WINDOWS, 2 * chunk)
-                    n = min((hend - addr) >> geo.pmd_shift, want, chunk)
+                    cur.address = addr
+                    n = min((hend - addr) >> geo.pmd_shift, want, chunk,
+                            self._room(slot, state))
                     verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
                     if not fresh and (verdicts.codes == ScanResult.SUCCEED).any() and \
                             self._fingerprint(slot.pid) != slot.visit_fp:
@@ -554,6 +567,21 @@ class Khugepaged:
                     addr += n * geo.pmd_size
                 cur.address = hend
         return progress, True, collapsed
+
+    def _room(self, slot: MmSlot, state: TargetState | None) -> int:
+        """How many windows are worth deciding now: no more than can be collapsed before
+        the decision is read again (what the CPU caps pay for at the mean cost of a collapse,
+        what the slot's worker lane takes), so that no pass reads page state it then throws
+        away. Raises Stop or TargetDry when that is none."""
+        self._capped(state)
+        room, reserved = CHUNK_WINDOWS, 0
+        if self.pool is not None:
+            reserved = self.pool.pending()
+            room = LANE_WINDOWS - self.pool.queued(slot.pid)
+            if room <= 0:  # this process waits for its lane, the pass goes on
+                self.queue_stalled = True
+                raise TargetDry(0.0)
+        return self._batch_size(room, state, reserved)
 
     def _count(self, slot: MmSlot, state: TargetState | None, result: ScanResult) -> None:
         self.counters.results[result.name] += 1
@@ -593,6 +621,8 @@ class Khugepaged:
                 yield ScanResult.EXCEED_BLOAT_BUDGET
                 i += 1
                 continue
+            if self.pool is not None:  # what the cap pays for, less the batches not yet charged
+                j = i + self._batch_size(j - i, state, reserved=self.pool.pending())
             run = [addr + k * geo.pmd_size for k in range(i, j)]
             if self.pool is not None:  # a worker collapses it; outcomes counted when reaped
                 self._may_collapse(slot, run[0], state)
@@ -600,8 +630,11 @@ class Khugepaged:
                     self.queue_stalled = True
                     raise TargetDry(0.0)
                 self.pool.add(Job(slot.pid, slot.pidfd, run, nones[i:j],
-                                  state.name if state is not None else None))
-                self.pool.start(self._may_start)
+                                  state.name if state is not None else None,
+                                  on_credit=self._ticket))
+                self.handed += len(run)
+                self._ticket = False
+                self._start_batches()
                 for a in run:
                     cur.address = a
                     yield None
@@ -652,11 +685,21 @@ class Khugepaged:
 
     # --- the workers -----------------------------------------------------------------
     def _may_start(self, job: Job) -> bool:
-        """A queued batch starts only outside a back-off and within the CPU caps."""
+        """A queued batch starts only outside a back-off and within the CPU caps: under a
+        cap, beside a running batch only while the tokens pay for that one too."""
         now = self.clock()
         state = self.target_states.get(job.target)
-        return not self.stopping and now >= self.backoff_until and self.budget.allows(now) \
-            and (state is None or state.budget is None or state.budget.allows(now))
+        if self.stopping or now < self.backoff_until:
+            return False
+        if job.on_credit:  # the first batch of a pass that started within the cap
+            return True
+        if not self.budget.allows(now):
+            return False
+        running = self.pool.in_flight() if self.pool is not None else 0
+        if self.budget.percent and running and \
+                self.budget.tokens <= running * self._collapse_cost():
+            return False
+        return state is None or state.budget is None or state.budget.allows(now)
 
     def reap(self) -> bool:
         """Take back the batches the workers finished (on the daemon's thread), start the
@@ -665,12 +708,21 @@ class Khugepaged:
             return False
         done = self.pool.finished()
         self._reap(done)
-        self.pool.start(self._may_start)
+        self._start_batches()
         return bool(done)
+
+    def _start_batches(self) -> None:
+        """Start what the workers may take now; batches the CPU cap holds back are due when
+        it allows them (the loop wakes then: no finished batch will wake it)."""
+        self.pool.start(self._may_start)
+        now = self.clock()
+        if self.pool.waiting() and not self.budget.allows(now):
+            self.cpu_wait_until = max(self.cpu_wait_until, now + self.budget.wait(now))
 
     def _reap(self, done: list) -> None:
         page_kb = self.kernel.geometry.page_size >> 10
         for job, future in done:
+            self.budget.charge(job.cpu)  # the worker thread's CPU: charged here, once
             slot = self.registry.slots.get(job.pid)
             try:
                 outcomes, cpu = future.result()
@@ -701,15 +753,20 @@ class Khugepaged:
         return replace(outcome, result=result)
 
     # --- collapse_huge_page ----------------------------------------------------------
-    def _batch_size(self, windows: int, state: TargetState | None) -> int:
-        """At most what the CPU caps' tokens (the global one and the target's) pay for at
-        the mean cost of the collapses so far, and at least one window."""
+    def _collapse_cost(self) -> float:
+        """CPU-seconds one collapse is expected to cost: the mean so far."""
         c = self.counters
-        each = max(c.collapse_cpu_seconds / c.collapse_attempts if c.collapse_attempts
+        return max(c.collapse_cpu_seconds / c.collapse_attempts if c.collapse_attempts
                    else FIRST_COLLAPSE_CPU, 1e-6)
+
+    def _batch_size(self, windows: int, state: TargetState | None, reserved: int = 0) -> int:
+        """At most what the CPU caps' tokens (the global one and the target's) pay for at
+        the mean cost of the collapses so far, less `reserved` windows decided and not yet
+        charged, and at least one window."""
+        each = self._collapse_cost()
         for budget in (self.budget, state.budget if state is not None else None):
             if budget is not None and budget.percent:
-                windows = min(windows, int(budget.tokens / each))
+                windows = min(windows, int(budget.tokens / each) - reserved)
         return max(1, windows)
 
     def _collapse(self, slot: MmSlot, addresses: list[int], state: TargetState | None = None
@@ -723,29 +780,40 @@ class Khugepaged:
             slot.pidfd, slot.pid, addresses[:self._batch_size(len(addresses), state)],
             self.kernel.geometry.pmd_size,
             lambda a: window_now(self.kernel, slot.pid, self.kpf, control, a))
-        return self._account(slot, state, outcomes, time.thread_time() - cpu0)
+        cpu = time.thread_time() - cpu0
+        self.meter.charge()  # the global cap: the loop thread's CPU, this call included
+        self._ticket = False
+        return self._account(slot, state, outcomes, cpu)
 
     def _may_collapse(self, slot: MmSlot, address: int, state: TargetState | None) -> None:
         """Raise Stop (or TargetDry) unless a collapse may start now."""
-        now = self.clock()
-        if self.stopping or now < self.backoff_until:
+        if self.stopping or self.clock() < self.backoff_until:
             raise Stop
-        if not self.budget.allows(now):
-            self.cpu_wait_until = now + self.budget.wait(now)
-            raise Stop
-        if state is not None and state.budget is not None and not state.budget.allows(now):
-            raise TargetDry(state.budget.wait(now))
+        self._capped(state)
         if self.tunables.defrag == 0 and \
                 self.kernel.mm.free_huge_blocks(self._window_nodes(slot, address)) == 0:
             self._back_off(slot, address, "defrag=0 and no free huge page")
             raise Stop
 
+    def _capped(self, state: TargetState | None) -> None:
+        """Raise Stop (the global cap) or TargetDry (the target's share) unless the caps
+        allow more work now. What the pass spent so far is charged first. A
+        pass that started within the cap takes its first batch even if reading the page
+        state for it ran into debt (it is paid off before the next pass)."""
+        self.meter.charge()
+        now = self.clock()
+        if not self.budget.allows(now) and not self._ticket:
+            self.cpu_wait_until = now + self.budget.wait(now)
+            raise Stop
+        if state is not None and state.budget is not None and not state.budget.allows(now):
+            raise TargetDry(state.budget.wait(now))
+
     def _account(self, slot: MmSlot, state: TargetState | None,
                  outcomes: list[CollapseOutcome], cpu: float, cursor: bool = True
                  ) -> tuple[list[CollapseOutcome], int | None]:
-        """CPU charged to the caps, every outcome observed and logged; an allocation failure
+        """A collapse's CPU charged to its target's share (the global cap is charged by the
+        thread that spent it), every outcome observed and logged; an allocation failure
         backs off: (the outcomes before it, its window)."""
-        self.budget.charge(cpu)
         if state is not None:
             state.cpu_seconds += cpu
             if state.budget is not None:

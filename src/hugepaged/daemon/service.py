@@ -79,8 +79,6 @@ class Service:
         # Fork events wait here for their settle delay before they cost a pidfd or a /proc
         # read: a process that exits first never does. Insertion order is due order.
         self.pending: dict[int, float] = {}
-        self._cpu_mark = time.thread_time()
-        self._collapse_mark = 0.0
 
     def _pin(self, pids: list[int]) -> None:
         """Targeted mode follows the processes named now, not their pid numbers: each is
@@ -284,6 +282,8 @@ class Service:
         core.reap()
         if core.pool is None:
             return
+        if core.pool.waiting():  # held back by the CPU cap: due when it allows them
+            self.next_pass = min(self.next_pass, max(core.cpu_wait_until, time.monotonic()))
         if core.queue_stalled:  # room in a lane again: top it up
             core.queue_stalled = False
             self.next_pass = 0.0
@@ -335,14 +335,11 @@ class Service:
 
     def _charge_cpu(self) -> None:
         """Everything the scan loop spends goes to the CPU budget (scanning, registration,
-        the /proc walk, connector events): the loop thread's CPU since the last charge, less
-        the collapses (already charged as they ran). The control and metrics threads are
-        not charged, so that a client polling `status` cannot starve the scan."""
-        cpu, collapses = time.thread_time(), self.core.counters.collapse_cpu_seconds
-        spent = (cpu - self._cpu_mark) - (collapses - self._collapse_mark)
-        self._cpu_mark, self._collapse_mark = cpu, collapses
-        if spent > 0:
-            self.core.budget.charge(spent)
+        the /proc walk, connector and syscall records): the loop thread's CPU since the last
+        charge (its collapses charged it as they ran; the workers' batches are charged as
+        they are taken back). The control and metrics threads are not charged, so that a
+        client polling `status` cannot starve the scan."""
+        self.core.meter.charge()
 
     def run(self, control=None) -> int:
         """Serve until SIGTERM/SIGINT; everything changed in the kernel is put back."""
@@ -367,8 +364,8 @@ class Service:
             self.running = True
             if control is not None:
                 control.start()  # its own thread: no client can stall the loop
-            self._cpu_mark = time.thread_time()
-            self._collapse_mark = self.core.counters.collapse_cpu_seconds
+            import hugepaged.scan.process  # noqa: F401 - numpy: start-up, not the cap's
+            self.core.meter.reset()
             self.notify(ready=True, status="scanning")
             self._loop(sel, rfd)
         finally:

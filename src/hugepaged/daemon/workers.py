@@ -34,6 +34,8 @@ class Job:
     addresses: list[int]
     nones: list[int]
     target: str | None = None
+    cpu: float = 0.0  # the worker thread's CPU for this batch, also when the call raised
+    on_credit: bool = False  # a pass's first batch: it starts even if the cap is in debt
 
 
 @dataclass
@@ -47,8 +49,11 @@ class Lane:
 
 def _work(job: Job, size: int) -> tuple[list[CollapseOutcome], float]:
     cpu0 = time.thread_time()
-    outcomes = collapse_run(job.pidfd, job.pid, job.addresses, size, lambda a: None)
-    return outcomes, time.thread_time() - cpu0
+    try:
+        outcomes = collapse_run(job.pidfd, job.pid, job.addresses, size, lambda a: None)
+    finally:
+        job.cpu = time.thread_time() - cpu0
+    return outcomes, job.cpu
 
 
 class CollapsePool:
@@ -67,6 +72,19 @@ class CollapsePool:
             return 0
         return sum(len(j.addresses) for j in lane.queue) + \
             (len(lane.job.addresses) if lane.job else 0)
+
+    def in_flight(self) -> int:
+        """Windows of the batches running now (collapsed, not yet charged)."""
+        return sum(len(lane.job.addresses) for lane in self.lanes.values()
+                   if lane.job is not None)
+
+    def pending(self) -> int:
+        """Windows decided and not yet taken back: queued or running."""
+        return sum(self.queued(pid) for pid in self.lanes)
+
+    def waiting(self) -> bool:
+        """Whether a lane has a batch queued and none running (start() held it back)."""
+        return any(lane.future is None and lane.queue for lane in self.lanes.values())
 
     def full(self, pid: int) -> bool:
         return self.queued(pid) >= LANE_WINDOWS
