@@ -168,6 +168,30 @@ def test_top_once_and_with_a_daemon(tmp_path):
 @pytest.mark.kernel
 @needs_root
 @needs_thp
+def test_top_config_decides_each_process_by_its_target(tmp_path):
+    """COLLAPSIBLE by the policy the daemon would apply: the target's (enabled=always takes
+    windows without MADV_HUGEPAGE) for the process it matches, the global one for the rest."""
+    regions = [{"name": "a", "windows": 4, "hugepage": False}]
+    with saved_thp(enabled="never"), Workload(regions=regions) as a, \
+            Workload(regions=regions) as b:
+        cfg = tmp_path / "hugepaged.toml"
+        cfg.write_text(f'[[target]]\nname = "t"\npid = [{a.pid}]\nenabled = "always"\n')
+        sock = str(tmp_path / "none.sock")
+        r = hugepaged_cli("top", "--once", "--pid", str(a.pid), "--pid", str(b.pid),
+                          "--socket", sock, "--set", "enabled=madvise", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        rows = {int(line.split()[0]): line.split() for line in r.stdout.splitlines()
+                if line.split() and line.split()[0] in (str(a.pid), str(b.pid))}
+        assert rows[a.pid][2] == "t" and int(rows[a.pid][7]) >= 4
+        assert rows[b.pid][2] == "-" and rows[b.pid][7] == "0"
+        bad = hugepaged_cli("top", "--once", "--socket", sock, "--config",
+                            str(tmp_path / "missing.toml"))
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad
+
+
+@pytest.mark.kernel
+@needs_root
+@needs_thp
 def test_top_live_in_tmux():
     require_tool("tmux", "apt-get install tmux")
     session = f"hugepaged-top-{os.getpid()}"

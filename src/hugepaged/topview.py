@@ -39,7 +39,7 @@ class TopRow:
     collapsible: int
     last_result: str = "-"
     registered: bool = False
-    target: str = "-"  # the daemon's target for it; "-": the global policy or unknown
+    target: str = "-"  # its target (top --config's, or the daemon's); "-": the global policy
     shmem_kb: int = 0  # resident shared memory, and of it PMD-mapped
     shmem_pmd_kb: int = 0
     # Anonymous mTHP: (folio kB, kB mapped) pairs; None where it was not counted (a row
@@ -86,7 +86,7 @@ def rows_of(scans: list[ProcessScan], status: dict[str, Any] | None) -> list[Top
             eligible=s.eligible_windows, collapsible=collapsible(counts),
             last_result=(proc.get("last_result") or "-") if proc else "-",
             registered=proc is not None,
-            target=(proc.get("target") or "-") if proc else "-",
+            target=s.target or ((proc.get("target") or "-") if proc else "-"),
             shmem_kb=s.shmem_kb, shmem_pmd_kb=s.shmem_pmd_kb))
     rows.sort(key=lambda r: (-r.collapsible, -r.anon_kb, r.pid))
     return rows

@@ -32,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="rows shown (default: what fits the terminal; all when piped)")
     p.add_argument("--pid", type=int, action="append", default=[],
                    help="only this process (repeatable); default: every process")
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file: each process's COLLAPSIBLE is decided by the "
+                        "target it matches, as the daemon decides it (default: the global "
+                        "policy for every process)")
     add_socket(p)
     add_common(p)
     p.set_defaults(run=run)
@@ -51,14 +55,17 @@ def take_frame(args: argparse.Namespace, kernel, limit: int | None = None):
     mTHP of the `limit` rows shown (all: None) last."""
     status, error = daemon_status(args.socket)
     from hugepaged.scan.process import scan_processes
+    from hugepaged.targets import controls_by_pid
     from hugepaged.topview import Frame, rows_of
 
-    layers = [status["tunables"]] if status else []
+    cfg = getattr(args, "loaded_config", None)  # read once, at start (run)
+    layers = ([cfg.tunables] if cfg else []) + ([status["tunables"]] if status else [])
     tunables = tunables_of(args, kernel, *layers)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     t0 = time.monotonic()
-    control = control_of(tunables)
-    scans, skipped = scan_processes(kernel, pids, lambda pid: control, explicit=False)
+    control_for = controls_by_pid(kernel.procfs, control_of(tunables),
+                                  cfg.targets if cfg else [])
+    scans, skipped = scan_processes(kernel, pids, control_for, explicit=False)
     rows = with_mthp(kernel, rows_of(scans, status), scans, limit)
     return Frame(rows=rows, status=status, daemon_error=error,
                  skipped=skipped, interval=None if args.once else args.interval,
@@ -103,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     check_pids(kernel, args.pid)
     check_socket(args.socket)
     parse_assignments(args.assignments)  # refused before anything else
+    from hugepaged.config import load_config
+
+    args.loaded_config = load_config(args.config) if args.config else None
     require_scan_support(kernel)
     from hugepaged.report import console as make_console
 
