@@ -122,6 +122,23 @@ def test_a_target_at_never_keeps_madv_hugepage_windows_small(tmp_path):
         other.verify()
 
 
+def test_a_target_at_never_still_takes_shared_memory_its_shmem_enabled_allows(tmp_path):
+    """`enabled` is anonymous memory's mode, `shmem_enabled` shared memory's, as in the kernel:
+    a target at enabled=never with shmem_enabled=always leaves the heap and collapses the
+    memfd."""
+    spec = [{"name": "heap", "windows": 2, "hugepage": True},
+            {"name": "m", "windows": 2, "kind": "memfd"}]
+    with saved_thp(enabled="never"), Workload(regions=spec) as w:
+        cfg = config(tmp_path, f'[[target]]\nname = "shm-only"\npid = [{w.pid}]\n'
+                               'enabled = "never"\nshmem_enabled = "always"\n')
+        with Daemon(pids=[w.pid], config=cfg,
+                    sets={"enabled": "madvise", "max_cpu_percent": 0}) as d:
+            d.wait_for(lambda st: all(mapped(w, "m")) and settled(st, w.pid),
+                       timeout=30, what="the memfd collapsed")
+        assert not any(mapped(w, "heap"))
+        w.verify()
+
+
 def test_bloat_budget_caps_the_rss_sparse_windows_add(tmp_path):
     """16 windows of 64 pages each (448 empty PTEs, 1.75 MiB to fill) and 8 full ones, under
     max_bloat_mb = 4: two sparse windows collapse (3.5 MiB), the rest get

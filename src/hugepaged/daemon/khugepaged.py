@@ -375,8 +375,12 @@ class Khugepaged:
             self._advance(pid)
             return 1, False
         control = self.control_for(slot)
-        if control.target is not None and control.enabled == "never":
-            slot.visit = None  # a target at never: leave the process alone, read nothing
+        if control.target is not None and control.enabled == "never" \
+                and control.shmem_enabled in ("never", "deny"):
+            # A target at never for both kinds: leave the process alone, read nothing. As in
+            # the kernel, `enabled` is anonymous memory's mode only: a target's shmem_enabled
+            # still takes its shared memory.
+            slot.visit = None
             slot.settle(now)
             self._advance(pid)
             return 1, False
