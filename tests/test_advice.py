@@ -12,10 +12,16 @@ import time
 
 import pytest
 
-from hugepaged.daemon.advice import on_syscall
+from hugepaged.daemon.advice import apply_advice, on_syscall
 from hugepaged.daemon.khugepaged import Khugepaged
 from hugepaged.kernel import Kernel
-from hugepaged.kernel.tracepoints import MADV_HUGEPAGE, PR_SET_THP_DISABLE, SyscallEvent
+from hugepaged.kernel.procfs import Vma
+from hugepaged.kernel.tracepoints import (
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    PR_SET_THP_DISABLE,
+    SyscallEvent,
+)
 from hugepaged.tunables import Tunables
 
 from . import marks
@@ -89,3 +95,43 @@ def test_madvise_registers_an_unknown_process_and_prctl_is_recorded():
         assert w.pid not in core.registry
     finally:
         core.close()
+
+
+def test_madvise_with_its_range_is_applied_at_once_and_nohugepage_forgets_the_map():
+    kernel = Kernel()
+    core = Khugepaged(kernel, Tunables())
+    try:
+        with Workload(regions=REGION) as w:
+            r = w.regions["heap"]
+            ev = SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE, start=r.start,
+                              length=r.end - r.start - 100)  # rounded up to a page
+            assert on_syscall(core, ev, 100.0) == 100.0  # no wait for the call to land
+            slot = core.registry.slots[w.pid]
+            assert slot.advice == [(r.start, r.end)]
+            # An unaligned start is refused by madvise: nothing to apply, the old wait.
+            bad = SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE, start=r.start + 1,
+                               length=4096)
+            assert on_syscall(core, bad, 200.0) == pytest.approx(200.005)
+            assert slot.advice == [(r.start, r.end)]
+            slot.last_map = ((), True, [])
+            assert on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, MADV_NOHUGEPAGE,
+                                                 start=r.start, length=4096), 300.0) is None
+            assert slot.last_map is None and slot.advice == []
+    finally:
+        core.close()
+
+
+def test_apply_advice_sets_the_flags_hugepage_madvise_sets_and_splits_at_the_range():
+    mib = 1 << 20
+    a = Vma(0x10 * mib, 0x20 * mib, "rw-p", 0, 0, "", frozenset({"rd", "wr", "nh"}),
+            anonymous_kb=16 * 1024)
+    b = Vma(0x30 * mib, 0x40 * mib, "rw-p", 0, 0, "", frozenset({"rd", "wr"}))
+    out = apply_advice([a, b], 0x18 * mib, 0x34 * mib)
+    assert [(v.start // mib, v.end // mib) for v in out] == [
+        (0x10, 0x18), (0x18, 0x20), (0x30, 0x34), (0x34, 0x40)]
+    assert [("hg" in v.flags, "nh" in v.flags) for v in out] == [
+        (False, True), (True, False), (True, False), (False, False)]
+    assert out[0].anonymous_kb + out[1].anonymous_kb == a.anonymous_kb
+    assert all({"rd", "wr"} <= v.flags for v in out)
+    assert apply_advice(out, 0x18 * mib, 0x20 * mib) == out  # already advised: unchanged
+    assert apply_advice([b], 0, 0x10 * mib) == [b]  # outside every VMA

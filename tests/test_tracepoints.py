@@ -18,6 +18,7 @@ import pytest
 from hugepaged.errors import Unsupported
 from hugepaged.kernel.tracepoints import (
     MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
     PR_SET_THP_DISABLE,
     SyscallTracer,
     TraceFS,
@@ -38,17 +39,20 @@ m = mmap.mmap(-1, 4 << 20)
 for _ in range(int(sys.argv[1])):
     m.madvise(14)                      # MADV_HUGEPAGE: traced
     m.madvise(4)                       # MADV_DONTNEED: filtered out in the kernel
+m.madvise(15)                          # MADV_NOHUGEPAGE: traced
 libc.prctl(41, 1, 0, 0, 0)             # PR_SET_THP_DISABLE 1: traced
 libc.prctl(15, b"child", 0, 0, 0)      # PR_SET_NAME: filtered out
-print(os.getpid(), flush=True)
+print(os.getpid(), ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 """
+EXTRA = 2  # records after the loop's: MADV_NOHUGEPAGE, PR_SET_THP_DISABLE
 
 
-def _child(n: int = 1, cpu: int | None = None) -> int:
+def _child(n: int = 1, cpu: int | None = None, address: bool = False):
     extra = [] if cpu is None else [str(cpu)]
     out = subprocess.run([sys.executable, "-c", CHILD, str(n), *extra], capture_output=True,
                          text=True, timeout=30, check=True)
-    return int(out.stdout)
+    pid, addr = (int(x) for x in out.stdout.split())
+    return (pid, addr) if address else pid
 
 
 def _drain(tracer: SyscallTracer, pid: int, want: int, timeout: float = 5.0) -> list:
@@ -74,11 +78,13 @@ def tracer():
 
 def test_madvise_hugepage_and_thp_disable_are_seen(tracer):
     assert _tracefs_mounted()
-    pid = _child()
-    got = _drain(tracer, pid, 2)
+    pid, addr = _child(address=True)
+    got = _drain(tracer, pid, 3)
     assert [(e.what, e.value, e.arg) for e in got] == [
-        ("madvise", MADV_HUGEPAGE, 0), ("prctl", PR_SET_THP_DISABLE, 1)]
+        ("madvise", MADV_HUGEPAGE, 0), ("madvise", MADV_NOHUGEPAGE, 0),
+        ("prctl", PR_SET_THP_DISABLE, 1)]
     assert all(e.tid == pid for e in got)
+    assert [(e.start, e.length) for e in got[:2]] == [(addr, 4 << 20)] * 2  # the range
     time.sleep(0.1)
     assert [e for e in tracer.events() if e.pid == pid] == []  # the filter left the rest out
 
@@ -87,20 +93,20 @@ def test_ring_wraps_and_counts_lost_records():
     t = SyscallTracer(ring_pages=1)  # 4 KiB rings: ~50 records each
     try:
         pid = _child(30)
-        got = _drain(t, pid, 31)
-        assert len(got) == 31 and t.lost == 0
+        got = _drain(t, pid, 30 + EXTRA)
+        assert len(got) == 30 + EXTRA and t.lost == 0
         pid = _child(30)  # continues past the end of the ring: read across the wrap
-        got = _drain(t, pid, 31)
-        assert len(got) == 31 and t.lost == 0
+        got = _drain(t, pid, 30 + EXTRA)
+        assert len(got) == 30 + EXTRA and t.lost == 0
         pid = _child(400)  # more than a ring holds, unread
         time.sleep(0.2)
         got = [e for e in t.events() if e.pid == pid]
-        assert 0 < len(got) < 401
+        assert 0 < len(got) < 400 + EXTRA
         # The kernel writes the count of what it dropped with the next record it can write
         # into that CPU's ring: one more call on every CPU.
         for cpu in sorted(os.sched_getaffinity(0)):
             pid = _child(1, cpu)
-            assert len(_drain(t, pid, 2)) == 2
+            assert len(_drain(t, pid, 1 + EXTRA)) == 1 + EXTRA
         assert t.lost > 0
     finally:
         t.close()

@@ -4,22 +4,38 @@ The kernel registers an mm with its khugepaged inside hugepage_madvise, so a pro
 faulted its memory, went quiet and then called MADV_HUGEPAGE is scanned on the next pass. A
 settled slot in hugepaged is only revisited when its fault counters move, and MADV_HUGEPAGE
 moves none: the traced syscall wakes the slot (registering the process if it is unknown).
+
+A sys_enter record is written before the syscall does its work, so the VMA flags the visit
+reads may not have the advice yet. The record has the range, so the visit applies the advice
+to the flags itself, exactly as hugepage_madvise sets them (VM_HUGEPAGE on, VM_NOHUGEPAGE
+off); and where the process has neither faulted nor mapped anything since its VMAs were last
+read, the visit takes that read with the advice applied instead of walking its page tables
+again (smaps costs in proportion to the memory mapped). MADV_NOHUGEPAGE, and a
+PR_SET_THP_DISABLE, drop that read: the next visit reads the process afresh.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hugepaged.kernel.tracepoints import MADV_HUGEPAGE, PR_SET_THP_DISABLE, SyscallEvent
+from hugepaged.kernel.procfs import Vma
+from hugepaged.kernel.tracepoints import (
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    PR_SET_THP_DISABLE,
+    SyscallEvent,
+)
 
 if TYPE_CHECKING:
     from .khugepaged import Khugepaged
 
 log = logging.getLogger("hugepaged")
-# A sys_enter record is written before the syscall does its work; the slot is visited this
-# much later, so that the VMA flags it reads are the new ones.
+# A record without the advised range (an older format): the slot is visited this much
+# later, so that the VMA flags it reads are the new ones.
 ADVICE_SETTLE = 0.005
+PAGE = 4096
 
 
 def on_syscall(core: Khugepaged, ev: SyscallEvent, now: float) -> float | None:
@@ -30,14 +46,21 @@ def on_syscall(core: Khugepaged, ev: SyscallEvent, now: float) -> float | None:
             slot = core.enter(ev.pid, settle=ADVICE_SETTLE)
             if slot is None:
                 return None
+        rng = advised_range(ev)
         slot.wake()
-        slot.due = now + ADVICE_SETTLE
+        slot.due = now + (ADVICE_SETTLE if rng is None else 0.0)
+        if rng is not None:
+            slot.advice.append(rng)
         log.debug("pid %d: MADV_HUGEPAGE", ev.pid,
                   extra={"event": "madvise", "pid": ev.pid, "advice": "MADV_HUGEPAGE"})
         return slot.due
+    if ev.what == "madvise" and ev.value == MADV_NOHUGEPAGE and slot is not None:
+        slot.forget_map()  # VM_NOHUGEPAGE: the next visit reads the flags afresh
+        return None
     if ev.what == "prctl" and ev.value == PR_SET_THP_DISABLE and slot is not None:
         # The visit in progress re-reads THP_enabled; memory allowed again is looked at now.
         slot.visit = None
+        slot.forget_map()
         log.debug("pid %d: PR_SET_THP_DISABLE %d", ev.pid, ev.arg,
                   extra={"event": "prctl", "pid": ev.pid, "thp_disable": ev.arg})
         if ev.arg == 0:
@@ -53,3 +76,42 @@ def on_lost(core: Khugepaged, lost: int) -> None:
                 extra={"event": "syscall_records_lost", "lost": lost})
     for slot in core.registry.slots.values():
         slot.wake()
+
+
+def advised_range(ev: SyscallEvent) -> tuple[int, int] | None:
+    """[start, end) of a traced madvise as the kernel takes it (the length rounded up to a
+    page); None where the record has no range or madvise refuses it (EINVAL)."""
+    if ev.length <= 0 or ev.start % PAGE:
+        return None
+    end = ev.start + -(-ev.length // PAGE) * PAGE
+    return (ev.start, end) if end > ev.start else None
+
+
+def apply_advice(vmas: list[Vma], start: int, end: int) -> list[Vma]:
+    """The VMAs after MADV_HUGEPAGE over [start, end): hugepage_madvise's flags (hg on, nh
+    off) on the part of each VMA inside the range, a VMA split where the range ends inside it
+    (its sizes shared out by length), as the kernel splits it. A VMA merge with a neighbour
+    is not guessed at: the next full read shows it."""
+    out: list[Vma] = []
+    for v in vmas:
+        lo, hi = max(v.start, start), min(v.end, end)
+        if lo >= hi or ("hg" in v.flags and "nh" not in v.flags):
+            out.append(v)
+            continue
+        flags = (v.flags - {"nh"}) | {"hg"}
+        for a, b, f in ((v.start, lo, v.flags), (lo, hi, flags), (hi, v.end, v.flags)):
+            if a < b:
+                out.append(_part(v, a, b, f))
+    return out
+
+
+_SIZES = ("rss_kb", "anonymous_kb", "anon_huge_kb", "shmem_pmd_kb", "file_pmd_kb")
+
+
+def _part(v: Vma, start: int, end: int, flags: frozenset[str]) -> Vma:
+    if (start, end) == (v.start, v.end):
+        return replace(v, flags=flags)
+    share = (end - start) / v.size
+    sizes = {k: int(getattr(v, k) * share) for k in _SIZES}
+    return replace(v, start=start, end=end, offset=v.offset + (start - v.start),
+                   flags=flags, **sizes)

@@ -26,6 +26,7 @@ from hugepaged.scan.referenced import Referenced
 from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 from hugepaged.tunables import Tunables
 
+from .advice import apply_advice
 from .budget import CpuBudget, ThreadMeter
 from .mthp import MthpSampler
 from .ranges import RangeMemo
@@ -243,6 +244,7 @@ class Khugepaged:
             return
         self.resolve(slot)
         slot.visit = None
+        slot.forget_map()
         slot.wake()
 
     def _state(self, slot: MmSlot) -> TargetState | None:
@@ -516,9 +518,7 @@ class Khugepaged:
             self._fingerprint(slot.pid) != slot.visit_fp
         if fresh:  # a resumed visit whose process faulted since may have a new memory map
             slot.visit_fp = self._fingerprint(slot.pid)
-            mm_pid = self._mm_of(slot)
-            thp_enabled = self.kernel.procfs.status(mm_pid).thp_enabled
-            slot.visit = (thp_enabled, self.kernel.procfs.smaps(mm_pid))
+            slot.visit = self._memory_map(slot)
             slot.anon_kb = sum(v.anonymous_kb for v in slot.visit[1])
             slot.anon_huge_kb = sum(v.anon_huge_kb for v in slot.visit[1])
         thp_enabled, vmas = slot.visit
@@ -586,6 +586,25 @@ class Khugepaged:
                 self.queue_stalled = True
                 raise TargetDry(0.0)
         return self._batch_size(room, state, reserved)
+
+    def _memory_map(self, slot: MmSlot) -> tuple[bool, list]:
+        """(THP enabled, VMAs) for a visit: /proc/PID/status and smaps, with the MADV_HUGEPAGE
+        traced since applied (daemon/advice.py). A visit woken by that advice, in a process
+        that has neither faulted nor mapped anything since its last read, takes that read
+        instead: smaps walks every page table, and the advice changed only flags."""
+        mm_pid = self._mm_of(slot)
+        st = self.kernel.procfs.stat(mm_pid)
+        fp = (st.minflt, st.majflt, st.rss_pages, st.vsize)
+        advice, slot.advice = slot.advice, []
+        if advice and slot.last_map is not None and slot.last_map[0] == fp:
+            thp_enabled, vmas = slot.last_map[1], slot.last_map[2]
+        else:
+            thp_enabled = self.kernel.procfs.status(mm_pid).thp_enabled
+            vmas = self.kernel.procfs.smaps(mm_pid)
+        for start, end in advice:
+            vmas = apply_advice(vmas, start, end)
+        slot.last_map = (fp, thp_enabled, vmas)
+        return thp_enabled, vmas
 
     def _count(self, slot: MmSlot, state: TargetState | None, result: ScanResult) -> None:
         self.counters.results[result.name] += 1

@@ -71,6 +71,11 @@ class MmSlot:
     mm_pid: int = 0
     mm_pidfd: int = -1
     leader_gone: bool = False
+    # The last full read of the memory map: ((minflt, majflt, rss, vsize), THP enabled, VMAs),
+    # and the ranges MADV_HUGEPAGE'd since (traced): the next visit applies them to the flags
+    # it reads, or to that read if the process neither faulted nor mapped anything since.
+    last_map: tuple | None = None
+    advice: list = field(default_factory=list)
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)
@@ -85,6 +90,11 @@ class MmSlot:
         """Nothing to do here: look again later, and later still if nothing changes."""
         self.settled_for = min(SETTLE_MAX, max(SETTLE_MIN, self.settled_for * 2))
         self.due = now + self.settled_for
+
+    def forget_map(self) -> None:
+        """The flags may have changed in a way the advice does not say: read them afresh."""
+        self.last_map = None
+        self.advice = []
 
     def wake(self) -> None:
         self.wakes += 1

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from hugepaged.errors import Unsupported
 
 MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
 PR_SET_THP_DISABLE = 41
 PERF_TYPE_TRACEPOINT = 2
 PERF_SAMPLE_TID = 1 << 1
@@ -56,14 +57,16 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 @dataclass(frozen=True)
 class SyscallEvent:
-    """One traced call: 'madvise' (value = the advice) or 'prctl' (value = the option,
-    arg = its arg2), by thread `tid` of process `pid`."""
+    """One traced call: 'madvise' (value = the advice, over [start, start + length)) or
+    'prctl' (value = the option, arg = its arg2), by thread `tid` of process `pid`."""
 
     what: str
     pid: int
     tid: int
     value: int
     arg: int = 0
+    start: int = 0
+    length: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ class SyscallTracer:
     where the tracepoints or perf_event_open are not to be had, so the caller falls back.
     """
 
-    SOURCES = {"madvise": ("sys_enter_madvise", "behavior", (MADV_HUGEPAGE,)),
+    SOURCES = {"madvise": ("sys_enter_madvise", "behavior", (MADV_HUGEPAGE, MADV_NOHUGEPAGE)),
                "prctl": ("sys_enter_prctl", "option", (PR_SET_THP_DISABLE,))}
 
     def __init__(self, sys_root: str = "/sys", ring_pages: int = 8,
@@ -242,10 +245,13 @@ class SyscallTracer:
             records, lost = ring.records()
             self.lost += lost
             field = self.SOURCES[what][1]
+            ranged = what == "madvise" and {"start", "len_in"} <= ring.tp.fields.keys()
             for pid, tid, raw in records:
                 arg = ring.tp.field(raw, "arg2") if what == "prctl" else 0
+                start, length = (ring.tp.field(raw, "start"), ring.tp.field(raw, "len_in")) \
+                    if ranged else (0, 0)
                 out.append(SyscallEvent(what, pid, tid, ring.tp.field(raw, field) & 0xFFFFFFFF,
-                                        arg))
+                                        arg, start, length))
         return out
 
     def close(self) -> None:
