@@ -283,3 +283,16 @@ def test_pacer_keeps_the_running_average_at_its_share():
     p.charge(0.05)
     assert slept == [0.03, 0.15]  # 60 ms of CPU over 240 ms
     assert Pacer(0, clock=lambda: now[0], sleep=sleep).charge(1.0) is None and len(slept) == 2
+
+
+def test_pacer_tick_charges_all_the_threads_cpu_since_the_last_tick():
+    from hugepaged.pacing import Pacer
+
+    now, cpu, slept = [0.0], [10.0], []
+    p = Pacer(10, clock=lambda: now[0], sleep=slept.append, cpu_clock=lambda: cpu[0])
+    cpu[0] += 0.2  # the scan before the first collapse counts too
+    p.tick()
+    assert p.cpu == pytest.approx(0.2) and slept == [pytest.approx(2.0)]
+    now[0] += 2.0
+    p.tick()  # nothing spent since: no rest
+    assert len(slept) == 1

@@ -68,22 +68,19 @@ def within_bloat(scan, addresses: list[int], limit_kb: int | None, page_kb: int
 BATCH = 16  # windows per process_madvise call, as the daemon's
 
 
-def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], percent: int,
+def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], pacer,
                    kpf, control) -> list:
     """Up to BATCH windows per call (a run stops after an allocation failure and the next
-    call goes on after it), sleeping between calls at `percent`; a failure is named by its
-    errno and a re-decision of the window."""
+    call goes on after it), sleeping between calls as `pacer` (pacing.Pacer, started before
+    the scan) says; a failure is named by its errno and a re-decision of the window."""
     from hugepaged.collapse import collapse_run, window_now
-    from hugepaged.pacing import Pacer
 
-    pacer = Pacer(percent)
     outcomes: list = []
     while len(outcomes) < len(addresses):
-        cpu0 = time.thread_time()
         outcomes += collapse_run(pidfd, pid, addresses[len(outcomes):len(outcomes) + BATCH],
                                  kernel.geometry.pmd_size,
                                  lambda a: window_now(kernel, pid, kpf, control, a))
-        pacer.charge(time.thread_time() - cpu0)
+        pacer.tick()
     return outcomes
 
 
@@ -101,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     require_collapse_support(kernel)
     pidfd = pidfd_open(args.pid)
     try:
+        from hugepaged.pacing import Pacer
+
+        pacer = Pacer(percent)  # the scan's CPU counts against the pace too
         t0 = time.perf_counter()
         before = kernel.procfs.status(args.pid).rss_anon_kb
         with kernel.kpageflags() as kpf:
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             # Each collapse fills its window's empty and zero-page PTEs with new pages.
             predicted = scan.none_ptes(set(addresses)) * page_kb
             outcomes = [] if args.dry_run else collapse_paced(
-                kernel, pidfd, args.pid, addresses, percent, kpf, control)
+                kernel, pidfd, args.pid, addresses, pacer, kpf, control)
         if args.dry_run:
             outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
         else:
