@@ -646,6 +646,31 @@ def test_workers_collapse_every_window_and_count_each_once(world, sleepers):
     core.close()
 
 
+@pytest.mark.parametrize("cap", [0, 50])
+def test_uncapped_workers_start_their_lanes_next_batch_without_the_loop(world, sleepers, cap):
+    """Uncapped, a worker whose batch collapsed every window starts its lane's next batch
+    itself (the daemon's thread may be busy with a pass); under a CPU cap the daemon's thread
+    starts each one, as the cap's tokens allow."""
+    pids = sleepers(2)
+    for pid in pids:
+        layout(world, pid, windows=workers.LANE_WINDOWS)
+    core = world.make_core(pages_to_scan=65536, collapse_workers=2)
+    if cap:
+        core.set_tunables(core.tunables.with_values({"max_cpu_percent": cap}))
+    core.discover()
+    core.do_scan()  # hands windows over; then the loop does nothing more
+    handed = core.handed
+    deadline = time.monotonic() + (0.3 if cap else 5)
+    while len(world.collapses) < handed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if cap:
+        assert 0 < len(world.collapses) < handed  # the loop must start the next batches
+    else:
+        assert len(world.collapses) == handed > 2 * 16  # more than one batch a lane
+    core.reap()
+    core.close()
+
+
 def test_result_of_enomem_depends_on_the_mapping():
     assert result_of_errno(errno.ENOMEM, lambda: ScanResult.SUCCEED) == \
         ScanResult.ALLOC_HUGE_PAGE_FAIL

@@ -654,7 +654,8 @@ class Khugepaged:
                     raise TargetDry(0.0)
                 self.pool.add(Job(slot.pid, slot.pidfd, run, nones[i:j],
                                   state.name if state is not None else None,
-                                  on_credit=self._ticket))
+                                  on_credit=self._ticket,
+                                  chainable=state is None or state.budget is None))
                 self.handed += len(run)
                 self._ticket = False
                 self._start_batches()
@@ -737,8 +738,10 @@ class Khugepaged:
     def _start_batches(self) -> None:
         """Start what the workers may take now; batches the CPU cap holds back are due when
         it allows them (the loop wakes then: no finished batch will wake it)."""
-        self.pool.start(self._may_start)
         now = self.clock()
+        self.pool.chain = not self.budget.percent and not self.stopping \
+            and now >= self.backoff_until
+        self.pool.start(self._may_start)
         if self.pool.waiting() and not self.budget.allows(now):
             self.cpu_wait_until = max(self.cpu_wait_until, now + self.budget.wait(now))
 
@@ -862,6 +865,8 @@ class Khugepaged:
     def _back_off(self, slot: MmSlot, address: int, why: str, cursor: bool = True) -> None:
         ms = self.tunables.alloc_sleep_millisecs
         self.backoff_until = self.clock() + ms / 1000.0
+        if self.pool is not None:
+            self.pool.chain = False
         self.backoff_nodes = self._window_nodes(slot, address)
         self.counters.alloc_backoffs += 1
         if cursor:
