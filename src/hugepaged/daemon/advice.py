@@ -35,7 +35,6 @@ log = logging.getLogger("hugepaged")
 # A record without the advised range (an older format): the slot is visited this much
 # later, so that the VMA flags it reads are the new ones.
 ADVICE_SETTLE = 0.005
-PAGE = 4096
 
 
 def on_syscall(core: Khugepaged, ev: SyscallEvent, now: float) -> float | None:
@@ -46,7 +45,7 @@ def on_syscall(core: Khugepaged, ev: SyscallEvent, now: float) -> float | None:
             slot = core.enter(ev.pid, settle=ADVICE_SETTLE)
             if slot is None:
                 return None
-        rng = advised_range(ev)
+        rng = advised_range(ev, core.kernel.geometry.page_size)
         slot.wake()
         slot.due = now + (ADVICE_SETTLE if rng is None else 0.0)
         if rng is not None:
@@ -78,12 +77,12 @@ def on_lost(core: Khugepaged, lost: int) -> None:
         slot.wake()
 
 
-def advised_range(ev: SyscallEvent) -> tuple[int, int] | None:
+def advised_range(ev: SyscallEvent, page: int) -> tuple[int, int] | None:
     """[start, end) of a traced madvise as the kernel takes it (the length rounded up to a
     page); None where the record has no range or madvise refuses it (EINVAL)."""
-    if ev.length <= 0 or ev.start % PAGE:
+    if ev.length <= 0 or ev.start % page:
         return None
-    end = ev.start + -(-ev.length // PAGE) * PAGE
+    end = ev.start + -(-ev.length // page) * page
     return (ev.start, end) if end > ev.start else None
 
 
