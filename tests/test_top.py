@@ -17,7 +17,7 @@ from hugepaged.results import ScanResult
 from hugepaged.scan.process import ProcessScan, VmaScan
 from hugepaged.topview import Frame, render_text, rows_of
 
-from .daemon_runner import Daemon, hugepaged_cli, hugepaged_cmd
+from .daemon_runner import Daemon, hugepaged_cli, hugepaged_cmd, settled
 from .helpers import Workload, saved_thp
 from .marks import needs_root, needs_thp, require_tool
 
@@ -149,8 +149,10 @@ def test_top_once_and_with_a_daemon(tmp_path):
         assert "1 processes" in r.stdout and "collapsible 6 windows (12.0M)" in r.stdout
         # with the daemon: its counters, its tunables (max_ptes_none 256), its last result
         with Daemon([w.pid], sets={"enabled": "madvise", "max_ptes_none": "256"}) as d:
+            # Settled: a visit after the collapses found nothing left, so the slot's last
+            # result is that visit's (the collapsing visit can end on a SUCCEED).
             d.wait_for(lambda st: st["counters"]["pages_collapsed"] == 6
-                       and st["counters"]["full_scans"] >= 1, what="6 collapses")
+                       and settled(st, w.pid), what="6 collapses, then settled")
             r = hugepaged_cli("top", "--iterations", "2", "--interval", "0.2",
                               "--pid", str(w.pid), "--socket", d.socket)
         assert r.returncode == 0, r.stderr
