@@ -10,7 +10,9 @@ alignment does not depend on the mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -148,24 +150,32 @@ def test_advise_needs_vm_hugepage():
         assert vma_scan(w.pid, plain.start, force=True, shmem_enabled="never").skip is None
 
 
-def test_a_second_process_mapping_the_same_memfd(capsys):
+@contextlib.contextmanager
+def one_memfd_in_two_processes(**second) -> Iterator[tuple[Workload, Workload]]:
+    """Two processes mapping one 2-window memfd: the second maps the first's file
+    (`second`: more keys of its region, say its fill)."""
     first = {"regions": [{"name": "m", "windows": 2, "kind": "memfd"}]}
     with Workload(first) as a:
-        m = a.regions["m"]
-        second = {"regions": [{"name": "m", "windows": 2, "kind": "memfd",
-                               "attach": f"/proc/{a.pid}/fd/{m.fd}"}]}
-        with Workload(second) as b:
-            mb = b.regions["m"]
-            assert results(b.pid, mb.start) == [R.SUCCEED] * 2
-            assert attempted(collapse(capsys, a.pid), m) == ["SUCCEED"] * 2
-            assert pmd_mapped_windows(a.pid, m.start, m.end) == [True, True]
-            # The page cache holds one 2 MiB folio per range now: the kernel took the second
-            # process's page tables away, so it maps nothing there until it touches it.
-            assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 0
-            b.verify()  # its faults map the new huge pages, by PMD
-            assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 4096
-            assert results(b.pid, mb.start) == [R.PMD_MAPPED] * 2
-            a.verify()
+        attach = f"/proc/{a.pid}/fd/{a.regions['m'].fd}"
+        spec = {"regions": [{"name": "m", "windows": 2, "kind": "memfd", **second,
+                             "attach": attach}]}
+        with Workload(spec) as b:
+            yield a, b
+
+
+def test_a_second_process_mapping_the_same_memfd(capsys):
+    with one_memfd_in_two_processes() as (a, b):
+        m, mb = a.regions["m"], b.regions["m"]
+        assert results(b.pid, mb.start) == [R.SUCCEED] * 2
+        assert attempted(collapse(capsys, a.pid), m) == ["SUCCEED"] * 2
+        assert pmd_mapped_windows(a.pid, m.start, m.end) == [True, True]
+        # The page cache holds one 2 MiB folio per range now: the kernel took the second
+        # process's page tables away, so it maps nothing there until it touches it.
+        assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 0
+        b.verify()  # its faults map the new huge pages, by PMD
+        assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 4096
+        assert results(b.pid, mb.start) == [R.PMD_MAPPED] * 2
+        a.verify()
 
 
 def test_a_range_another_process_collapsed_and_this_one_never_touched(capsys):
@@ -173,30 +183,25 @@ def test_a_range_another_process_collapsed_and_this_one_never_touched(capsys):
     there is PTE_MAPPED_HUGEPAGE whether or not this process maps it. MADV_COLLAPSE then
     installs the PMD (collapse_pte_mapped_thp, install_pmd) where this process has no page
     table; the daemon, like the kernel's khugepaged, leaves it to the next fault."""
-    first = {"regions": [{"name": "m", "windows": 2, "kind": "memfd"}]}
-    with Workload(first) as a:
-        m = a.regions["m"]
-        second = {"regions": [{"name": "m", "windows": 2, "kind": "memfd", "fill": "none",
-                               "attach": f"/proc/{a.pid}/fd/{m.fd}"}]}
-        with Workload(second) as b:
-            mb = b.regions["m"]
-            assert results(b.pid, mb.start) == [R.SUCCEED] * 2  # 512 pages in the cache
-            assert attempted(collapse(capsys, a.pid), m) == ["SUCCEED"] * 2
-            assert pmd_mapped_windows(a.pid, m.start, m.end) == [True, True]
-            assert results(b.pid, mb.start) == [R.PTE_MAPPED_HUGEPAGE] * 2
-            assert results(b.pid, mb.start, force=True) == [R.PTE_MAPPED_HUGEPAGE] * 2
-            assert smaps_vma(b.pid, mb.start)["Rss"] == 0  # the scan mapped nothing into it
-            with Daemon(pids=[b.pid], sets={**POLICY, "max_cpu_percent": 0,
-                                            "scan_sleep_millisecs": 0}) as d:
-                st = d.wait_for(lambda st: settled(st, b.pid), timeout=30)
-            assert st["results"].get("PTE_MAPPED_HUGEPAGE", 0) >= 2
-            assert [r for r in d.events("collapse") if r["pid"] == b.pid] == []
-            assert smaps_vma(b.pid, mb.start)["Rss"] == 0
-            assert attempted(collapse(capsys, b.pid), mb) == ["SUCCEED"] * 2
-            assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 4096  # never touched
-            assert pmd_mapped_windows(b.pid, mb.start, mb.end) == [True, True]
-            assert results(b.pid, mb.start) == [R.PMD_MAPPED] * 2
-            a.verify()
+    with one_memfd_in_two_processes(fill="none") as (a, b):
+        m, mb = a.regions["m"], b.regions["m"]
+        assert results(b.pid, mb.start) == [R.SUCCEED] * 2  # 512 pages in the cache
+        assert attempted(collapse(capsys, a.pid), m) == ["SUCCEED"] * 2
+        assert pmd_mapped_windows(a.pid, m.start, m.end) == [True, True]
+        assert results(b.pid, mb.start) == [R.PTE_MAPPED_HUGEPAGE] * 2
+        assert results(b.pid, mb.start, force=True) == [R.PTE_MAPPED_HUGEPAGE] * 2
+        assert smaps_vma(b.pid, mb.start)["Rss"] == 0  # the scan mapped nothing into it
+        with Daemon(pids=[b.pid], sets={**POLICY, "max_cpu_percent": 0,
+                                        "scan_sleep_millisecs": 0}) as d:
+            st = d.wait_for(lambda st: settled(st, b.pid), timeout=30)
+        assert st["results"].get("PTE_MAPPED_HUGEPAGE", 0) >= 2
+        assert [r for r in d.events("collapse") if r["pid"] == b.pid] == []
+        assert smaps_vma(b.pid, mb.start)["Rss"] == 0
+        assert attempted(collapse(capsys, b.pid), mb) == ["SUCCEED"] * 2
+        assert smaps_vma(b.pid, mb.start)["ShmemPmdMapped"] == 4096  # never touched
+        assert pmd_mapped_windows(b.pid, mb.start, mb.end) == [True, True]
+        assert results(b.pid, mb.start) == [R.PMD_MAPPED] * 2
+        a.verify()
 
 
 @pytest.mark.skipif(not zram_available(), reason="no /dev/zram0 or mkswap")
@@ -216,30 +221,25 @@ def test_swapped_shmem_pages_against_max_ptes_swap(capsys):
 def test_the_daemon_collapses_a_file_range_once():
     """Two processes map one memfd: the daemon collapses each range once (for whichever it
     meets first); the other is not asked, and maps the huge pages by PMD once it touches."""
-    first = {"regions": [{"name": "m", "windows": 2, "kind": "memfd"}]}
-    with Workload(first) as a:
-        m = a.regions["m"]
-        second = {"regions": [{"name": "m", "windows": 2, "kind": "memfd",
-                               "attach": f"/proc/{a.pid}/fd/{m.fd}"}]}
-        with Workload(second) as b:
-            with Daemon(pids=[a.pid, b.pid], sets={
-                    **POLICY, "max_cpu_percent": 0, "scan_sleep_millisecs": 0,
-                    "pages_to_scan": 65536},
-                    args=["--metrics", ":0", "--metrics-top-processes", "2"]) as d:
-                d.wait_for(lambda st: settled(st, a.pid) and settled(st, b.pid), timeout=30)
-                fams = families(scrape(d.wait_event("metrics_listen")["port"]))
-                pmd = {dict(labels)["pid"]: v for (_, labels), v in samples(
-                    fams, "hugepaged_process_shmem_pmd_bytes").items()}
-                for w in (a, b):  # the gauge is smaps ShmemPmdMapped
-                    kb = sum(smaps_vma(w.pid, r.start)["ShmemPmdMapped"]
-                             for r in w.regions.values())
-                    assert pmd[str(w.pid)] == kb * 1024
-                events = [r for r in d.events("collapse") if any(
-                    r["pid"] == w.pid and w.regions["m"].start <= int(r["address"], 16)
-                    < w.regions["m"].end for w in (a, b))]
-                assert sorted(r["result"] for r in events) == ["SUCCEED"] * 2
-                assert len({r["pid"] for r in events}) == 1
-                assert d.status()["results"].get("PTE_MAPPED_HUGEPAGE", 0) >= 2
-            for w in (a, b):
-                w.verify()
-                assert smaps_vma(w.pid, w.regions["m"].start)["ShmemPmdMapped"] == 4096
+    with one_memfd_in_two_processes() as (a, b):
+        with Daemon(pids=[a.pid, b.pid], sets={
+                **POLICY, "max_cpu_percent": 0, "scan_sleep_millisecs": 0,
+                "pages_to_scan": 65536},
+                args=["--metrics", ":0", "--metrics-top-processes", "2"]) as d:
+            d.wait_for(lambda st: settled(st, a.pid) and settled(st, b.pid), timeout=30)
+            fams = families(scrape(d.wait_event("metrics_listen")["port"]))
+            pmd = {dict(labels)["pid"]: v for (_, labels), v in samples(
+                fams, "hugepaged_process_shmem_pmd_bytes").items()}
+            for w in (a, b):  # the gauge is smaps ShmemPmdMapped
+                kb = sum(smaps_vma(w.pid, r.start)["ShmemPmdMapped"]
+                         for r in w.regions.values())
+                assert pmd[str(w.pid)] == kb * 1024
+            events = [r for r in d.events("collapse") if any(
+                r["pid"] == w.pid and w.regions["m"].start <= int(r["address"], 16)
+                < w.regions["m"].end for w in (a, b))]
+            assert sorted(r["result"] for r in events) == ["SUCCEED"] * 2
+            assert len({r["pid"] for r in events}) == 1
+            assert d.status()["results"].get("PTE_MAPPED_HUGEPAGE", 0) >= 2
+        for w in (a, b):
+            w.verify()
+            assert smaps_vma(w.pid, w.regions["m"].start)["ShmemPmdMapped"] == 4096
