@@ -198,7 +198,7 @@ t0 = time.monotonic()
 alive = 0
 for i in range(n):
     if os.fork() == 0:
-        time.sleep(1.2 + (i % 10) * 0.02)  # past the daemon's 1 s settle: registered
+        time.sleep(2.5 + (i % 10) * 0.02)  # past the 1 s settle, and the cap's wait: registered
         os._exit(0)
     alive += 1
     if alive >= 500:  # at most 500 at a time
