@@ -39,7 +39,7 @@ TOTAL_KEYS = {"processes", "anon_kb", "anon_huge_kb", "eligible_windows", "colla
 COLLAPSE_KEYS = {"version", "pid", "comm", "dry_run", "force", "target", "max_cpu_percent",
                  "referenced_known", "windows", "collapsed", "would_collapse", "failed",
                  "skipped", "seconds", "rss_growth_kb", "rss_growth_predicted_kb", "ineligible"}
-WINDOW_KEYS = {"address", "result", "errno", "ms"}
+WINDOW_KEYS = {"address", "result", "errno", "ms", "attempts"}
 MADVISE = ["--set", "enabled=madvise"]
 
 

@@ -15,7 +15,13 @@ import os
 import pytest
 
 from hugepaged.cli import main
-from hugepaged.collapse import collapse_run, collapse_window, window_now
+from hugepaged.collapse import (
+    TRANSIENT_BACKOFF,
+    collapse_run,
+    collapse_window,
+    retry_transient,
+    window_now,
+)
 from hugepaged.kernel import Kernel
 from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
@@ -223,6 +229,57 @@ def test_enabled_modes(thp_never, collapse):
         assert in_regions(doc, w) == {"plain": ["SUCCEED"] * 2}
         assert pmd_map(w) == {"hg": [True], "plain": [True] * 2}
         assert anon_huge_kb(w.pid, w.regions["plain"].start) == 2 * 2048
+
+
+def test_a_pinned_page_is_eagain_and_asked_again(thp_never, collapse):
+    """A page a pipe holds (vmsplice) fails the collapse with EAGAIN; the command asks that
+    window again after its back-offs, reports it truthfully, and collapses the other."""
+    regions = [{"name": "a", "windows": 2, "fill": "all", "hugepage": True}]
+    with Workload(regions=regions) as w:
+        assert w.command("pin a 0 7")["ok"]
+        doc = collapse(w.pid)
+        w.verify()
+        first, second = doc["windows"]
+        assert (first["result"], first["errno"]) == ("COLLAPSE_EAGAIN", "EAGAIN")
+        assert first["attempts"] > 1 + len(TRANSIENT_BACKOFF)
+        assert (second["result"], second["attempts"]) == ("SUCCEED", 1)
+        assert pmd_map(w) == {"a": [False, True]}
+        assert w.command("unpin")["ok"]
+        doc = collapse(w.pid)
+        w.verify()
+        assert in_regions(doc, w) == {"a": ["SUCCEED"]}
+        assert pmd_map(w) == {"a": [True, True]}
+
+
+def test_a_page_released_during_the_backoff_collapses(thp_never):
+    """The retry is real: the pipe lets the page go while the command waits, and the window
+    asked again collapses."""
+    regions = [{"name": "a", "windows": 3, "fill": "all", "hugepage": True}]
+    with Workload(regions=regions) as w:
+        r = w.regions["a"]
+        assert w.command("pin a 1 100")["ok"]
+        addresses = [r.window_start(i) for i in range(3)]
+        pidfd = os.pidfd_open(w.pid)
+        waits: list[float] = []
+
+        def unpin(delay: float) -> None:
+            waits.append(delay)
+            assert w.command("unpin")["ok"]
+
+        def again(todo: list[int]):
+            return collapse_run(pidfd, w.pid, todo, HPAGE, lambda a: None)
+        try:
+            drain_lru()
+            first = again(addresses)
+            assert [o.result for o in first] == [R.SUCCEED, R.COLLAPSE_EAGAIN, R.SUCCEED]
+            done = retry_transient(first, again, sleep=unpin)
+        finally:
+            os.close(pidfd)
+        w.verify()
+        assert waits == [TRANSIENT_BACKOFF[0]]
+        assert [(o.address, o.result) for o in done] == [(a, R.SUCCEED) for a in addresses]
+        assert done[1].attempts == first[1].attempts + 1
+        assert pmd_map(w) == {"a": [True] * 3}
 
 
 def test_shared_with_forked_child_boundary(thp_never, collapse):

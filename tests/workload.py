@@ -74,6 +74,10 @@ and commands on stdin, one per line, one JSON line answered for each:
     remap NAME   -> {"ok": true}: replace region NAME by a fresh private anonymous mapping at the
                     same address (mmap MAP_FIXED: no MADV_HUGEPAGE), refaulted as 4 KiB pages
                     with the same pattern, so verify still checks it
+    pin NAME W P -> {"ok": true}: vmsplice page P of window W of NAME into a pipe kept open, so
+                    the pipe's buffer holds a reference on the page (the kernel's collapse then
+                    finds an unexpected reference count: SCAN_PAGE_COUNT, EAGAIN)
+    unpin        -> {"ok": true}: drain and close those pipes (the references are dropped)
     exit         -> {"ok": true}, then exit 0.   EOF on stdin: exit 0.
 Errors in the spec: message on stderr, exit status 2.
 """
@@ -545,8 +549,31 @@ def reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def pin_page(addr: int) -> tuple[int, int]:
+    """vmsplice one page into a new pipe; the pipe's buffer keeps a reference on it."""
+    r, w = os.pipe()
+    iov = _IOVec(addr, PAGE)
+    _libc.vmsplice.restype = ctypes.c_ssize_t
+    if _libc.vmsplice(w, ctypes.byref(iov), ctypes.c_size_t(1), 0) != PAGE:
+        _check(-1, "vmsplice")
+    return r, w
+
+
+def unpin_pages(pipes: list[tuple[int, int]]) -> None:
+    for r, w in pipes:
+        os.read(r, PAGE)
+        os.close(r)
+        os.close(w)
+    pipes.clear()
+
+
 def serve(regions: list[Region]) -> None:
     by_name = {r.name: r for r in regions}
+    pipes: list[tuple[int, int]] = []
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         arg = arg.strip()
@@ -582,6 +609,17 @@ def serve(regions: list[Region]) -> None:
             r = by_name[arg]
             madvise(r.start, r.length, MADV_HUGEPAGE if cmd == "hugepage" else MADV_NOHUGEPAGE)
             reply({"ok": True, "time": time.time()})
+        elif cmd == "pin":
+            name, window, page = (arg.split() + ["", "", ""])[:3]
+            if name not in by_name:
+                reply({"ok": False, "error": f"no region {name!r}"})
+                continue
+            r = by_name[name]
+            pipes.append(pin_page(r.start + (int(window) * PAGES_PER_WINDOW + int(page)) * PAGE))
+            reply({"ok": True})
+        elif cmd == "unpin":
+            unpin_pages(pipes)
+            reply({"ok": True})
         elif cmd == "exit":
             reply({"ok": True})
             return

@@ -175,6 +175,40 @@ def _batch(pidfd, pid, addresses, size, redecide, done) -> list[CollapseOutcome]
     return step
 
 
+# Back-offs before the one-shot collapse tries its EAGAIN windows again. EAGAIN is a page
+# someone else holds for a moment (a reference taken by DAMON's sampling, a page compaction
+# has isolated to migrate, a lock); khugepaged just meets the window again on a later scan,
+# a command must not give up on its first meeting.
+TRANSIENT_BACKOFF = (0.02, 0.1, 0.5)
+
+
+def retry_transient(outcomes: list[CollapseOutcome],
+                    again: Callable[[list[int]], list[CollapseOutcome]],
+                    backoff: tuple[float, ...] = TRANSIENT_BACKOFF,
+                    sleep: Callable[[float], None] = time.sleep) -> list[CollapseOutcome]:
+    """Collapse the EAGAIN windows again after each back-off, until none is left.
+
+    `again(addresses)` collapses those windows and returns one outcome per window it reached
+    (fewer if the process exited). An outcome keeps its place; a retried window's attempts
+    and time add up, so the report says how often it was asked. A process that exits or
+    refuses us meanwhile ends the retries, its first outcomes kept."""
+    by_address = {o.address: o for o in outcomes}
+    for delay in backoff:
+        pending = [o.address for o in by_address.values() if o.errno == errno.EAGAIN]
+        if not pending:
+            break
+        sleep(delay)
+        try:
+            retried = again(pending)
+        except (ProcessGone, AccessDenied):  # gone meanwhile: what it had stays reported
+            break
+        for o in retried:
+            before = by_address[o.address]
+            by_address[o.address] = dataclasses.replace(
+                o, attempts=before.attempts + o.attempts, seconds=before.seconds + o.seconds)
+    return [by_address[o.address] for o in outcomes]
+
+
 def collapse_windows(pidfd: int, pid: int, addresses: list[int], size: int,
                      redecide: Callable[[int], ScanResult | None]) -> list[CollapseOutcome]:
     """Collapse each window in turn; stops early only if the process exits."""

@@ -192,7 +192,8 @@ def collapse_json(scan: ProcessScan, outcomes: list[CollapseOutcome], *, dry_run
         "dry_run": dry_run, "force": force, "target": target,
         "max_cpu_percent": max_cpu_percent, "referenced_known": scan.referenced_known,
         "windows": [{"address": hex(o.address), "result": o.result.name,
-                     "errno": o.errno_name or None, "ms": round(o.seconds * 1000, 3)}
+                     "errno": o.errno_name or None, "ms": round(o.seconds * 1000, 3),
+                     "attempts": o.attempts}
                     for o in outcomes],
         "collapsed": 0 if dry_run else sum(o.result == ScanResult.SUCCEED for o in outcomes),
         "would_collapse": len(outcomes) if dry_run else None,

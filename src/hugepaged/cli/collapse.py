@@ -72,16 +72,23 @@ def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], pacer,
                    kpf, control) -> list:
     """Up to BATCH windows per call (a run stops after an allocation failure and the next
     call goes on after it), sleeping between calls as `pacer` (pacing.Pacer, started before
-    the scan) says; a failure is named by its errno and a re-decision of the window."""
-    from hugepaged.collapse import collapse_run, window_now
+    the scan) says; a failure is named by its errno and a re-decision of the window. Windows
+    that failed for a moment (EAGAIN) are asked again after a short back-off."""
+    from hugepaged.collapse import collapse_run, retry_transient, window_now
 
-    outcomes: list = []
-    while len(outcomes) < len(addresses):
-        outcomes += collapse_run(pidfd, pid, addresses[len(outcomes):len(outcomes) + BATCH],
-                                 kernel.geometry.pmd_size,
-                                 lambda a: window_now(kernel, pid, kpf, control, a))
-        pacer.tick()
-    return outcomes
+    def pass_over(todo: list[int]) -> list:
+        done: list = []
+        while len(done) < len(todo):
+            step = collapse_run(pidfd, pid, todo[len(done):len(done) + BATCH],
+                                kernel.geometry.pmd_size,
+                                lambda a: window_now(kernel, pid, kpf, control, a))
+            pacer.tick()
+            if not step:
+                break
+            done += step
+        return done
+
+    return retry_transient(pass_over(addresses), pass_over)
 
 
 def run(args: argparse.Namespace) -> int:
