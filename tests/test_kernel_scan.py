@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from hugepaged.collapse import collapse_window
+from hugepaged.collapse import collapse_window, retry_transient
 from hugepaged.kernel import Kernel
 from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
@@ -125,7 +125,9 @@ def layout():
         r = w.regions["pmd"]
         pidfd = os.pidfd_open(w.pid)
         try:
-            out = collapse_window(pidfd, w.pid, r.start, HPAGE)
+            # (asked again after a moment's EAGAIN, as `hugepaged collapse` does)
+            out, = retry_transient([collapse_window(pidfd, w.pid, r.start, HPAGE)],
+                                   lambda t: [collapse_window(pidfd, w.pid, t[0], HPAGE)])
         finally:
             os.close(pidfd)
         assert out.result == R.SUCCEED, out

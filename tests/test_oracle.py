@@ -22,7 +22,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hugepaged.collapse import collapse_window
+from hugepaged.collapse import collapse_window, retry_transient
 from hugepaged.kernel import Kernel
 from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
@@ -175,7 +175,10 @@ def _run_oracle(kernel: Kernel, w: Workload, limits: tuple[int, int]) -> None:
     pre = w.regions["pre"]
     pidfd = os.pidfd_open(w.pid)
     try:
-        assert collapse_window(pidfd, w.pid, pre.start, HPAGE).result == R.SUCCEED
+        # (asked again after a moment's EAGAIN, as `hugepaged collapse` does)
+        out, = retry_transient([collapse_window(pidfd, w.pid, pre.start, HPAGE)],
+                               lambda t: [collapse_window(pidfd, w.pid, t[0], HPAGE)])
+        assert out.result == R.SUCCEED, out
     finally:
         os.close(pidfd)
     w.verify()
