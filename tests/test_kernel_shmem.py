@@ -30,6 +30,7 @@ from .helpers import (
     Workload,
     drain_lru,
     pmd_mapped_windows,
+    proc_status,
     saved_thp,
     smaps_vma,
     zram_available,
@@ -101,6 +102,10 @@ def test_max_ptes_none_boundary_and_empty_window(capsys, kind):
         assert results(w.pid, at.start) == [R.PMD_MAPPED] * 2
 
 
+def kb(field: str) -> int:
+    return int(field.split()[0])
+
+
 def test_pages_in_the_cache_but_not_mapped_count(capsys):
     spec = {"regions": [{"name": "m", "windows": 1, "kind": "memfd", "fill": "first:50",
                          "cache_fill": "pages:" + json.dumps(list(range(50, 460)))}]}
@@ -108,9 +113,15 @@ def test_pages_in_the_cache_but_not_mapped_count(capsys):
         m = w.regions["m"]
         v = vma_scan(w.pid, m.start, max_ptes_none=64)
         assert [R(int(c)) for c in v.codes] == [R.SUCCEED] and v.present.tolist() == [460]
-        assert attempted(collapse(capsys, w.pid, max_ptes_none=64), m) == ["SUCCEED"]
+        before = kb(proc_status(w.pid)["RssShmem"])
+        doc = collapse(capsys, w.pid, max_ptes_none=64)
+        assert attempted(doc, m) == ["SUCCEED"]
         assert pmd_mapped_windows(w.pid, m.start, m.end) == [True]
         w.verify()  # the 410 pages written through the file read back through it
+        # The PMD maps all 512 pages: the 410 only in the cache and the 52 holes filled.
+        grown = kb(proc_status(w.pid)["RssShmem"]) - before
+        assert grown == (512 - 50) * 4 == doc["rss_growth_predicted_kb"]
+        assert abs(doc["rss_growth_kb"] - grown) <= 64, doc
 
 
 def test_misaligned_memfd_is_reported_and_not_attempted(capsys):

@@ -109,22 +109,23 @@ def run(args: argparse.Namespace) -> int:
 
         pacer = Pacer(percent)  # the scan's CPU counts against the pace too
         t0 = time.perf_counter()
-        before = kernel.procfs.status(args.pid).rss_anon_kb
+        before = kernel.procfs.status(args.pid).vm_rss_kb
         with kernel.kpageflags() as kpf:
             scan = scan_process(kernel, args.pid, control, kpf)
             page_kb = kernel.geometry.page_size >> 10
             addresses, refused = within_bloat(scan, targets(scan, args.force),
                                               control.max_bloat_kb, page_kb)
-            # Each collapse fills its window's empty and zero-page PTEs with new pages.
-            predicted = scan.none_ptes(set(addresses)) * page_kb
+            # Each collapse maps its window's 512 pages: the new ones it fills in, and for
+            # shared memory those only in the page cache (ProcessScan.rss_growth_pages).
+            predicted = scan.rss_growth_pages(set(addresses)) * page_kb
             outcomes = [] if args.dry_run else collapse_paced(
                 kernel, pidfd, args.pid, addresses, pacer, kpf, control)
         if args.dry_run:
             outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
         else:
             done = {o.address for o in outcomes if o.result == ScanResult.SUCCEED}
-            predicted = scan.none_ptes(done) * page_kb
-        after = kernel.procfs.status(args.pid).rss_anon_kb
+            predicted = scan.rss_growth_pages(done) * page_kb
+        after = kernel.procfs.status(args.pid).vm_rss_kb
         doc = report.collapse_json(scan, outcomes, dry_run=args.dry_run, force=args.force,
                                    seconds=time.perf_counter() - t0,
                                    rss_growth_kb=0 if args.dry_run else after - before,

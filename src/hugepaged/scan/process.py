@@ -17,7 +17,7 @@ from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
-from hugepaged.scan.decide import Verdicts
+from hugepaged.scan.decide import HPAGE_PMD_NR, Verdicts
 from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
 from hugepaged.scan.referenced import Referenced
 from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
@@ -38,6 +38,11 @@ class VmaScan:
     codes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int8))
     present: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     none: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # Pages a collapse adds to this process's RSS: anonymous windows their empty and zero-page
+    # PTEs (the new pages) and swapped ones (read back in); shared memory every page of the
+    # range this process does not map now (the new PMD maps all 512, holes and pages only in
+    # the cache alike).
+    unmapped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 @dataclass
@@ -98,11 +103,19 @@ class ProcessScan:
         return out
 
     def none_ptes(self, addresses: set[int]) -> int:
-        """Empty or zero-page PTEs of these windows: what collapsing them fills."""
+        """Empty or zero-page PTEs of these windows (page-cache holes of shared memory):
+        the new pages collapsing them allocates."""
+        return self._total("none", addresses)
+
+    def rss_growth_pages(self, addresses: set[int]) -> int:
+        """Pages collapsing these windows adds to the process's RSS (VmaScan.unmapped)."""
+        return self._total("unmapped", addresses)
+
+    def _total(self, name: str, addresses: set[int]) -> int:
         total = 0
         for v in self.vmas:
             if v.codes.size:
-                total += int(v.none[np.isin(v.starts, list(addresses))].sum())
+                total += int(getattr(v, name)[np.isin(v.starts, list(addresses))].sum())
         return total
 
     @property
@@ -181,9 +194,13 @@ class ProcessScanner:
         parts = [self.decide_range(vma, a, min(a + chunk, hend))
                  for a in range(hstart, hend, chunk)]
         starts = np.arange(hstart, hend, size, dtype=np.uint64)
+        none = np.concatenate([p.none for p in parts])
+        if parts[0].mapped is None:  # swapped PTEs come back in too
+            unmapped = none + np.concatenate([p.swap for p in parts])
+        else:
+            unmapped = HPAGE_PMD_NR - np.concatenate([p.mapped for p in parts])
         return VmaScan(vma, None, starts, np.concatenate([p.codes for p in parts]),
-                       np.concatenate([p.present for p in parts]),
-                       np.concatenate([p.none for p in parts]))
+                       np.concatenate([p.present for p in parts]), none, unmapped)
 
 
 def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageFlags, *,
