@@ -296,3 +296,22 @@ def test_pacer_tick_charges_all_the_threads_cpu_since_the_last_tick():
     now[0] += 2.0
     p.tick()  # nothing spent since: no rest
     assert len(slept) == 1
+
+
+def test_controls_of_daemon_follow_its_targets_by_pid():
+    """top's view of the daemon's policy: a registered process by its target's settings
+    (status "policy"), others the global policy; a status without policies gives None."""
+    from hugepaged.policy import CollapseControl
+    from hugepaged.targets import controls_of_daemon
+
+    status = {"targets": [{"name": "t", "policy": {"enabled": "always", "max_ptes_none": 64,
+                                                   "priority": 5, "max_bloat_mb": 1}}],
+              "processes": [{"pid": 10, "target": "t"}, {"pid": 11, "target": None}]}
+    base = CollapseControl()
+    control_for = controls_of_daemon(status, base)
+    t = control_for(10)
+    assert (t.target, t.enabled, t.max_ptes_none, t.priority, t.max_bloat_kb) == \
+        ("t", "always", 64, 5, 1024)
+    assert control_for(11) == base and control_for(12) == base
+    del status["targets"][0]["policy"]
+    assert controls_of_daemon(status, base) is None

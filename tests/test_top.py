@@ -18,7 +18,7 @@ from hugepaged.scan.process import ProcessScan, VmaScan
 from hugepaged.topview import Frame, render_text, rows_of
 
 from .daemon_runner import Daemon, hugepaged_cli, hugepaged_cmd, settled
-from .helpers import Workload, saved_thp
+from .helpers import Workload, pmd_mapped_windows, saved_thp
 from .marks import needs_root, needs_thp, require_tool
 
 S, P, M, N = (ScanResult.SUCCEED, ScanResult.PMD_MAPPED, ScanResult.PMD_NONE,
@@ -189,6 +189,40 @@ def test_top_config_decides_each_process_by_its_target(tmp_path):
         bad = hugepaged_cli("top", "--once", "--socket", sock, "--config",
                             str(tmp_path / "missing.toml"))
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad
+
+
+@pytest.mark.kernel
+@needs_root
+@needs_thp
+def test_top_with_a_daemon_decides_its_processes_by_the_daemons_targets(tmp_path):
+    """Without --config, a process the daemon registered under a target is decided by that
+    target (from status), so its TARGET and COLLAPSIBLE agree; the daemon's own bloat budget
+    of 0 keeps it from collapsing the partly filled windows meanwhile."""
+    regions = [{"name": "a", "windows": 4, "fill": "first:400"}]  # no MADV_HUGEPAGE
+    with saved_thp(enabled="never"), Workload(regions=regions) as a, \
+            Workload(regions=regions) as b:
+        cfg = tmp_path / "hugepaged.toml"
+        cfg.write_text(f'[[target]]\nname = "t"\npid = [{a.pid}]\nenabled = "always"\n'
+                       'max_bloat_mb = 0\n')
+        with Daemon([a.pid, b.pid], sets={"enabled": "madvise"}, config=str(cfg)) as d:
+            d.wait_for(lambda st: settled(st, a.pid) and settled(st, b.pid),
+                       what="both visited and settled")
+            r = hugepaged_cli("top", "--once", "--pid", str(a.pid), "--pid", str(b.pid),
+                              "--socket", d.socket)
+            st = d.status()
+        assert r.returncode == 0, r.stderr
+        assert [t["policy"] for t in st["targets"]] == \
+            [{"enabled": "always", "priority": 0, "max_bloat_mb": 0}]
+        rows = {int(line.split()[0]): line.split() for line in r.stdout.splitlines()
+                if line.split() and line.split()[0] in (str(a.pid), str(b.pid))}
+        # The target's enabled=always: the region's 4 windows (and maybe some of the
+        # interpreter's); the global madvise: none of b's.
+        assert rows[a.pid][2] == "t" and int(rows[a.pid][7]) >= 4
+        assert rows[b.pid][2] == "-" and rows[b.pid][7] == "0"
+        assert st["targets"][0]["results"].get("EXCEED_BLOAT_BUDGET", 0) >= 4
+        r = a.regions["a"]
+        assert pmd_mapped_windows(a.pid, r.start, r.end) == [False] * 4
+        a.verify()
 
 
 @pytest.mark.kernel

@@ -18,6 +18,8 @@ from hugepaged.kernel.procfs import ProcFS
 from hugepaged.policy import CollapseControl
 
 MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
+POLICY_KEYS = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap", "max_ptes_shared",
+               "priority", "max_cpu_percent", "max_bloat_mb")
 # The keys a target shares with the tunables: same names, same ranges, same refusals.
 TUNABLE_KEYS = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
                 "max_ptes_shared", "max_cpu_percent")
@@ -73,6 +75,11 @@ class Target:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
+
+    def policy(self) -> dict[str, object]:
+        """The settings this target gives (its keys other than name and the match keys), as
+        written: what a reader of status needs to decide its processes as the daemon does."""
+        return {k: getattr(self, k) for k in POLICY_KEYS if getattr(self, k) is not None}
 
     def describe(self) -> str:
         """The match keys as written, for status and logs."""
@@ -132,6 +139,20 @@ def controls_by_pid(procfs: ProcFS, control: CollapseControl, targets: list[Targ
             return control
         return control_under(control, first_match(targets, ProcessFacts(procfs, pid, comm)))
     return control_for
+
+
+def controls_of_daemon(status: dict, control: CollapseControl
+                       ) -> Callable[[int], CollapseControl] | None:
+    """pid -> the policy the daemon applies to it, from its status: a registered process's
+    target (status "processes"), with that target's settings (status "targets" "policy");
+    every other process the global policy. None when the status has no policies (a daemon
+    from before they were reported)."""
+    policies = {t["name"]: t.get("policy") for t in status.get("targets", [])}
+    if any(p is None for p in policies.values()):
+        return None
+    targets = {name: Target(name=name, **p) for name, p in policies.items()}
+    by_pid = {p["pid"]: targets.get(p.get("target") or "") for p in status.get("processes", [])}
+    return lambda pid: control_under(control, by_pid.get(pid))
 
 
 def by_name(targets: list[Target], name: str) -> Target | None:

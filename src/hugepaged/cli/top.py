@@ -34,8 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="only this process (repeatable); default: every process")
     p.add_argument("--config", metavar="FILE",
                    help="configuration file: each process's COLLAPSIBLE is decided by the "
-                        "target it matches, as the daemon decides it (default: the global "
-                        "policy for every process)")
+                        "target it matches, as the daemon decides it (default: the target the "
+                        "daemon on --socket applies to each process it registered, else the "
+                        "global policy)")
     add_socket(p)
     add_common(p)
     p.set_defaults(run=run)
@@ -55,7 +56,7 @@ def take_frame(args: argparse.Namespace, kernel, limit: int | None = None):
     mTHP of the `limit` rows shown (all: None) last."""
     status, error = daemon_status(args.socket)
     from hugepaged.scan.process import scan_processes
-    from hugepaged.targets import controls_by_pid
+    from hugepaged.targets import controls_by_pid, controls_of_daemon
     from hugepaged.topview import Frame, rows_of
 
     cfg = getattr(args, "loaded_config", None)  # read once, at start (run)
@@ -63,8 +64,12 @@ def take_frame(args: argparse.Namespace, kernel, limit: int | None = None):
     tunables = tunables_of(args, kernel, *layers)
     pids = args.pid or [p for p in kernel.procfs.pids() if p != os.getpid()]
     t0 = time.monotonic()
-    control_for = controls_by_pid(kernel.procfs, control_of(tunables),
-                                  cfg.targets if cfg else [])
+    # The policy of each process: --config's targets when given; else, attached to a
+    # daemon, the target the daemon applies to it, so a row's TARGET and its COLLAPSIBLE
+    # agree; else the global policy.
+    control = control_of(tunables)
+    control_for = controls_by_pid(kernel.procfs, control, cfg.targets) if cfg else \
+        (controls_of_daemon(status, control) if status else None) or (lambda pid: control)
     scans, skipped = scan_processes(kernel, pids, control_for, explicit=False)
     rows = with_mthp(kernel, rows_of(scans, status), scans, limit)
     return Frame(rows=rows, status=status, daemon_error=error,

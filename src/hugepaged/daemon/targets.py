@@ -100,6 +100,7 @@ def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
             "bloat_limit_kb": t.max_bloat_kb,
             "cpu_seconds": round(st.cpu_seconds, 3) if st else 0.0,
             "max_cpu_percent": t.max_cpu_percent,
+            "policy": t.policy(),
             "results": dict(sorted(st.results.items())) if st else {},
         })
     return out
