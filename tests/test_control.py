@@ -10,6 +10,7 @@ import contextlib
 import grp
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -348,6 +349,9 @@ def test_get_set_status_commands(daemon):
         assert key in st
     r = daemon.cli("status")
     assert r.returncode == 0 and "max_ptes_none" in r.stdout and "pages_collapsed" in r.stdout
+    # the cursor as an operator reads it: where the pass is, or that none runs
+    assert re.search(r"^cursor: (none \(between passes\)|pid \d+ at 0x[0-9a-f]+)$",
+                     r.stdout, re.M), r.stdout
 
 
 # (An empty write never reaches the kernel's store(): write(2) of 0 bytes returns 0.)

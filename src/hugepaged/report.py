@@ -258,7 +258,9 @@ def print_status(st: dict[str, Any]) -> None:
               f"{st['uptime_seconds']:.0f} s, {st['cpu_seconds']:.2f} s CPU, "
               f"{st['registered']} processes registered, "
               f"{st['free_huge_blocks']} free huge pages")
-    out.print(f"cursor: pid {st['cursor']['pid']} at {st['cursor']['address']}")
+    cur = st["cursor"]
+    out.print("cursor: none (between passes)" if cur["pid"] is None
+              else f"cursor: pid {cur['pid']} at {cur['address']}")
     if "madvise_source" in st:
         out.print(f"MADV_HUGEPAGE seen by: {st['madvise_source']}")
     if "referenced_source" in st:
