@@ -387,3 +387,12 @@ def test_process_killed_mid_collapse(thp_never):
     if proc.returncode == 5:
         assert out == "" and len(err.strip().splitlines()) == 1 and str(w.pid) in err, err
     assert mid, "the collapse finished before the target could be killed mid-way"
+
+
+def test_piped_lines_are_never_broken():
+    """Piped, a long line (a "not eligible" list, top's daemon line) stays one line, so
+    scripts that grep it find all of it."""
+    code = ("from hugepaged.report import console\n"
+            "console().print('pid 1 (x): not eligible: ' + ', '.join(['1.0M FILE_BACKED'] * 20))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert len(r.stdout.splitlines()) == 1 and r.stdout.count("FILE_BACKED") == 20, r.stdout

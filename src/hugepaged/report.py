@@ -24,8 +24,10 @@ REFERENCED_KNOWN = ("referenced: from idle page tracking (frames the daemon mark
 
 
 def console() -> Console:
-    """Wide when piped, so tables are not cut for scripts that grep them."""
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    """Wide when piped and lines never broken there, so scripts that grep find whole lines
+    and tables are not cut."""
+    tty = sys.stdout.isatty()
+    return Console(width=None if tty else 160, highlight=False, soft_wrap=not tty)
 
 
 def human_kb(kb: int) -> str:
