@@ -65,6 +65,28 @@ def test_a_reload_logs_one_info_line_per_change_of_target(world, sleepers, caplo
     core.close()
 
 
+def test_a_reload_logs_each_change_of_a_targets_settings(world, sleepers, caplog):  # noqa: F811
+    """An edit that moves no process (a setting, a match key) is confirmed in the log too,
+    one line per change; start-up logs none of them."""
+    (pid,) = sleepers(1)
+    layout(world, pid, comm="java")
+    caplog.set_level(logging.INFO, logger="hugepaged")
+    core = core_with(world, [Target("jvm", comm="java", max_cpu_percent=3),
+                             Target("old", comm="nothing")])
+    core.discover()
+    assert [r for r in caplog.records if getattr(r, "event", None) == "target_changed"] == []
+    core.set_targets([Target("jvm", comm="java", max_cpu_percent=4, enabled="always"),
+                      Target("new", pid=(1,), priority=5)], source="reload")
+    changes = [r.getMessage() for r in caplog.records
+               if getattr(r, "event", None) == "target_changed"]
+    assert changes == ["target jvm: enabled: (global) -> always (reload)",
+                       "target jvm: max_cpu_percent: 3 -> 4 (reload)",
+                       "target new: added (pid=(1,)) (reload)",
+                       "target old: removed (reload)"]
+    assert core.control_for(core.registry.slots[pid]).max_cpu_percent == 4
+    core.close()
+
+
 def test_exec_resolves_the_slot_again(world, sleepers):  # noqa: F811
     (pid,) = sleepers(1)
     p, _ = layout(world, pid, comm="bash")

@@ -31,7 +31,7 @@ from .budget import CpuBudget, ThreadMeter
 from .mthp import MthpSampler
 from .ranges import RangeMemo
 from .registry import RESCAN_MAX, MmSlot, Registry
-from .targets import TargetState, TargetStates
+from .targets import TargetState, TargetStates, target_changes
 from .workers import LANE_WINDOWS, CollapsePool, Job
 
 log = logging.getLogger("hugepaged")
@@ -141,8 +141,13 @@ class Khugepaged:
             for slot in list(self.registry.slots.values()):
                 slot.wake()  # new rules: look at everyone again
 
-    def set_targets(self, targets: list[Target]) -> None:
-        """A new list of targets (start-up, reload): every slot is matched again."""
+    def set_targets(self, targets: list[Target], source: str | None = None) -> None:
+        """A new list of targets (start-up; a reload names its `source` and has each change
+        of a target logged): every slot is matched again."""
+        if source is not None:
+            for change in target_changes(self.targets, targets):
+                log.info("%s (%s)", change, source,
+                         extra={"event": "target_changed", "change": change, "source": source})
         self.targets = list(targets)
         self.target_states.configure(
             [(t.name, t.max_cpu_percent, t.max_bloat_kb) for t in targets], self.clock())

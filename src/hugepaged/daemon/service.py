@@ -136,7 +136,7 @@ class Service:
             log.error("reload refused, configuration kept: %s", err,
                       extra={"event": "reload_refused", "error": str(err)})
             return
-        self.core.set_targets(cfg.targets)
+        self.core.set_targets(cfg.targets, source="reload")
 
     def _apply(self, new: Tunables, source: str) -> None:
         with self.lock:

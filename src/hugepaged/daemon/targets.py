@@ -79,6 +79,25 @@ class TargetStates:
         return iter(self.by_name.values())
 
 
+def target_changes(old: list, new: list) -> list[str]:
+    """What a reload changed in the targets, one phrase each, in the new file's order and
+    then the removed ones: so the log confirms an edit of a target's settings, which moves
+    no process and so has no "targets reloaded" line."""
+    before = {t.name: t for t in old}
+    out = []
+    for t in new:
+        was = before.pop(t.name, None)
+        if was is None:
+            out.append(f"target {t.name}: added ({t.describe()})")
+            continue
+        if was.describe() != t.describe():
+            out.append(f"target {t.name}: match {was.describe()} -> {t.describe()}")
+        a, b = was.policy(), t.policy()
+        out += [f"target {t.name}: {k}: {a.get(k, '(global)')} -> {b.get(k, '(global)')}"
+                for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return out + [f"target {name}: removed" for name in before]
+
+
 def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
     """One record per configured target, in file order, for status, top and metrics:
     its processes, their anonymous memory and THP (as of their last visit), what was
