@@ -108,6 +108,10 @@ def test_not_private_anonymous(perms, path, inode, kind):
         assert ineligible(v, always, False) is None
         assert ineligible(vma(start=BASE + 4096, perms=perms, path=path, inode=inode),
                           always, False) is I.MISALIGNED
+        # Smaller than a huge page, aligned or not: too small (no restart would help).
+        for start in (BASE, BASE + 4096):
+            assert ineligible(vma(start=start, size=2 * MB - 4096, perms=perms,
+                                  path=path, inode=inode), always, False) is I.TOO_SMALL
 
 
 @pytest.mark.parametrize("flag", sorted(SPECIAL_FLAGS))

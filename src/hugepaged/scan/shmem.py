@@ -139,13 +139,18 @@ def shmem_ineligible(vma: Vma, control: CollapseControl, kernel: ShmemModes,
                      geometry: Geometry) -> Ineligible | None:
     """The shared-memory half of thp_vma_allowable_order, in the kernel's order.
 
-    Alignment and size first (thp_vma_suitable_order); then the kernel's own controls with
+    Size and alignment first (thp_vma_suitable_order, which refuses both alike; a VMA smaller
+    than a huge page is TOO_SMALL before it is MISALIGNED); then the kernel's own controls with
     shmem_huge_force, as MADV_COLLAPSE meets them: where they refuse even so (deny, a per-size
     never), no collapse can succeed whatever hugepaged's policy says; then, with khugepaged's
     semantics, hugepaged's shmem_enabled in place of the kernel's global one. The i_size of
     within_size is taken as the end of the mapping (a shared mapping past i_size faults
     SIGBUS, so a mapped range lies within it).
     """
+    # Smaller than one huge page: no alignment could make it fit (and MISALIGNED's advice,
+    # start the application again with shmem huge pages on, would not help).
+    if vma.size < geometry.pmd_size:
+        return Ineligible.TOO_SMALL
     if misaligned(vma.start, vma.offset, geometry.pmd_size):
         return Ineligible.MISALIGNED
     hstart, hend = geometry.aligned(vma.start, vma.end)
