@@ -196,6 +196,31 @@ def test_higher_priority_target_is_covered_first_under_a_small_cpu_cap(tmp_path)
         high.verify()
 
 
+def test_a_target_at_a_small_cpu_share_is_served_as_its_share_returns(tmp_path):
+    """A visit that ran out of its target's share resumes when the share is back: the gaps
+    between collapses stay near the share's refill time (about 1.4 s here), not the 5 s
+    an idle daemon rests (IDLE_MIN), which left such a target a third of its share."""
+    spec = [{"name": "heap", "windows": 24, "fill": "all", "hugepage": True}]
+    with saved_thp(enabled="never"), Workload(regions=spec) as w:
+        cfg = config(tmp_path, f'[[target]]\nname = "t"\npid = [{w.pid}]\n'
+                               'max_cpu_percent = 5\n')
+        seen: list[tuple[float, int]] = []
+        with Daemon(pids=[w.pid], config=cfg,
+                    sets={"enabled": "madvise", "max_cpu_percent": 50}):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 60:
+                n = sum(mapped(w, "heap"))
+                if not seen or n != seen[-1][1]:
+                    seen.append((time.monotonic() - t0, n))
+                if n == 24:
+                    break
+                time.sleep(0.05)
+        assert seen[-1][1] == 24, seen
+        gaps = [b[0] - a[0] for a, b in zip(seen[1:], seen[2:], strict=False)]  # after the 1st
+        assert max(gaps, default=0.0) < 4.0, seen
+        w.verify()
+
+
 # --------------------------------------------------------------------------------------------
 # One-shot: --target, --dry-run's RSS, pacing, why not
 

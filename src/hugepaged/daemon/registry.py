@@ -237,6 +237,10 @@ class Registry:
     def next_due(self) -> float | None:
         return min((s.due for s in self.slots.values()), default=None)
 
+    def next_resume(self) -> float | None:
+        """When the first slot left mid-visit for its target's CPU share is due back."""
+        return min((s.due for s in self.slots.values() if s.resume), default=None)
+
     def close(self) -> None:
         for slot in list(self.slots.values()):
             slot.close()

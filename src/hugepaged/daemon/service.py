@@ -462,4 +462,8 @@ class Service:
         if worked:
             return now + sleep
         due = core.registry.next_due()
-        return max(now + max(sleep, IDLE_MIN), due if due is not None else now + IDLE_MIN)
+        idle = max(now + max(sleep, IDLE_MIN), due if due is not None else now + IDLE_MIN)
+        # A visit that waits for its target's CPU share is taken up when the share is back:
+        # resting IDLE_MIN instead left a target at a few percent a third of what it may use.
+        waiting = core.registry.next_resume()
+        return idle if waiting is None else min(idle, max(now + sleep, waiting))
