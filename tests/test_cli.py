@@ -396,3 +396,18 @@ def test_piped_lines_are_never_broken():
             "console().print('pid 1 (x): not eligible: ' + ', '.join(['1.0M FILE_BACKED'] * 20))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert len(r.stdout.splitlines()) == 1 and r.stdout.count("FILE_BACKED") == 20, r.stdout
+
+
+def test_building_the_command_line_loads_no_heavy_module():
+    """A CLI must start fast: the parser of every subcommand is built (as for --version or
+    --help) without numpy, rich, or the configuration and target modules, which the
+    commands import where they use them."""
+    code = ("import sys\n"
+            "from hugepaged.cli import build_parser\n"
+            "build_parser()\n"
+            "heavy = ('numpy', 'rich', 'hugepaged.config', 'hugepaged.targets', "
+            "'hugepaged.scan', 'hugepaged.daemon.service')\n"
+            "print(sorted({m.split('.')[0] if not m.startswith('hugepaged') else m "
+            "for m in sys.modules if m.startswith(heavy)}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

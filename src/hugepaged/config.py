@@ -5,6 +5,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from hugepaged import paths
 from hugepaged.errors import HugepagedError, InvalidTunable
 from hugepaged.targets import (
     MATCH_KEYS,
@@ -16,8 +17,8 @@ from hugepaged.targets import (
 )
 from hugepaged.tunables import SPECS, UINT_MAX, parse
 
-DEFAULT_PATH = "/etc/hugepaged/hugepaged.toml"
-DEFAULT_SOCKET = "/run/hugepaged/hugepaged.sock"
+DEFAULT_PATH = paths.CONFIG
+DEFAULT_SOCKET = paths.SOCKET
 # A configuration file is a few lines; anything this large is a mistake, refused before it
 # is read (a huge exclude_comm once blocked the daemon for seconds compiling it).
 MAX_FILE_BYTES = 1 << 20

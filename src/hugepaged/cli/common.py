@@ -1,12 +1,15 @@
 """Options and set-up every subcommand shares: kernel roots, --set, --socket, the policy."""
 
 import argparse
+from typing import TYPE_CHECKING
 
-from hugepaged.config import DEFAULT_SOCKET, ConfigError, check_socket_path
 from hugepaged.errors import UsageError
-from hugepaged.kernel import Kernel
-from hugepaged.policy import CollapseControl
+from hugepaged.paths import SOCKET as DEFAULT_SOCKET
 from hugepaged.tunables import SPECS, Tunables, parse_assignments, resolve
+
+if TYPE_CHECKING:  # imported where used: building the parser must not load them
+    from hugepaged.kernel import Kernel
+    from hugepaged.policy import CollapseControl
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -24,18 +27,20 @@ def add_socket(p: argparse.ArgumentParser) -> None:
                    help=f"control socket (default {DEFAULT_SOCKET})")
 
 
-def kernel_of(args: argparse.Namespace) -> Kernel:
+def kernel_of(args: argparse.Namespace) -> "Kernel":
+    from hugepaged.kernel import Kernel
+
     return Kernel(proc_root=args.proc_root, sys_root=args.sys_root,
                   page_idle_path=getattr(args, "page_idle", ""))
 
 
-def tunables_of(args: argparse.Namespace, kernel: Kernel, *layers: dict) -> Tunables:
+def tunables_of(args: argparse.Namespace, kernel: "Kernel", *layers: dict) -> Tunables:
     """Defaults < the kernel's current values < config layers < --set; checked first."""
     assigned = parse_assignments(args.assignments)
     return resolve(kernel.thp.current(), *layers, assigned)
 
 
-def check_pids(kernel: Kernel, pids: list[int]) -> list[int]:
+def check_pids(kernel: "Kernel", pids: list[int]) -> list[int]:
     """--pid values a process can have: 1 .. pid_max-1 (the kernel's bound, read live)."""
     top = kernel.procfs.pid_max()
     for pid in pids:
@@ -46,14 +51,18 @@ def check_pids(kernel: Kernel, pids: list[int]) -> list[int]:
 
 def check_socket(path: str) -> str:
     """--socket PATH: a path a client can reach (an empty one would bind an abstract socket)."""
+    from hugepaged.config import ConfigError, check_socket_path
+
     try:
         return check_socket_path(path, "--socket")
     except ConfigError as err:
         raise UsageError(str(err)) from None
 
 
-def control_of(tunables: Tunables, force: bool = False) -> CollapseControl:
+def control_of(tunables: Tunables, force: bool = False) -> "CollapseControl":
     """The policy of a one-shot command: the global one (MADV_COLLAPSE's with --force)."""
+    from hugepaged.policy import CollapseControl
+
     return CollapseControl.from_tunables(tunables, force=force)
 
 
@@ -65,7 +74,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                    help="apply this target's policy (from the configuration file) once")
 
 
-def policy_of(args: argparse.Namespace, kernel: Kernel, force: bool = False):
+def policy_of(args: argparse.Namespace, kernel: "Kernel", force: bool = False):
     """(tunables, control_for, target) of a one-shot command. control_for(pid) is one
     process's policy: with --target that target's over the global one; with --config alone
     the first target the process matches, as the daemon resolves it; else the global one.

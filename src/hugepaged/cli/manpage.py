@@ -5,8 +5,9 @@ import re
 import sys
 
 from hugepaged import errors
-from hugepaged.config import DEFAULT_PATH, DEFAULT_SOCKET
-from hugepaged.daemon.kernel_quiet import STATE_FILE
+from hugepaged.paths import CONFIG as DEFAULT_PATH
+from hugepaged.paths import SOCKET as DEFAULT_SOCKET
+from hugepaged.paths import STATE_FILE
 from hugepaged.tunables import SPECS
 
 SUMMARY = "collapse anonymous memory into transparent huge pages (khugepaged in userspace)"
@@ -34,6 +35,8 @@ def _words(name: str) -> str:
 
 
 def _error_classes(base: type = errors.HugepagedError) -> list[type]:
+    import hugepaged.config  # noqa: F401  (defines ConfigError; not loaded by the parser)
+
     out = [base]
     for sub in base.__subclasses__():
         out.extend(_error_classes(sub))

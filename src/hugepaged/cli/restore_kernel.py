@@ -3,7 +3,7 @@
 import argparse
 
 from hugepaged.cli.common import kernel_of
-from hugepaged.daemon.kernel_quiet import STATE_FILE, KernelQuieter
+from hugepaged.paths import STATE_FILE
 from hugepaged.preflight import require_root
 
 
@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_root()
+    from hugepaged.daemon.kernel_quiet import KernelQuieter
+
     quieter = KernelQuieter(kernel_of(args).thp, args.state_file)
     restored = quieter.recover()
     if not restored and getattr(quieter, "holder", None) is not None:

@@ -3,8 +3,8 @@
 import argparse
 
 from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
-from hugepaged.config import DEFAULT_PATH
-from hugepaged.daemon.kernel_quiet import STATE_FILE
+from hugepaged.paths import CONFIG as DEFAULT_PATH
+from hugepaged.paths import STATE_FILE
 from hugepaged.tunables import parse_assignments
 
 

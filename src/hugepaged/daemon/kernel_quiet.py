@@ -12,12 +12,13 @@ import contextlib
 import logging
 import os
 
+from hugepaged import paths
 from hugepaged.errors import AlreadyRunning
 from hugepaged.kernel.limits import LockHeld, try_lock
 from hugepaged.kernel.sysfs import ThpSysfs
 
 log = logging.getLogger("hugepaged")
-STATE_FILE = "/run/hugepaged/kernel-khugepaged.json"
+STATE_FILE = paths.STATE_FILE
 # One window per pass, one pass per ~49 days: the thread stays, its scanning stops.
 QUIET = {"pages_to_scan": 1, "scan_sleep_millisecs": 2**32 - 1}
 
