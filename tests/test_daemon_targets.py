@@ -229,3 +229,25 @@ def test_a_targets_cpu_share_leaves_its_slot_and_the_pass_goes_on(world, sleeper
     assert sum(1 for p, _ in world.collapses if p == a) == 4  # resumed: every window once
     assert len({x for x in world.collapses if x[0] == a}) == 4
     core.close()
+
+
+def test_a_slot_waiting_for_its_share_keeps_the_global_cap_busy(world, sleepers):  # noqa: F811
+    """While a visit waits for its target's share the daemon is not idle: the global bucket
+    keeps filling, so that when the share is back the visit is limited by the share, not by
+    a global bucket emptied meanwhile (that left one collapse, then the global bucket's whole
+    refill as a rest, after every wait)."""
+    (a,) = sleepers(1)
+    layout(world, a, windows=8)
+    core = core_with(world, [Target("capped", pid=(a,), max_cpu_percent=2)])
+    core.set_tunables(core.tunables.with_values({"max_cpu_percent": 50}))
+    core.discover()
+    core.target_states.get("capped").budget.tokens = -0.01  # over its share
+    core.do_scan()  # the visit leaves for the share
+    assert core.registry.slots[a].resume
+    world.clock.now += 0.2
+    core.do_scan()  # nothing due: the slot still waits for its share
+    assert not core.budget.idle_now
+    world.clock.now += 1.0
+    core.budget.allows(world.clock.now)
+    assert core.budget.tokens > 0.4  # the global bucket filled meanwhile (0.5 a second)
+    core.close()

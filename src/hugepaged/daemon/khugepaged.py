@@ -338,9 +338,13 @@ class Khugepaged:
         except Stop:
             worked = stopped = True
         # A pass that tried no collapse and left none waiting is idle: the CPU cap saves no
-        # credit up for later (daemon/budget.py).
+        # credit up for later (daemon/budget.py). A visit held for its target's share is
+        # work waiting: were the global bucket emptied meanwhile, its first collapse back
+        # would go on credit and the next wait for the whole bucket (a second's rest after
+        # every single collapse, whatever the target's share).
         busy = stopped or self.queue_stalled or (self.pool is not None and self.pool.lanes) \
-            or self.counters.collapse_attempts + self.handed != before
+            or self.counters.collapse_attempts + self.handed != before \
+            or self.registry.next_resume() is not None
         (self.budget.busy if busy else self.budget.idle)(self.clock())
         return worked
 
