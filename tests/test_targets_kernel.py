@@ -205,8 +205,9 @@ def test_a_target_at_a_small_cpu_share_is_served_as_its_share_returns(tmp_path):
         cfg = config(tmp_path, f'[[target]]\nname = "t"\npid = [{w.pid}]\n'
                                'max_cpu_percent = 5\n')
         seen: list[tuple[float, int]] = []
+        states: set[str] = set()
         with Daemon(pids=[w.pid], config=cfg,
-                    sets={"enabled": "madvise", "max_cpu_percent": 50}):
+                    sets={"enabled": "madvise", "max_cpu_percent": 50}) as d:
             t0 = time.monotonic()
             while time.monotonic() - t0 < 60:
                 n = sum(mapped(w, "heap"))
@@ -214,8 +215,11 @@ def test_a_target_at_a_small_cpu_share_is_served_as_its_share_returns(tmp_path):
                     seen.append((time.monotonic() - t0, n))
                 if n == 24:
                     break
+                if n:  # under way: resting for the share is being capped, never idle
+                    states.add(d.status()["state"])
                 time.sleep(0.05)
         assert seen[-1][1] == 24, seen
+        assert "cpu-capped" in states and "idle" not in states, states
         gaps = [b[0] - a[0] for a, b in zip(seen[1:], seen[2:], strict=False)]  # after the 1st
         assert max(gaps, default=0.0) < 4.0, seen
         w.verify()

@@ -238,8 +238,9 @@ class Registry:
         return min((s.due for s in self.slots.values()), default=None)
 
     def next_resume(self) -> float | None:
-        """When the first slot left mid-visit for its target's CPU share is due back."""
-        return min((s.due for s in self.slots.values() if s.resume), default=None)
+        """When the first slot left mid-visit for its target's CPU share is due back (the
+        control thread asks too: the values are copied first, in one call)."""
+        return min((s.due for s in list(self.slots.values()) if s.resume), default=None)
 
     def close(self) -> None:
         for slot in list(self.slots.values()):

@@ -200,8 +200,10 @@ class Service:
             return "alloc-backoff"
         if now < self.core.cpu_wait_until:
             return "cpu-capped"
-        return "scanning" if self.next_pass <= now + self.tunables.scan_sleep_millisecs / 1e3 \
-            else "idle"
+        if self.next_pass <= now + self.tunables.scan_sleep_millisecs / 1e3:
+            return "scanning"
+        # Resting while a visit waits for its target's CPU share is being capped, not idle.
+        return "cpu-capped" if self.core.registry.next_resume() is not None else "idle"
 
     def status(self) -> dict[str, Any]:
         """Built on the control thread while the loop runs: every container the loop changes
