@@ -18,11 +18,11 @@ from hugepaged.kernel.procfs import ProcFS
 from hugepaged.policy import CollapseControl
 
 MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
-POLICY_KEYS = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap", "max_ptes_shared",
-               "priority", "max_cpu_percent", "max_bloat_mb")
 # The keys a target shares with the tunables: same names, same ranges, same refusals.
 TUNABLE_KEYS = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
                 "max_ptes_shared", "max_cpu_percent")
+# Every setting a target may give: what is not its name or a match key.
+POLICY_KEYS = (*TUNABLE_KEYS, "priority", "max_bloat_mb")
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 PRIORITY_RANGE = (-1000, 1000)
 MAX_TARGETS = 64  # each is a label value in the metrics: bounded
@@ -70,9 +70,8 @@ class Target:
         out: dict[str, object] = {"target": self.name, "priority": self.priority,
                                   "max_cpu_percent": self.max_cpu_percent or None,
                                   "max_bloat_kb": self.max_bloat_kb}
-        for key in ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
-                    "max_ptes_shared"):
-            if getattr(self, key) is not None:
+        for key in TUNABLE_KEYS:
+            if key != "max_cpu_percent" and getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
 
