@@ -73,24 +73,25 @@ def test_four_quiet_processes_advised_together_are_all_covered_quickly(workers):
 def test_madvise_registers_an_unknown_process_and_prctl_is_recorded():
     kernel = Kernel()
     core = Khugepaged(kernel, Tunables())
+    m = core.membership
     try:
         with Workload(regions=REGION) as w:
             assert w.pid not in core.registry
-            due = on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE), 100.0)
+            due = on_syscall(m, SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE), 100.0)
             slot = core.registry.slots[w.pid]
             assert due == slot.due and 100.0 < due < 100.1 and slot.settled_for == 0
             slot.settle(200.0)
             slot.visit = (True, [])
-            assert on_syscall(core, SyscallEvent("prctl", w.pid, w.pid, PR_SET_THP_DISABLE, 1),
+            assert on_syscall(m, SyscallEvent("prctl", w.pid, w.pid, PR_SET_THP_DISABLE, 1),
                               300.0) is None
             assert slot.visit is None and slot.settled_for > 0  # disabled: nothing to wake for
-            due = on_syscall(core, SyscallEvent("prctl", w.pid, w.pid, PR_SET_THP_DISABLE, 0),
+            due = on_syscall(m, SyscallEvent("prctl", w.pid, w.pid, PR_SET_THP_DISABLE, 0),
                              300.0)
             assert due is not None and slot.settled_for == 0
             # Another advice value or a process that is gone changes nothing.
-            assert on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, 4), 300.0) is None
+            assert on_syscall(m, SyscallEvent("madvise", w.pid, w.pid, 4), 300.0) is None
         core.exit(w.pid)
-        assert on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE),
+        assert on_syscall(m, SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE),
                           400.0) is None  # exited before its record was read: not registered
         assert w.pid not in core.registry
     finally:
@@ -100,21 +101,22 @@ def test_madvise_registers_an_unknown_process_and_prctl_is_recorded():
 def test_madvise_with_its_range_is_applied_at_once_and_nohugepage_forgets_the_map():
     kernel = Kernel()
     core = Khugepaged(kernel, Tunables())
+    m = core.membership
     try:
         with Workload(regions=REGION) as w:
             r = w.regions["heap"]
             ev = SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE, start=r.start,
                               length=r.end - r.start - 100)  # rounded up to a page
-            assert on_syscall(core, ev, 100.0) == 100.0  # no wait for the call to land
+            assert on_syscall(m, ev, 100.0) == 100.0  # no wait for the call to land
             slot = core.registry.slots[w.pid]
             assert slot.advice == [(r.start, r.end)]
             # An unaligned start is refused by madvise: nothing to apply, the old wait.
             bad = SyscallEvent("madvise", w.pid, w.pid, MADV_HUGEPAGE, start=r.start + 1,
                                length=4096)
-            assert on_syscall(core, bad, 200.0) == pytest.approx(200.005)
+            assert on_syscall(m, bad, 200.0) == pytest.approx(200.005)
             assert slot.advice == [(r.start, r.end)]
             slot.last_map = ((), True, [])
-            assert on_syscall(core, SyscallEvent("madvise", w.pid, w.pid, MADV_NOHUGEPAGE,
+            assert on_syscall(m, SyscallEvent("madvise", w.pid, w.pid, MADV_NOHUGEPAGE,
                                                  start=r.start, length=4096), 300.0) is None
             assert slot.last_map is None and slot.advice == []
     finally:

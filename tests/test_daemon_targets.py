@@ -31,21 +31,21 @@ def test_each_slot_gets_its_targets_policy_and_the_rest_the_global_one(world, sl
                              Target("jvm", comm="java", max_cpu_percent=3),
                              Target("late", comm="redis")])  # first match wins
     core.discover()
-    ca, cb, cc = (core.control_for(core.registry.slots[p]) for p in (a, b, c))
+    ca, cb, cc = (core.membership.control_for(core.registry.slots[p]) for p in (a, b, c))
     assert (ca.target, ca.enabled, ca.max_ptes_none, ca.priority, ca.max_bloat_kb) == (
         "redis", "always", 64, 10, 8192)
-    assert (ca.max_ptes_swap, ca.max_ptes_shared) == (core.control.max_ptes_swap,
-                                                      core.control.max_ptes_shared)
+    assert (ca.max_ptes_swap, ca.max_ptes_shared) == (core.membership.control.max_ptes_swap,
+                                                      core.membership.control.max_ptes_shared)
     assert (cb.target, cb.enabled, cb.max_cpu_percent) == ("jvm", "madvise", 3)
-    assert cc == core.control and cc.target is None
+    assert cc == core.membership.control and cc.target is None
     # A change of the global tunables reaches the targets' policies where they set nothing.
     core.set_tunables(core.tunables.with_values({"max_ptes_swap": 7}))
-    assert core.control_for(core.registry.slots[a]).max_ptes_swap == 7
-    assert core.control_for(core.registry.slots[a]).max_ptes_none == 64
+    assert core.membership.control_for(core.registry.slots[a]).max_ptes_swap == 7
+    assert core.membership.control_for(core.registry.slots[a]).max_ptes_none == 64
     # Reload: matched again, everyone woken.
     core.set_targets([Target("jvm", comm="java", enabled="never")])
-    assert core.control_for(core.registry.slots[a]) == core.control
-    assert core.control_for(core.registry.slots[b]).enabled == "never"
+    assert core.membership.control_for(core.registry.slots[a]) == core.membership.control
+    assert core.membership.control_for(core.registry.slots[b]).enabled == "never"
     core.close()
 
 
@@ -83,7 +83,7 @@ def test_a_reload_logs_each_change_of_a_targets_settings(world, sleepers, caplog
                        "target jvm: max_cpu_percent: 3 -> 4 (reload)",
                        "target new: added (pid=(1,)) (reload)",
                        "target old: removed (reload)"]
-    assert core.control_for(core.registry.slots[pid]).max_cpu_percent == 4
+    assert core.membership.control_for(core.registry.slots[pid]).max_cpu_percent == 4
     core.close()
 
 
@@ -93,10 +93,10 @@ def test_exec_resolves_the_slot_again(world, sleepers):  # noqa: F811
     core = core_with(world, [Target("redis", comm="^redis-server$", enabled="always")])
     core.discover()
     slot = core.registry.slots[pid]
-    assert core.control_for(slot).target is None
+    assert core.membership.control_for(slot).target is None
     p.comm = "redis-server"  # what exec does to /proc/PID/stat
-    core.on_exec(pid)
-    assert slot.comm == "redis-server" and core.control_for(slot).target == "redis"
+    core.membership.on_exec(pid)
+    assert slot.comm == "redis-server" and core.membership.control_for(slot).target == "redis"
     core.close()
 
 
@@ -148,12 +148,12 @@ def test_a_due_higher_priority_slot_comes_before_the_next_lower_one(world, sleep
     core.discover()
     hs = core.registry.slots[high]
     hs.due = world.clock.now + 100  # not due at first: the low ones are visited
-    core.tunables = core.tunables.with_values({"pages_to_scan": 4 * NR})
+    core.set_tunables(core.tunables.with_values({"pages_to_scan": 4 * NR}))
     core.do_scan()  # low1's windows, and the pass stops
     assert {p for p, _ in world.collapses} == {low1}
     hs.due = 0.0  # e.g. an exec woke it
     world.collapses.clear()
-    core.tunables = core.tunables.with_values({"pages_to_scan": 100 * NR})
+    core.set_tunables(core.tunables.with_values({"pages_to_scan": 100 * NR}))
     core.do_scan()
     seen = []
     for pid, _ in world.collapses:
@@ -175,7 +175,7 @@ def test_bloat_budget_stops_sparse_windows_and_full_ones_still_collapse(world, s
     done = {a for _, a in world.collapses}
     assert len(done & set(sparse)) == 3  # 3 MiB: the budget
     assert set(range(hg.start, hg.end, HP)) - set(sparse) <= done  # full ones: all
-    state = core.target_states.get("b")
+    state = core.membership.target_states.get("b")
     assert state.bloat_used_kb == 3 * 1024
     assert state.results["EXCEED_BLOAT_BUDGET"] == 3
     assert core.counters.results[ScanResult.EXCEED_BLOAT_BUDGET.name] == 3
@@ -192,23 +192,23 @@ def test_a_reload_moves_a_process_bloat_to_its_new_target(world, sleepers):  # n
     core = core_with(world, [Target("a", pid=(pid,), max_bloat_mb=2)])
     core.discover()
     core.do_scan()
-    assert core.target_states.get("a").bloat_used_kb == 2 * 1024
+    assert core.membership.target_states.get("a").bloat_used_kb == 2 * 1024
     # Reload: the process now matches "b"; the 2 MiB its collapses added go with it, and "a"
     # (kept, matching no one) has nothing charged any more.
     core.set_targets([Target("a", pid=(1,), max_bloat_mb=2),
                       Target("b", pid=(pid,), max_bloat_mb=3)])
-    assert core.target_states.get("a").bloat_used_kb == 0
-    assert core.target_states.get("b").bloat_used_kb == 2 * 1024
+    assert core.membership.target_states.get("a").bloat_used_kb == 0
+    assert core.membership.target_states.get("b").bloat_used_kb == 2 * 1024
     before = len(world.collapses)
     core.registry.slots[pid].wake()
     core.do_scan()
     assert len(world.collapses) - before == 1  # 1 MiB left in b's budget
-    assert core.target_states.get("b").bloat_used_kb == 3 * 1024
+    assert core.membership.target_states.get("b").bloat_used_kb == 3 * 1024
     # Back to the global policy (no budget), then to "b" again: still counted.
     core.set_targets([Target("b", pid=(1,), max_bloat_mb=3)])
-    assert core.target_states.get("b").bloat_used_kb == 0
+    assert core.membership.target_states.get("b").bloat_used_kb == 0
     core.set_targets([Target("b", pid=(pid,), max_bloat_mb=3)])
-    assert core.target_states.get("b").bloat_used_kb == 3 * 1024
+    assert core.membership.target_states.get("b").bloat_used_kb == 3 * 1024
     core.close()
 
 
@@ -218,7 +218,7 @@ def test_a_targets_cpu_share_leaves_its_slot_and_the_pass_goes_on(world, sleeper
     layout(world, b, windows=4)
     core = core_with(world, [Target("capped", pid=(a,), max_cpu_percent=2)])
     core.discover()
-    state = core.target_states.get("capped")
+    state = core.membership.target_states.get("capped")
     state.budget.tokens = -0.01  # over its share
     core.do_scan()
     assert {p for p, _ in world.collapses} == {b}  # a waits, b goes ahead
@@ -241,13 +241,13 @@ def test_a_slot_waiting_for_its_share_keeps_the_global_cap_busy(world, sleepers)
     core = core_with(world, [Target("capped", pid=(a,), max_cpu_percent=2)])
     core.set_tunables(core.tunables.with_values({"max_cpu_percent": 50}))
     core.discover()
-    core.target_states.get("capped").budget.tokens = -0.01  # over its share
+    core.membership.target_states.get("capped").budget.tokens = -0.01  # over its share
     core.do_scan()  # the visit leaves for the share
     assert core.registry.slots[a].resume
     world.clock.now += 0.2
     core.do_scan()  # nothing due: the slot still waits for its share
-    assert not core.budget.idle_now
+    assert not core.collapser.budget.idle_now
     world.clock.now += 1.0
-    core.budget.allows(world.clock.now)
-    assert core.budget.tokens > 0.4  # the global bucket filled meanwhile (0.5 a second)
+    core.collapser.budget.allows(world.clock.now)
+    assert core.collapser.budget.tokens > 0.4  # the global bucket filled meanwhile (0.5 a second)
     core.close()

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
 from hugepaged.kernel.kpageflags import (
     KPF_ANON,
     KPF_COMPOUND_HEAD,
@@ -28,9 +29,9 @@ from hugepaged.kernel.pagemap import (
     PM_UFFD_WP,
 )
 from hugepaged.results import ScanResult as R
-from hugepaged.scan.decide import HPAGE_PMD_NR, Limits, Verdicts, decide
+from hugepaged.scan.decide import Limits, Verdicts, decide
 
-N = HPAGE_PMD_NR
+N = DEFAULT_GEOMETRY.pmd_nr
 KPF_UPTODATE = 1 << 3
 KPF_DIRTY = 1 << 4
 KPF_MMAP = 1 << 11

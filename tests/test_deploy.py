@@ -160,15 +160,16 @@ def test_alert_rules_use_metrics_that_exist():
     from prometheus_client import generate_latest
 
     from hugepaged.config import DaemonOptions
-    from hugepaged.daemon.khugepaged import Counters
+    from hugepaged.daemon.counters import Counters
     from hugepaged.daemon.registry import Registry
     from hugepaged.daemon.targets import TargetStates
     from hugepaged.kernel import Kernel
     from hugepaged.metrics import build_registry
     from hugepaged.tunables import Tunables
 
+    members = SimpleNamespace(targets=[], target_states=TargetStates())
     svc = SimpleNamespace(core=SimpleNamespace(counters=Counters(), registry=Registry(),
-                                               targets=[], target_states=TargetStates()),
+                                               membership=members),
                           kernel=Kernel(), tunables=Tunables(), options=DaemonOptions(),
                           state=lambda: "idle")
     exposed = set(re.findall(r"^# TYPE (\S+) (\S+)", generate_latest(build_registry(svc))

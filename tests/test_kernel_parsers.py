@@ -15,13 +15,7 @@ from hugepaged.kernel.geometry import Geometry, read_geometry
 from hugepaged.kernel.kpageflags import SPAN_GAP, KPageFlags
 from hugepaged.kernel.pagemap import PAGE_IS_HUGE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from hugepaged.kernel.procfs import ProcFS, Vma, mapped_at, parse_smaps
-from hugepaged.kernel.sysfs import (
-    KHUGEPAGED_COUNTERS,
-    KHUGEPAGED_KNOBS,
-    MmStats,
-    ThpSysfs,
-    free_huge_blocks,
-)
+from hugepaged.kernel.sysfs import MmStats, ThpSysfs, free_huge_blocks
 from hugepaged.scan.anon import _runs, window_masks
 
 MB = 1 << 20
@@ -291,11 +285,18 @@ def sysroot(tmp_path):
              "max_ptes_shared": 256, "defrag": 1, "pages_collapsed": 12, "full_scans": 3}
     for name, value in knobs.items():
         (thp / "khugepaged" / name).write_text(f"{value}\n")
+        if name in COUNTERS:  # read-only in sysfs: that is how the kernel tells them apart
+            (thp / "khugepaged" / name).chmod(0o444)
     return tmp_path
 
 
+KNOBS = ("pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs", "max_ptes_none",
+         "max_ptes_swap", "max_ptes_shared", "defrag")
+COUNTERS = ("pages_collapsed", "full_scans")
+
+
 def _file(root, name: str) -> str:
-    sub = "khugepaged/" if name in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS else ""
+    sub = "khugepaged/" if name in KNOBS + COUNTERS else ""
     return (root / "kernel/mm/transparent_hugepage" / f"{sub}{name}").read_text()
 
 

@@ -127,9 +127,10 @@ def test_backoff_records(json_log):
     kernel = Kernel()
     core = Khugepaged(kernel, Tunables(alloc_sleep_millisecs=60000))
     try:
-        core._back_off(SimpleNamespace(pid=1234), 0x7F0000200000, "huge page allocation failed")
+        core.collapser.back_off(SimpleNamespace(pid=1234), 0x7F0000200000,
+                                "huge page allocation failed")
         kernel.mm.free_huge_blocks = lambda nodes=None: 1  # a 2 MiB block is free again
-        assert core.end_backoff_if_free()
+        assert core.collapser.end_backoff_if_free()
     finally:
         core.close()
     first, second = json_lines(json_log.getvalue())

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hugepaged.collapse import CollapseOutcome
 from hugepaged.config import DaemonOptions
-from hugepaged.daemon.khugepaged import LATENCY_BUCKETS, Counters
+from hugepaged.daemon.counters import LATENCY_BUCKETS, Counters
 from hugepaged.daemon.registry import Registry
 from hugepaged.daemon.targets import TargetStates
 from hugepaged.errors import UsageError
@@ -58,8 +58,8 @@ def test_parse_listen_refuses(spec):
 
 def fake_service(counters: Counters, top: int = 0):
     """What the collector reads of a Service, with real Counters and Registry."""
-    core = SimpleNamespace(counters=counters, registry=Registry(), targets=[],
-                           target_states=TargetStates())
+    core = SimpleNamespace(counters=counters, registry=Registry(),
+                           membership=SimpleNamespace(targets=[], target_states=TargetStates()))
     return SimpleNamespace(core=core, kernel=Kernel(), tunables=Tunables(),
                            options=DaemonOptions(metrics_top_processes=top),
                            state=lambda: "idle")

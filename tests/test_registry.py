@@ -20,10 +20,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hugepaged.collapse import CollapseOutcome, result_of_errno
-from hugepaged.daemon import khugepaged as khp
+from hugepaged.collapse import MAX_BATCH, CollapseOutcome, CpuBudget, result_of_errno
+from hugepaged.collapse import path as collapse_path
 from hugepaged.daemon import workers
-from hugepaged.daemon.budget import CpuBudget
 from hugepaged.daemon.khugepaged import Khugepaged
 from hugepaged.daemon.registry import RESCAN_MAX, RESCAN_MIN, SETTLE_MAX, SETTLE_MIN, Registry
 from hugepaged.errors import ProcessGone
@@ -246,7 +245,6 @@ def world(monkeypatch):
         p.huge.add(address)
         return CollapseOutcome(address, ScanResult.SUCCEED, 0, 0.0001)
 
-    monkeypatch.setattr(khp, "ProcessScanner", FakeScanner)
     def fake_run(pidfd, pid, addresses, size, redecide):
         out = []  # as collapse_run: stops after an allocation failure, and a process gone
         for a in addresses:  # part-way ends the run with what was done
@@ -260,13 +258,13 @@ def world(monkeypatch):
                 break
         return out
 
-    monkeypatch.setattr(khp, "collapse_run", fake_run)
-    monkeypatch.setattr(workers, "collapse_run", fake_run)
+    monkeypatch.setattr(collapse_path, "collapse_run", fake_run)  # the one collapse path
 
     def make_core(**tunables) -> Khugepaged:
         t = Tunables(enabled="madvise", max_cpu_percent=0, **tunables)
         # The fake world's own CPU is not the daemon's: only what a test sets is charged.
         core = Khugepaged(kernel, t, clock=clock, cpu_clock=lambda: 0.0)
+        core.scan.scanner = FakeScanner
         return core
 
     return SimpleNamespace(kernel=kernel, clock=clock, collapses=collapses,
@@ -378,10 +376,10 @@ def test_discover_registers_user_processes_only(world, sleepers):
     world.kernel.procfs.procs[os.getpid()] = FakeProcess("hugepaged", [])
     core = world.make_core()
     import re
-    core.exclude_comm = re.compile(r"excluded-.*")
+    core.membership.exclude_comm = re.compile(r"excluded-.*")
     core.discover()
     assert list(core.registry.slots) == [a]
-    assert kt in core.kthreads
+    assert kt in core.membership.kthreads
     world.kernel.procfs.procs[a].gone = True  # gone from /proc: the walk drops it
     core.discover()
     assert len(core.registry) == 0
@@ -393,7 +391,7 @@ def test_targeted_mode_registers_only_the_given_pids(world, sleepers):
     layout(world, a)
     layout(world, b)
     core = world.make_core()
-    core.only_pids = {b}
+    core.membership.only_pids = {b}
     core.discover()
     assert list(core.registry.slots) == [b]
     assert core.enter(a) is None
@@ -597,7 +595,7 @@ def test_alloc_failure_backs_off_and_resumes_at_the_same_window(world, sleepers)
     bad = hg.start + HP
     world.behaviour["fail"][bad] = ScanResult.ALLOC_HUGE_PAGE_FAIL
     assert core.do_scan()
-    assert core.backoff_until == world.clock.now + 60.0
+    assert core.collapser.backoff_until == world.clock.now + 60.0
     assert core.counters.alloc_backoffs == 1
     assert core.counters.collapse_failures == {"ENOMEM": 1}
     assert (core.registry.cursor.pid, core.registry.cursor.address) == (pid, bad)
@@ -607,7 +605,7 @@ def test_alloc_failure_backs_off_and_resumes_at_the_same_window(world, sleepers)
     core.do_scan()
     assert len(world.collapses) == n
     # Over: the pass goes on at that very window.
-    world.clock.now = core.backoff_until
+    world.clock.now = core.collapser.backoff_until
     core.do_scan()
     assert world.collapses[n] == (pid, bad)
     assert core.counters.pages_collapsed == 4
@@ -623,16 +621,16 @@ def test_workers_collapse_every_window_and_count_each_once(world, sleepers):
     core = world.make_core(pages_to_scan=65536, collapse_workers=2)
     core.discover()
     core.do_scan()
-    assert core.pool is not None and core.pool.lanes  # handed over, not all counted yet
+    assert core.lanes.pool is not None and core.lanes.pool.lanes  # handed over, not all counted yet
     # A lane holds LANE_WINDOWS at most: the first pass left each process part-way and went
     # on to the next, so every process has work queued.
-    assert set(core.pool.lanes) == set(pids) and core.queue_stalled
+    assert set(core.lanes.pool.lanes) == set(pids) and core.lanes.stalled
     deadline = time.monotonic() + 10
     total = sum((hg.end - hg.start) // HP for hg in hgs)
-    while core.pool.lanes or core.counters.pages_collapsed < total:
+    while core.lanes.pool.lanes or core.counters.pages_collapsed < total:
         assert time.monotonic() < deadline
-        core.reap()
-        if core.queue_stalled or not core.pool.lanes:
+        core.lanes.reap()
+        if core.lanes.stalled or not core.lanes.pool.lanes:
             core.do_scan()  # resumes where each process was left
         time.sleep(0.001)
     want = {(pid, a) for pid, hg in zip(pids, hgs, strict=True)
@@ -641,7 +639,7 @@ def test_workers_collapse_every_window_and_count_each_once(world, sleepers):
     assert core.counters.pages_collapsed == len(want) == core.counters.results["SUCCEED"]
     assert core.counters.collapse_attempts == len(want)
     core.do_scan()  # everything is PMD_MAPPED now: nothing is collapsed twice
-    core.reap()
+    core.lanes.reap()
     assert len(world.collapses) == len(want)
     core.close()
 
@@ -659,7 +657,7 @@ def test_uncapped_workers_start_their_lanes_next_batch_without_the_loop(world, s
         core.set_tunables(core.tunables.with_values({"max_cpu_percent": cap}))
     core.discover()
     core.do_scan()  # hands windows over; then the loop does nothing more
-    handed = core.handed
+    handed = core.lanes.handed
     deadline = time.monotonic() + (0.3 if cap else 5)
     while len(world.collapses) < handed and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -667,7 +665,7 @@ def test_uncapped_workers_start_their_lanes_next_batch_without_the_loop(world, s
         assert 0 < len(world.collapses) < handed  # the loop must start the next batches
     else:
         assert len(world.collapses) == handed > 2 * 16  # more than one batch a lane
-    core.reap()
+    core.lanes.reap()
     core.close()
 
 
@@ -718,14 +716,14 @@ def test_backoff_ends_when_buddyinfo_shows_a_free_huge_block(tmp_path, world, sl
     core.discover()
     world.behaviour["fail"][hg.start] = ScanResult.ALLOC_HUGE_PAGE_FAIL
     core.do_scan()
-    assert core.backoff_until > world.clock.now
-    assert not core.end_backoff_if_free()  # orders 0..8 only: no 2 MiB block
-    assert core.backoff_until > world.clock.now
+    assert core.collapser.backoff_until > world.clock.now
+    assert not core.collapser.end_backoff_if_free()  # orders 0..8 only: no 2 MiB block
+    assert core.collapser.backoff_until > world.clock.now
     buddy.write_text(BUDDY_NONE.replace("2      1      0      0\n", "2      1      1      0\n"))
     assert world.kernel.mm.free_huge_blocks() == 1
-    assert core.end_backoff_if_free()
-    assert core.backoff_until == 0.0
-    assert not core.end_backoff_if_free()  # nothing to end
+    assert core.collapser.end_backoff_if_free()
+    assert core.collapser.backoff_until == 0.0
+    assert not core.collapser.end_backoff_if_free()  # nothing to end
     core.close()
 
 
@@ -741,9 +739,9 @@ def test_defrag_0_collapses_only_while_a_free_block_exists(world, sleepers):
     core.discover()
     world.kernel.mm.free = 0
     core.do_scan()
-    assert world.collapses == [] and core.backoff_until > 0
+    assert world.collapses == [] and core.collapser.backoff_until > 0
     world.kernel.mm.free = 1
-    assert core.end_backoff_if_free()
+    assert core.collapser.end_backoff_if_free()
     core.do_scan()
     assert len(world.collapses) == 2
     core.close()
@@ -760,10 +758,11 @@ def test_backoff_and_defrag_0_look_at_the_windows_node(world, sleepers):
     core = world.make_core(defrag=0)
     core.discover()
     core.do_scan()
-    assert world.collapses == [] and core.backoff_until > 0 and core.backoff_nodes == {1}
-    assert not core.end_backoff_if_free()
+    assert world.collapses == [] and core.collapser.backoff_until > 0
+    assert core.collapser.backoff_nodes == {1}
+    assert not core.collapser.end_backoff_if_free()
     mm.free_by_node[1] = 1
-    assert core.end_backoff_if_free()
+    assert core.collapser.end_backoff_if_free()
     core.do_scan()
     assert len(world.collapses) == 2
     core.close()
@@ -775,10 +774,10 @@ def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
     core = world.make_core()
     core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
     core.discover()
-    core.budget.tokens = -0.01  # 10 ms over, and the 62.5 ms bucket to refill
+    core.collapser.budget.tokens = -0.01  # 10 ms over, and the 62.5 ms bucket to refill
     assert core.do_scan()
     assert world.collapses == []
-    assert core.cpu_wait_until == pytest.approx(world.clock.now + (0.0625 + 0.01) / 0.05)
+    assert core.schedule.at("cpu-capped") == pytest.approx(world.clock.now + (0.0625 + 0.01) / 0.05)
     world.clock.now += 1.45 + 1e-6
     core.do_scan()
     assert len(world.collapses) >= 1  # tokens back above zero: collapses start again
@@ -820,7 +819,7 @@ def test_budget_token_bucket():
 
 def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):
     (pid,) = sleepers(1)
-    _, hg = layout(world, pid, windows=khp.MAX_BATCH + 4)
+    _, hg = layout(world, pid, windows=MAX_BATCH + 4)
     core = world.make_core(pages_to_scan=65536)
     core.discover()
 

@@ -96,17 +96,17 @@ def test_unknown_swap_is_never_over_a_limit():
 
 def test_alignment_rule():
     base = 0x7F00_0000_0000
-    assert not misaligned(base, 0)
-    assert misaligned(base + 0x1000, 0)
-    assert not misaligned(base + 0x1000, 0x1000)  # the file offset moves with the address
-    assert misaligned(base - 0x1000, 0)  # QEMU's guest RAM, 4 KiB short of a boundary
+    assert not misaligned(base, 0, HPAGE)
+    assert misaligned(base + 0x1000, 0, HPAGE)
+    assert not misaligned(base + 0x1000, 0x1000, HPAGE)  # the file offset moves with the address
+    assert misaligned(base - 0x1000, 0, HPAGE)  # QEMU's guest RAM, 4 KiB short of a boundary
 
 
 def test_within_size():
-    assert within_size(0, HPAGE)
-    assert not within_size(0, HPAGE - 4096)
-    assert within_size(HPAGE, 2 * HPAGE)
-    assert not within_size(2 * HPAGE, 2 * HPAGE)
+    assert within_size(0, HPAGE, HPAGE)
+    assert not within_size(0, HPAGE - 4096, HPAGE)
+    assert within_size(HPAGE, 2 * HPAGE, HPAGE)
+    assert not within_size(2 * HPAGE, 2 * HPAGE, HPAGE)
 
 
 @pytest.mark.parametrize(("path", "kind"), [

@@ -266,36 +266,30 @@ def test_reload_applies_new_targets_or_keeps_the_running_ones(tmp_path):
 
 
 def test_pacer_keeps_the_running_average_at_its_share():
-    from hugepaged.pacing import Pacer
+    from hugepaged.collapse import Pacer
 
-    now = [100.0]
-    slept = []
-
-    def sleep(s: float) -> None:
-        slept.append(round(s, 6))
-        now[0] += s
-
-    p = Pacer(25, clock=lambda: now[0], sleep=sleep)
-    now[0] += 0.01  # a window that took 10 ms of CPU (and of wall time)
-    p.charge(0.01)
-    assert slept == [0.03]  # 10 ms is 25% of 40 ms
-    now[0] += 0.05  # a slow one: 50 ms
-    p.charge(0.05)
-    assert slept == [0.03, 0.15]  # 60 ms of CPU over 240 ms
-    assert Pacer(0, clock=lambda: now[0], sleep=sleep).charge(1.0) is None and len(slept) == 2
+    p = Pacer(25, now=100.0)
+    p.charge(0.01)  # a window that took 10 ms of CPU (and of wall time)
+    assert p.wait(100.01) == pytest.approx(0.03)  # 10 ms is 25% of 40 ms
+    p.charge(0.05)  # a slow one: 50 ms, ending at 100.09
+    assert p.wait(100.09) == pytest.approx(0.15)  # 60 ms of CPU over 240 ms
+    assert not p.allows(100.09) and p.allows(100.24)
+    unpaced = Pacer(0, now=100.0)
+    unpaced.charge(1.0)
+    assert unpaced.wait(100.0) == 0.0
 
 
-def test_pacer_tick_charges_all_the_threads_cpu_since_the_last_tick():
-    from hugepaged.pacing import Pacer
+def test_meter_charges_all_the_threads_cpu_since_the_last_charge():
+    from hugepaged.collapse import Pacer, ThreadMeter
 
-    now, cpu, slept = [0.0], [10.0], []
-    p = Pacer(10, clock=lambda: now[0], sleep=slept.append, cpu_clock=lambda: cpu[0])
+    cpu = [10.0]
+    p = Pacer(10, now=0.0)
+    meter = ThreadMeter(p, clock=lambda: cpu[0])
     cpu[0] += 0.2  # the scan before the first collapse counts too
-    p.tick()
-    assert p.cpu == pytest.approx(0.2) and slept == [pytest.approx(2.0)]
-    now[0] += 2.0
-    p.tick()  # nothing spent since: no rest
-    assert len(slept) == 1
+    meter.charge()
+    assert p.cpu == pytest.approx(0.2) and p.wait(0.0) == pytest.approx(2.0)
+    meter.charge()  # nothing spent since: nothing more
+    assert p.wait(2.0) == 0.0
 
 
 def test_controls_of_daemon_follow_its_targets_by_pid():

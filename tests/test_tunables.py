@@ -11,6 +11,7 @@ import os
 import pytest
 
 from hugepaged.errors import InvalidTunable
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
 from hugepaged.tunables import (
     INHERITED,
     NAMES,
@@ -47,7 +48,7 @@ MALFORMED = ["", "\n", "+", "-", "-1", "-0", " 5", "5 ", " 5\n", "5\t", "\t5", "
 def test_specs_cover_the_tunables():
     assert set(SPECS) == set(NAMES) == set(RANGES) | set(WORDS)
     for name, (lo, hi) in RANGES.items():
-        assert (SPECS[name].lo, SPECS[name].hi) == (lo, hi), name
+        assert SPECS[name].bounds(DEFAULT_GEOMETRY) == (lo, hi), name
     for name, words in WORDS.items():
         assert SPECS[name].choices == words
     assert set(INHERITED) <= {n for n, s in SPECS.items() if s.kernel}

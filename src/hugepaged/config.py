@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from hugepaged import paths
 from hugepaged.errors import HugepagedError, InvalidTunable
+from hugepaged.options import OPTIONS, DaemonOptions
+from hugepaged.targets import KEYS as TARGET_KEYS
 from hugepaged.targets import (
     MATCH_KEYS,
     MAX_TARGETS,
@@ -31,30 +33,12 @@ class ConfigError(HugepagedError):
 
 
 @dataclass
-class DaemonOptions:
-    """Options of the daemon itself (not tunables: they cannot change live)."""
-
-    socket: str = DEFAULT_SOCKET
-    socket_group: str | None = None
-    metrics: str | None = None
-    metrics_top_processes: int = 20
-    log_format: str = "text"
-    log_level: str = "info"
-    exclude_comm: str | None = None
-
-
-@dataclass
 class Config:
     tunables: dict[str, int | str] = field(default_factory=dict)
     options: DaemonOptions = field(default_factory=DaemonOptions)
     targets: list[Target] = field(default_factory=list)
 
 
-_OPTION_TYPES = {"socket": str, "socket_group": str, "metrics": str,
-                 "metrics_top_processes": int, "log_format": str, "log_level": str,
-                 "exclude_comm": str}
-_CHOICES = {"log_format": ("text", "json"),
-            "log_level": ("debug", "info", "warning", "error")}
 
 
 def _line_of(text: str, key: str) -> str:
@@ -68,7 +52,7 @@ def _line_of(text: str, key: str) -> str:
     return "line ?"
 
 
-_TARGET_KEYS = ("name", *MATCH_KEYS, *TUNABLE_KEYS, "priority", "max_bloat_mb")
+_TARGET_KEYS = TARGET_KEYS
 _HEADER = re.compile(r"\s*\[\[\s*(?:target|\"target\"|'target')\s*\]\]")
 
 
@@ -240,12 +224,13 @@ def _tunable(key: str, value: object, where: str) -> str:
 
 
 def _option(key: str, value: object, where: str) -> object:
-    if not isinstance(value, _OPTION_TYPES[key]) or isinstance(value, bool):
-        raise ConfigError(f"{where}: {key}: expected a {_OPTION_TYPES[key].__name__}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"{where}: {key}: one of {', '.join(_CHOICES[key])}")
-    if key == "metrics_top_processes" and not 0 <= value <= 100000:  # type: ignore[operator]
-        raise ConfigError(f"{where}: {key}: an integer 0..100000")
+    opt = OPTIONS[key]
+    if not isinstance(value, opt.type) or isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}: expected a {opt.type.__name__}")
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{where}: {key}: one of {', '.join(opt.choices)}")
+    if opt.range and not opt.range[0] <= value <= opt.range[1]:  # type: ignore[operator]
+        raise ConfigError(f"{where}: {key}: an integer {opt.range[0]}..{opt.range[1]}")
     if key == "socket":
         check_socket_path(value, f"{where}: socket")  # type: ignore[arg-type]
     if key == "exclude_comm":
@@ -263,7 +248,7 @@ def parse_config(text: str, path: str) -> Config:
             cfg.tunables[key] = _tunable(key, value, where)
         elif key == "target":
             cfg.targets = parse_targets(value, text, path)
-        elif key in _OPTION_TYPES:
+        elif key in OPTIONS:
             setattr(cfg.options, key, _option(key, value, where))
         else:
             raise ConfigError(f"{where}: unknown key {_quoted(key)}")

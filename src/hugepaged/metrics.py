@@ -26,13 +26,13 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 
 from hugepaged import __version__
-from hugepaged.daemon.khugepaged import LATENCY_BUCKETS
+from hugepaged.daemon.counters import COUNTERS
+from hugepaged.daemon.schedule import STATES
 from hugepaged.errors import HugepagedError, UsageError
 from hugepaged.kernel.procfs import parse_smaps
 
 log = logging.getLogger("hugepaged")
 DEFAULT_HOST = "127.0.0.1"
-STATES = ("scanning", "idle", "alloc-backoff", "cpu-capped", "stopping")
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -87,47 +87,30 @@ class HugepagedCollector:
         info.add_metric([], {"version": __version__})
         yield info
 
-        yield CounterMetricFamily(
-            "hugepaged_pages_collapsed", "Windows collapsed into a huge page "
-            "(as khugepaged/pages_collapsed)", value=c.pages_collapsed)
-        yield CounterMetricFamily(
-            "hugepaged_full_scans", "Passes through the whole process list "
-            "(as khugepaged/full_scans)", value=c.full_scans)
-        yield CounterMetricFamily("hugepaged_passes", "Scan passes (khugepaged_do_scan)",
-                                  value=c.passes)
+        snap = c.snapshot()
+        for name, doc in COUNTERS:  # the one list of counters (daemon/counters.py)
+            if name in ("registered", "gone"):  # the gauge below says how many are now
+                continue
+            yield CounterMetricFamily(f"hugepaged_{name}", doc, value=snap["counters"][name])
 
         windows = CounterMetricFamily(
-            "hugepaged_scan_windows", "2 MiB windows examined, by result code",
+            "hugepaged_scan_windows", "Huge-page windows examined, by result code",
             labels=["result"])
-        for result, n in sorted(_snapshot(c.results).items()):
+        for result, n in snap["results"].items():
             windows.add_metric([str(result)], n)
         yield windows
-
-        yield CounterMetricFamily("hugepaged_collapse_attempts",
-                                  "process_madvise(MADV_COLLAPSE) calls", value=c.collapse_attempts)
         failures = CounterMetricFamily(
             "hugepaged_collapse_failures",
             "Failed collapses, by errno (or result code where there was none)",
             labels=["errno"])
-        for name, n in sorted(_snapshot(c.collapse_failures).items()):
+        for name, n in sorted(snap["collapse_failures"].items()):
             failures.add_metric([str(name)], n)
         yield failures
-        yield CounterMetricFamily("hugepaged_collapse_cpu_seconds",
-                                  "CPU time spent in collapses (charged to the CPU cap)",
-                                  value=c.collapse_cpu_seconds)
-        yield CounterMetricFamily("hugepaged_alloc_backoffs",
-                                  "Back-offs after a huge page could not be allocated",
-                                  value=c.alloc_backoffs)
 
-        counts = list(c.collapse_seconds)
-        total = c.collapse_seconds_sum
-        buckets, acc = [], 0
-        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
-            acc += n
-            buckets.append((_le(bound), acc))
+        buckets, total = c.histogram()
         yield HistogramMetricFamily("hugepaged_collapse_duration_seconds",
                                     "Wall time of one collapse (MADV_COLLAPSE, with its retry)",
-                                    buckets=buckets, sum_value=total)
+                                    buckets=[(_le(b), n) for b, n in buckets], sum_value=total)
 
         ru = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily("hugepaged_cpu_seconds",
@@ -149,7 +132,7 @@ class HugepagedCollector:
 
         state = GaugeMetricFamily("hugepaged_state", "1 for the daemon's current state",
                                   labels=["state"])
-        current = svc.state()
+        current = svc.state().split(":")[0]  # "share-limited: redis" is share-limited
         for name in STATES:
             state.add_metric([name], 1 if name == current else 0)
         yield state
@@ -189,7 +172,8 @@ class HugepagedCollector:
         configuration file has targets (at most 64)."""
         from hugepaged.daemon.targets import summaries
 
-        rows = summaries(list(core.targets), core.target_states, slots)
+        members = core.membership
+        rows = summaries(list(members.targets), members.target_states, slots)
         specs = (
             ("processes", GaugeMetricFamily, "Registered processes the target matches", 1),
             ("anon_bytes", GaugeMetricFamily, "Anonymous memory of its processes, as of "

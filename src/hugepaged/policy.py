@@ -5,17 +5,26 @@ the collapse; hugepaged resolves one per process (the daemon per registered slot
 `collapse` once per run) and passes it down the same way. The kernel's fields come from the
 tunables; `target`, `priority`, `max_cpu_percent` and `max_bloat_kb` are hugepaged's own (a
 target is a set of processes an administrator names with a policy of its own).
+
+Field defaults are those of the fixtures' geometry (4 KiB pages); a run's control always
+comes from its tunables (from_tunables), which come from the running kernel's geometry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from hugepaged.tunables import Tunables
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY as _G
 
-if TYPE_CHECKING:
-    from hugepaged.scan.decide import Limits
+
+@dataclass(frozen=True)
+class Limits:
+    """The max_ptes_* of the kernel; `khugepaged=False` is MADV_COLLAPSE's semantics."""
+
+    max_ptes_none: int = _G.max_ptes_none
+    max_ptes_swap: int = _G.max_ptes_swap
+    max_ptes_shared: int = _G.max_ptes_shared
+    khugepaged: bool = True
 
 
 @dataclass(frozen=True)
@@ -24,9 +33,9 @@ class CollapseControl:
 
     enabled: str = "madvise"  # anonymous memory: always | madvise | never
     shmem_enabled: str = "never"  # always | within_size | advise | never | deny | force
-    max_ptes_none: int = 511
-    max_ptes_swap: int = 64
-    max_ptes_shared: int = 256
+    max_ptes_none: int = _G.max_ptes_none
+    max_ptes_swap: int = _G.max_ptes_swap
+    max_ptes_shared: int = _G.max_ptes_shared
     # cc->is_khugepaged: False is MADV_COLLAPSE's semantics (`--force`): the sysfs mode and
     # the max_ptes_* limits do not apply.
     is_khugepaged: bool = True
@@ -38,14 +47,12 @@ class CollapseControl:
     max_bloat_kb: int | None = None
 
     @classmethod
-    def from_tunables(cls, t: Tunables, *, force: bool = False) -> CollapseControl:
+    def from_tunables(cls, t, *, force: bool = False) -> CollapseControl:
         """The global policy: the tunables' values, MADV_COLLAPSE's with `force`."""
         return cls(enabled=t.enabled, shmem_enabled=t.shmem_enabled,
                    max_ptes_none=t.max_ptes_none, max_ptes_swap=t.max_ptes_swap,
                    max_ptes_shared=t.max_ptes_shared, is_khugepaged=not force)
 
     def limits(self) -> Limits:
-        from hugepaged.scan.decide import Limits  # numpy: only where windows are decided
-
         return Limits(self.max_ptes_none, self.max_ptes_swap, self.max_ptes_shared,
                       khugepaged=self.is_khugepaged)

@@ -10,17 +10,17 @@ matches gets the global policy.
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import field, make_dataclass, replace
 from functools import cached_property
 
 from hugepaged.errors import HugepagedError
 from hugepaged.kernel.procfs import ProcFS
 from hugepaged.policy import CollapseControl
+from hugepaged.tunables import SPECS, TARGET_KEYS
 
 MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
 # The keys a target shares with the tunables: same names, same ranges, same refusals.
-TUNABLE_KEYS = ("enabled", "shmem_enabled", "max_ptes_none", "max_ptes_swap",
-                "max_ptes_shared", "max_cpu_percent")
+TUNABLE_KEYS = TARGET_KEYS
 # Every setting a target may give: what is not its name or a match key.
 POLICY_KEYS = (*TUNABLE_KEYS, "priority", "max_bloat_mb")
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
@@ -28,24 +28,12 @@ PRIORITY_RANGE = (-1000, 1000)
 MAX_TARGETS = 64  # each is a label value in the metrics: bounded
 
 
-@dataclass(frozen=True)
-class Target:
-    """One `[[target]]` table, checked. None means "not given": the global value applies."""
+class _Target:
+    """One `[[target]]` table, checked. None means "not given": the global value applies.
 
-    name: str
-    comm: str | None = None  # regular expression, searched in /proc/PID/comm
-    exe: str | None = None  # exactly /proc/PID/exe
-    cgroup: str | None = None  # path prefix, whole components, in any hierarchy
-    pid: tuple[int, ...] | None = None
-    enabled: str | None = None
-    shmem_enabled: str | None = None
-    max_ptes_none: int | None = None
-    max_ptes_swap: int | None = None
-    max_ptes_shared: int | None = None
-    priority: int = 0
-    max_cpu_percent: int | None = None  # this target's share within the global cap; 0: none
-    max_bloat_mb: int | None = None
-    _comm_re: re.Pattern | None = field(default=None, compare=False, repr=False)
+    Its fields (TARGET_FIELDS): the name, the match keys, a field per tunable a target may
+    set (tunables.TARGET_KEYS: the same names, ranges and refusals), priority, max_bloat_mb.
+    """
 
     def __post_init__(self) -> None:
         if self.comm is not None and self._comm_re is None:
@@ -84,6 +72,28 @@ class Target:
         """The match keys as written, for status and logs."""
         parts = [f"{k}={getattr(self, k)!r}" for k in MATCH_KEYS if getattr(self, k) is not None]
         return " ".join(parts)
+
+
+def _annotation(key: str) -> type:
+    return (str if SPECS[key].choices else int) | None  # type: ignore[return-value]
+
+
+TARGET_FIELDS = [
+    ("name", str),
+    ("comm", str | None, None),  # regular expression, searched in /proc/PID/comm
+    ("exe", str | None, None),  # exactly /proc/PID/exe
+    ("cgroup", str | None, None),  # path prefix, whole components, in any hierarchy
+    ("pid", tuple[int, ...] | None, None),
+    *[(k, _annotation(k), None) for k in TARGET_KEYS],  # max_cpu_percent: a share; 0: none
+    ("priority", int, 0),
+    ("max_bloat_mb", int | None, None),
+]
+Target = make_dataclass(
+    "Target", [*TARGET_FIELDS,
+               ("_comm_re", re.Pattern | None, field(default=None, compare=False, repr=False))],
+    bases=(_Target,), frozen=True)
+Target.__module__ = __name__
+KEYS = tuple(f[0] for f in TARGET_FIELDS)  # every key a [[target]] table may have
 
 
 def cgroup_under(path: str, prefix: str) -> bool:

@@ -1,62 +1,107 @@
-"""Tunables with the kernel's names, ranges and refusals (mm/khugepaged.c sysfs stores)."""
+"""Tunables with the kernel's names, ranges and refusals (mm/khugepaged.c sysfs stores).
+
+SPECS is the one table: per key its range or words, its default, whether the kernel's sysfs
+has it (and then whether hugepaged starts from the kernel's value), whether a [[target]] may
+set it, and whether a change of it re-decides every process. The Tunables dataclass, the
+target keys, the inherited list and the checks of every face (the configuration file, --set,
+the control socket) are derived from it.
+
+The kernel derives max_ptes_*'s limits and defaults from HPAGE_PMD_NR (kernel/geometry.py);
+so do these, from the geometry of the running kernel: on arm64 with 64 KiB pages a PMD
+holds 8192 PTEs and max_ptes_none goes to 8191.
+"""
+
+from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, make_dataclass
 
 from hugepaged.errors import InvalidTunable
-from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY, Geometry, running_geometry
 
 UINT_MAX = 2**32 - 1
-# The kernel refuses max_ptes_* above HPAGE_PMD_NR - 1.
-HPAGE_PMD_NR = DEFAULT_GEOMETRY.pmd_nr
 SHMEM_MODES = ("always", "within_size", "advise", "never", "deny", "force")
+Derived = Callable[[Geometry], int]
 
 
 @dataclass(frozen=True)
 class Spec:
-    """How one tunable is parsed and checked; `kernel` says whether sysfs has it too."""
+    """One tunable. `hi` and `default` may be functions of the geometry. `kernel`: sysfs has
+    it too (the khugepaged directory, or the THP directory for the modes); `inherited`: the
+    daemon starts from the kernel's value; `per_target`: a [[target]] may set it; `rule`: a
+    change re-decides every process (as a write to the kernel's knobs wakes khugepaged)."""
 
     name: str
+    default: int | str | Derived
     lo: int | None = None
-    hi: int | None = None
+    hi: int | Derived | None = None
     choices: tuple[str, ...] = ()
-    kernel: bool = True
-    doc: str = ""
+    kernel: bool = False
+    inherited: bool = False
+    per_target: bool = False
+    rule: bool = False
+    doc: str = field(default="", compare=False)
 
-    def describe(self) -> str:
+    def bounds(self, geometry: Geometry) -> tuple[int, int]:
+        hi = self.hi(geometry) if callable(self.hi) else self.hi
+        return self.lo, hi  # type: ignore[return-value]
+
+    def default_for(self, geometry: Geometry) -> int | str:
+        return self.default(geometry) if callable(self.default) else self.default
+
+    def describe(self, geometry: Geometry | None = None) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
-        return f"an integer {self.lo}..{self.hi}"
+        lo, hi = self.bounds(geometry or running_geometry())
+        return f"an integer {lo}..{hi}"
+
+
+def _ptes(g: Geometry) -> int:
+    return g.pmd_nr - 1  # the kernel refuses max_ptes_* above HPAGE_PMD_NR - 1
 
 
 SPECS: dict[str, Spec] = {s.name: s for s in (
-    Spec("enabled", choices=("always", "madvise", "never"),
+    Spec("enabled", "madvise", choices=("always", "madvise", "never"), kernel=True,
+         inherited=True, per_target=True, rule=True,
          doc="which VMAs are candidates: all, MADV_HUGEPAGE only, none"),
-    Spec("shmem_enabled", choices=SHMEM_MODES,
+    Spec("shmem_enabled", "never", choices=SHMEM_MODES, kernel=True, inherited=True,
+         per_target=True, rule=True,
          doc="which shared-memory mappings are candidates (the kernel's shmem_enabled)"),
-    Spec("defrag", 0, 1, doc="khugepaged's defrag, hugepaged's meaning: 1: collapse even "
-                             "when no free 2 MiB block exists (the kernel compacts); 0: only "
-                             "while one exists"),
-    Spec("max_ptes_none", 0, HPAGE_PMD_NR - 1,
+    Spec("defrag", 1, 0, 1, kernel=True, inherited=True,
+         doc="khugepaged's defrag, hugepaged's meaning: 1: collapse even when no free huge "
+             "page exists (the kernel compacts); 0: only while one exists"),
+    Spec("max_ptes_none", lambda g: g.max_ptes_none, 0, _ptes, kernel=True, inherited=True,
+         per_target=True, rule=True,
          doc="empty or zero-page PTEs a window may have and still collapse"),
-    Spec("max_ptes_swap", 0, HPAGE_PMD_NR - 1,
+    Spec("max_ptes_swap", lambda g: g.max_ptes_swap, 0, _ptes, kernel=True, inherited=True,
+         per_target=True, rule=True,
          doc="swapped-out PTEs a window may have (they are swapped in)"),
-    Spec("max_ptes_shared", 0, HPAGE_PMD_NR - 1,
+    Spec("max_ptes_shared", lambda g: g.max_ptes_shared, 0, _ptes, kernel=True,
+         inherited=True, per_target=True, rule=True,
          doc="pages mapped by more than one process a window may have"),
-    Spec("pages_to_scan", 1, UINT_MAX,
-         doc="progress budget of one pass: 512 per window examined, 1 per VMA skipped"),
-    Spec("scan_sleep_millisecs", 0, UINT_MAX, doc="sleep between passes"),
-    Spec("alloc_sleep_millisecs", 0, UINT_MAX,
+    # hugepaged's default: 32 windows per 100 ms, 400x the kernel's 8 per 10 s.
+    Spec("pages_to_scan", lambda g: 32 * g.pmd_nr, 1, UINT_MAX, kernel=True,
+         doc="progress budget of one pass: HPAGE_PMD_NR per window examined, 1 per VMA "
+             "skipped"),
+    Spec("scan_sleep_millisecs", 100, 0, UINT_MAX, kernel=True,
+         doc="sleep between passes"),
+    Spec("alloc_sleep_millisecs", 60000, 0, UINT_MAX, kernel=True, inherited=True,
          doc="back-off after a huge page allocation failed"),
-    Spec("max_cpu_percent", 0, 100, kernel=False,
+    Spec("max_cpu_percent", 5, 0, 100, per_target=True,
          doc="cap on all CPU the daemon spends (collapses, its workers, scanning, "
              "registration), percent of one core over any interval, give or take one batch; "
              "0: no cap"),
-    Spec("collapse_workers", 1, 16, kernel=False,
+    Spec("collapse_workers", 1, 1, 16,
          doc="threads that collapse different processes' windows at the same time"),
-    Spec("kernel_khugepaged", choices=("leave", "quiet"), kernel=False,
+    Spec("kernel_khugepaged", "leave", choices=("leave", "quiet"),
          doc="quiet: turn the kernel's khugepaged scanning down while hugepaged runs"),
 )}
+
+NAMES = tuple(SPECS)
+INHERITED = tuple(n for n, s in SPECS.items() if s.inherited)
+TARGET_KEYS = tuple(n for n, s in SPECS.items() if s.per_target)
+RULES = tuple(n for n, s in SPECS.items() if s.rule)
 
 _KSTRTOUL = re.compile(r"\+?[0-9]+\n?")
 
@@ -66,8 +111,9 @@ def _quoted(text: str) -> str:
     return f"'{text}'" if text.isprintable() else repr(text)
 
 
-def parse(name: str, text: str | int) -> int | str:
-    """Parse like the kernel's store(): kstrtoul base 10 or sysfs_streq of a word."""
+def parse(name: str, text: str | int, geometry: Geometry | None = None) -> int | str:
+    """Parse like the kernel's store(): kstrtoul base 10 or sysfs_streq of a word; ranges
+    of the running kernel's geometry unless another is given."""
     spec = SPECS.get(name)
     if spec is None:
         raise InvalidTunable(f"unknown tunable {_quoted(name)} (known: {', '.join(SPECS)})")
@@ -77,44 +123,47 @@ def parse(name: str, text: str | int) -> int | str:
         if word not in spec.choices:
             raise InvalidTunable(f"{name}: invalid value {_quoted(word)} ({spec.describe()})")
         return word
+    geometry = geometry or running_geometry()
     if not _KSTRTOUL.fullmatch(raw):
-        raise InvalidTunable(f"{name}: invalid value {raw!r} ({spec.describe()})")
+        raise InvalidTunable(f"{name}: invalid value {raw!r} ({spec.describe(geometry)})")
     value = int(raw)
-    if not spec.lo <= value <= spec.hi:  # type: ignore[operator]
-        raise InvalidTunable(f"{name}: invalid value '{value}' ({spec.describe()})")
+    lo, hi = spec.bounds(geometry)
+    if not lo <= value <= hi:
+        raise InvalidTunable(f"{name}: invalid value '{value}' ({spec.describe(geometry)})")
     return value
 
 
-@dataclass(frozen=True)
-class Tunables:
-    """The effective settings of one hugepaged run."""
-
-    enabled: str = "madvise"
-    shmem_enabled: str = "never"
-    defrag: int = 1
-    max_ptes_none: int = 511
-    max_ptes_swap: int = 64
-    max_ptes_shared: int = 256
-    # hugepaged's defaults: 32 MiB per 100 ms, 200x the kernel's 16 MiB per 10 s.
-    pages_to_scan: int = 16384
-    scan_sleep_millisecs: int = 100
-    alloc_sleep_millisecs: int = 60000
-    max_cpu_percent: int = 5
-    collapse_workers: int = 1
-    kernel_khugepaged: str = "leave"
-
-    def with_values(self, values: dict[str, int | str]) -> "Tunables":
-        """A copy with `values` parsed and checked; nothing changes if one is refused."""
-        parsed = {k: parse(k, v) for k, v in values.items()}
-        return Tunables(**{**asdict(self), **parsed})
-
-    def as_dict(self) -> dict[str, int | str]:
-        return asdict(self)
+def _with_values(self, values: dict[str, int | str],
+                 geometry: Geometry | None = None) -> Tunables:
+    """A copy with `values` parsed and checked; nothing changes if one is refused."""
+    parsed = {k: parse(k, v, geometry) for k, v in values.items()}
+    return type(self)(**{**asdict(self), **parsed})
 
 
-# Inherited from the kernel unless set, so an admin's tuning carries over.
-INHERITED = ("enabled", "shmem_enabled", "defrag", "max_ptes_none", "max_ptes_swap",
-             "max_ptes_shared", "alloc_sleep_millisecs")
+def _as_dict(self) -> dict[str, int | str]:
+    return asdict(self)
+
+
+def _defaults(cls, geometry: Geometry) -> Tunables:
+    """hugepaged's defaults for a kernel of this geometry."""
+    return cls(**{n: s.default_for(geometry) for n, s in SPECS.items()})
+
+
+# The effective settings of one hugepaged run: a field per SPECS row. Tunables() has the
+# defaults of the fixtures' geometry (4 KiB pages); a run starts from Tunables.defaults() of
+# the running kernel's (resolve).
+Tunables = make_dataclass(
+    "Tunables",
+    [(n, type(s.default_for(DEFAULT_GEOMETRY)), field(default=s.default_for(DEFAULT_GEOMETRY)))
+     for n, s in SPECS.items()],
+    frozen=True,
+    namespace={"with_values": _with_values, "as_dict": _as_dict,
+               "defaults": classmethod(_defaults),
+               "__doc__": "The effective settings of one hugepaged run (a field per SPECS "
+                          "row)."},
+)
+
+Tunables.__module__ = __name__
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -129,12 +178,12 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
-def resolve(kernel_values: dict[str, int | str], *layers: dict[str, int | str]) -> Tunables:
+def resolve(kernel_values: dict[str, int | str], *layers: dict[str, int | str],
+            geometry: Geometry | None = None) -> Tunables:
     """Defaults, then the kernel's current values of INHERITED, then each layer in order."""
-    base = Tunables().with_values({k: v for k, v in kernel_values.items() if k in INHERITED})
+    geometry = geometry or running_geometry()
+    base = Tunables.defaults(geometry).with_values(
+        {k: v for k, v in kernel_values.items() if k in INHERITED}, geometry)
     for layer in layers:
-        base = base.with_values(layer)
+        base = base.with_values(layer, geometry)
     return base
-
-
-NAMES = tuple(f.name for f in fields(Tunables))

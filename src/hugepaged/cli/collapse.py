@@ -12,7 +12,7 @@ from hugepaged.results import COLLAPSIBLE, NOTHING_TO_DO, ScanResult
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collapse", help="collapse every eligible window of one process now",
                        description="Classify every window of PID with khugepaged's checks "
-                                   "and collapse each SUCCEED window (up to 16 a call).")
+                                   "and collapse each SUCCEED window (a bounded batch a call).")
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--dry-run", action="store_true", help="decide and report, collapse nothing")
     p.add_argument("--force", action="store_true",
@@ -50,50 +50,27 @@ def cpu_percent(text: str) -> int:
 def within_bloat(scan, addresses: list[int], limit_kb: int | None, page_kb: int
                  ) -> tuple[list[int], dict[int, str]]:
     """The windows a target's bloat budget allows, in address order (each fills its empty
-    and zero-page PTEs: page_kb each), and those it holds back as EXCEED_BLOAT_BUDGET."""
-    if limit_kb is None:
-        return addresses, {}
+    and zero-page PTEs: page_kb each), and those it holds back as EXCEED_BLOAT_BUDGET: the
+    daemon's ledger, planned as if every window collapsed."""
+    from hugepaged.collapse import BloatLedger
+
     nones = scan.none_by_window()
-    kept, refused, used = [], {}, 0
-    for a in addresses:
-        kb = nones.get(a, 0) * page_kb
-        if kb and used + kb > limit_kb:
-            refused[a] = ScanResult.EXCEED_BLOAT_BUDGET.name
-            continue
-        used += kb
-        kept.append(a)
-    return kept, refused
-
-
-BATCH = 16  # windows per process_madvise call, as the daemon's
-
-
-def collapse_paced(kernel, pidfd: int, pid: int, addresses: list[int], pacer,
-                   kpf, control) -> list:
-    """Up to BATCH windows per call (a run stops after an allocation failure and the next
-    call goes on after it), sleeping between calls as `pacer` (pacing.Pacer, started before
-    the scan) says; a failure is named by its errno and a re-decision of the window. Windows
-    that failed for a moment (EAGAIN) are asked again after a short back-off."""
-    from hugepaged.collapse import collapse_run, retry_transient, window_now
-
-    def pass_over(todo: list[int]) -> list:
-        done: list = []
-        while len(done) < len(todo):
-            step = collapse_run(pidfd, pid, todo[len(done):len(done) + BATCH],
-                                kernel.geometry.pmd_size,
-                                lambda a: window_now(kernel, pid, kpf, control, a))
-            pacer.tick()
-            if not step:
-                break
-            done += step
-        return done
-
-    return retry_transient(pass_over(addresses), pass_over)
+    kept, refused = BloatLedger(limit_kb).plan(
+        scan.pid, [(a, nones.get(a, 0) * page_kb) for a in addresses])
+    return kept, {a: ScanResult.EXCEED_BLOAT_BUDGET.name for a in refused}
 
 
 def run(args: argparse.Namespace) -> int:
     from hugepaged import report
-    from hugepaged.collapse import CollapseOutcome
+    from hugepaged.collapse import (
+        COMMAND,
+        CollapseOutcome,
+        Pacer,
+        ProcessCollapse,
+        ThreadMeter,
+        window_now,
+    )
+    from hugepaged.collapse.path import collapse_paced, succeeded
     from hugepaged.kernel.madvise import pidfd_open
     from hugepaged.scan.process import scan_process
 
@@ -105,9 +82,8 @@ def run(args: argparse.Namespace) -> int:
     require_collapse_support(kernel)
     pidfd = pidfd_open(args.pid)
     try:
-        from hugepaged.pacing import Pacer
-
-        pacer = Pacer(percent)  # the scan's CPU counts against the pace too
+        pacer = Pacer(percent, time.monotonic())
+        meter = ThreadMeter(pacer)  # the scan's CPU counts against the pace too
         t0 = time.perf_counter()
         before = kernel.procfs.status(args.pid).vm_rss_kb
         with kernel.kpageflags() as kpf:
@@ -115,16 +91,17 @@ def run(args: argparse.Namespace) -> int:
             page_kb = kernel.geometry.page_size >> 10
             addresses, refused = within_bloat(scan, targets(scan, args.force),
                                               control.max_bloat_kb, page_kb)
-            # Each collapse maps its window's 512 pages: the new ones it fills in, and for
+            # Each collapse maps a whole window: the new pages it fills in, and for
             # shared memory those only in the page cache (ProcessScan.rss_growth_pages).
             predicted = scan.rss_growth_pages(set(addresses)) * page_kb
-            outcomes = [] if args.dry_run else collapse_paced(
-                kernel, pidfd, args.pid, addresses, pacer, kpf, control)
+            proc = ProcessCollapse(args.pid, pidfd, kernel.geometry.pmd_size,
+                                   lambda a: window_now(kernel, args.pid, kpf, control, a),
+                                   COMMAND)
+            outcomes = [] if args.dry_run else collapse_paced(proc, addresses, pacer, meter)
         if args.dry_run:
             outcomes = [CollapseOutcome(a, ScanResult.SUCCEED) for a in addresses]
         else:
-            done = {o.address for o in outcomes if o.result == ScanResult.SUCCEED}
-            predicted = scan.rss_growth_pages(done) * page_kb
+            predicted = scan.rss_growth_pages(succeeded(outcomes)) * page_kb
         after = kernel.procfs.status(args.pid).vm_rss_kb
         doc = report.collapse_json(scan, outcomes, dry_run=args.dry_run, force=args.force,
                                    seconds=time.perf_counter() - t0,

@@ -3,9 +3,12 @@
 import argparse
 
 from hugepaged.cli.common import add_common, check_pids, check_socket, kernel_of
+from hugepaged.options import OPTIONS
 from hugepaged.paths import CONFIG as DEFAULT_PATH
 from hugepaged.paths import STATE_FILE
 from hugepaged.tunables import parse_assignments
+
+FLAGS = [o for o in OPTIONS.values() if o.flag]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,14 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "does, and collapse what its checks allow.")
     p.add_argument("--config", metavar="FILE",
                    help=f"TOML configuration (default {DEFAULT_PATH}, may be absent)")
-    p.add_argument("--socket", metavar="PATH", help="control socket path")
-    p.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics (a bare PORT or :PORT binds 127.0.0.1)")
-    p.add_argument("--metrics-top-processes", type=int, metavar="N",
-                   help="per-process coverage metrics for the N largest registered "
-                        "processes (default 20; 0: none)")
-    p.add_argument("--log-format", choices=("text", "json"))
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    for opt in FLAGS:  # the daemon options a command line may give (options.OPTIONS)
+        default = f" (default {opt.default})" if opt.default is not None else ""
+        p.add_argument(opt.cli, dest=opt.name, type=opt.type, metavar=opt.metavar,
+                       choices=opt.choices or None, help=opt.doc + default)
     p.add_argument("--pid", type=int, action="append", default=[],
                    help="targeted mode: only these processes (repeatable); default: all")
     p.add_argument("--state-file", default=STATE_FILE, metavar="PATH",
@@ -45,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.socket is not None:
         check_socket(args.socket)
     overrides = parse_assignments(args.assignments)
-    options = {"socket": args.socket, "metrics": args.metrics,
-               "metrics_top_processes": args.metrics_top_processes,
-               "log_format": args.log_format, "log_level": args.log_level}
+    options = {opt.name: getattr(args, opt.name) for opt in FLAGS}
     service = Service(kernel, args.config, overrides, options, pids=args.pid,
                       state_file=args.state_file)
     require_collapse_support(kernel)

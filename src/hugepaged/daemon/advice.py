@@ -29,7 +29,7 @@ from hugepaged.kernel.tracepoints import (
 )
 
 if TYPE_CHECKING:
-    from .khugepaged import Khugepaged
+    from .membership import Membership
 
 log = logging.getLogger("hugepaged")
 # A record without the advised range (an older format): the slot is visited this much
@@ -37,15 +37,15 @@ log = logging.getLogger("hugepaged")
 ADVICE_SETTLE = 0.005
 
 
-def on_syscall(core: Khugepaged, ev: SyscallEvent, now: float) -> float | None:
+def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | None:
     """Apply one traced call to the registry; when the slot is next due, or None."""
-    slot = core.registry.slots.get(ev.pid)
+    slot = members.registry.slots.get(ev.pid)
     if ev.what == "madvise" and ev.value == MADV_HUGEPAGE:
         if slot is None:
-            slot = core.enter(ev.pid, settle=ADVICE_SETTLE)
+            slot = members.enter(ev.pid, settle=ADVICE_SETTLE)
             if slot is None:
                 return None
-        rng = advised_range(ev, core.kernel.geometry.page_size)
+        rng = advised_range(ev, members.kernel.geometry.page_size)
         slot.wake()
         slot.due = now + (ADVICE_SETTLE if rng is None else 0.0)
         if rng is not None:
@@ -69,12 +69,11 @@ def on_syscall(core: Khugepaged, ev: SyscallEvent, now: float) -> float | None:
     return None
 
 
-def on_lost(core: Khugepaged, lost: int) -> None:
+def on_lost(members: Membership, lost: int) -> None:
     """Records dropped from a full ring name no process: every slot is looked at again."""
     log.warning("%d syscall records lost: waking every process", lost,
                 extra={"event": "syscall_records_lost", "lost": lost})
-    for slot in core.registry.slots.values():
-        slot.wake()
+    members.wake_all()
 
 
 def advised_range(ev: SyscallEvent, page: int) -> tuple[int, int] | None:

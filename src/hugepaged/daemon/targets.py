@@ -1,15 +1,14 @@
 """What the daemon keeps per target: its CPU bucket, its bloat ledger, its counters.
 
 A target's `max_cpu_percent` is a share within the global cap: a collapse for one of its
-processes needs both the global bucket and the target's own. Its `max_bloat_mb` is a ledger
-of the RSS its collapses added by filling empty or zero-page PTEs (4 KiB each), kept per
-live process and forgotten when that process exits.
+processes needs both the global bucket and the target's own. Its `max_bloat_mb` is a bloat
+ledger (collapse/ledger.py) of the RSS its collapses added, per live process.
 """
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .budget import CpuBudget
+from hugepaged.collapse import BloatLedger, CpuBudget
 
 
 @dataclass
@@ -18,33 +17,18 @@ class TargetState:
 
     name: str
     budget: CpuBudget | None = None  # None: only the global cap applies
-    max_bloat_kb: int | None = None
-    bloat_kb: dict[int, int] = field(default_factory=dict)  # pid -> kB added, live ones only
+    ledger: BloatLedger = field(default_factory=BloatLedger)
     collapsed: int = 0
     cpu_seconds: float = 0.0
     results: Counter = field(default_factory=Counter)
 
     @property
+    def max_bloat_kb(self) -> int | None:
+        return self.ledger.limit_kb
+
+    @property
     def bloat_used_kb(self) -> int:
-        return sum(self.bloat_kb.values())
-
-    def bloat_allows(self, kb: int) -> bool:
-        """Whether a window whose collapse adds `kb` of RSS stays within the budget."""
-        if self.max_bloat_kb is None or kb == 0:
-            return True
-        return self.bloat_used_kb + kb <= self.max_bloat_kb
-
-    def charge_bloat(self, pid: int, kb: int) -> None:
-        if kb:
-            self.bloat_kb[pid] = self.bloat_kb.get(pid, 0) + kb
-
-    def forget(self, pid: int) -> None:
-        self.bloat_kb.pop(pid, None)
-
-    def adopt(self, pid: int, kb: int) -> None:
-        """A process that has just matched this target brings the RSS its collapses added."""
-        self.forget(pid)
-        self.charge_bloat(pid, kb)
+        return self.ledger.used_kb
 
 
 class TargetStates:
@@ -65,7 +49,7 @@ class TargetStates:
                     st.budget.set_percent(percent)
             else:
                 st.budget = None
-            st.max_bloat_kb = bloat_kb
+            st.ledger.limit_kb = bloat_kb
             self.by_name[name] = st
 
     def get(self, name: str | None) -> TargetState | None:
@@ -73,7 +57,7 @@ class TargetStates:
 
     def forget(self, pid: int) -> None:
         for st in self.by_name.values():
-            st.forget(pid)
+            st.ledger.forget(pid)
 
     def __iter__(self):
         return iter(self.by_name.values())

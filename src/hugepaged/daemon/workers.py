@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from hugepaged.collapse import CollapseOutcome, collapse_run
+from hugepaged.collapse import DAEMON, CollapseOutcome, ProcessCollapse
 
 # A bound on a process's windows decided but not yet collapsed: beyond it the pass leaves
 # that process where it is and goes on to the next, so decisions do not go stale in a queue,
@@ -50,12 +49,12 @@ class Lane:
 
 
 def _work(job: Job, size: int) -> tuple[list[CollapseOutcome], float]:
-    cpu0 = time.thread_time()
+    """On a worker: the calls only (failures are named on the daemon's thread)."""
+    proc = ProcessCollapse(job.pid, job.pidfd, size, lambda a: None, DAEMON)
     try:
-        outcomes = collapse_run(job.pidfd, job.pid, job.addresses, size, lambda a: None)
+        return proc.call(job.addresses)
     finally:
-        job.cpu = time.thread_time() - cpu0
-    return outcomes, job.cpu
+        job.cpu = getattr(proc, "cpu", 0.0)
 
 
 class CollapsePool:

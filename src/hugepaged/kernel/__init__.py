@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hugepaged.kernel.geometry import Geometry, read_geometry
+from hugepaged.kernel.geometry import Geometry, running_geometry
 from hugepaged.kernel.procfs import ProcFS
 from hugepaged.kernel.sysfs import MmStats, ThpSysfs
 
@@ -46,7 +46,7 @@ class Kernel:
     def __post_init__(self) -> None:
         self.procfs = ProcFS(self.proc_root)
         self.thp = ThpSysfs(self.sys_root)
-        self.mm = MmStats(self.proc_root)
+        self.mm = MmStats(self.proc_root, lambda: self.geometry.pmd_order)
         self._scan_ok: bool | None = None
         self._drain = None
         self._geometry: Geometry | None = None
@@ -55,13 +55,13 @@ class Kernel:
     def geometry(self) -> Geometry:
         """Page and PMD sizes, read once."""
         if self._geometry is None:
-            self._geometry = read_geometry(self.sys_root)
+            self._geometry = running_geometry(self.sys_root)
         return self._geometry
 
     def pagemap(self, pid: int) -> PageMap:
         from hugepaged.kernel.pagemap import PageMap
 
-        return PageMap(self.proc_root, pid)
+        return PageMap(self.proc_root, pid, self.geometry.page_shift)
 
     def kpageflags(self) -> KPageFlags:
         from hugepaged.kernel.kpageflags import KPageFlags
@@ -93,7 +93,7 @@ class Kernel:
         if self._scan_ok is None:
             from hugepaged.kernel.pagemap import pagemap_scan_supported
 
-            self._scan_ok = pagemap_scan_supported(self.proc_root)
+            self._scan_ok = pagemap_scan_supported(self.proc_root, self.geometry.page_shift)
         return self._scan_ok
 
 

@@ -1,4 +1,8 @@
-"""/proc/PID/pagemap: plain reads into numpy, and the PAGEMAP_SCAN ioctl (6.7+)."""
+"""/proc/PID/pagemap: plain reads into numpy, and the PAGEMAP_SCAN ioctl (6.7+).
+
+One entry of 8 bytes per base page: the entry of an address is at (address >> page_shift)
+* 8, with the running kernel's page shift (kernel/geometry.py), 12 only with 4 KiB pages.
+"""
 
 import errno
 import fcntl
@@ -9,9 +13,6 @@ import numpy as np
 
 from hugepaged.errors import Unsupported
 from hugepaged.kernel.errors import process_errors
-
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PFN_MASK = (1 << 55) - 1
@@ -41,8 +42,8 @@ _REGIONS_PER_CALL = 8192
 class PageMap:
     """An open pagemap of one process; reads return numpy uint64 arrays."""
 
-    def __init__(self, proc_root: str, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, proc_root: str, pid: int, page_shift: int) -> None:
+        self.pid, self.page_shift = pid, page_shift
         with process_errors(pid):
             self.fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._regions = np.empty((_REGIONS_PER_CALL, 3), dtype=np.uint64)
@@ -61,13 +62,14 @@ class PageMap:
     def read(self, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
         """One entry per page of [start, end), in one pread (into `out` if given: a
         C-contiguous uint64 array of that many entries, any shape)."""
-        n = (end - start) >> PAGE_SHIFT
+        n = (end - start) >> self.page_shift
         if out is None:
             out = np.empty(n, dtype=np.uint64)
         elif out.size != n or out.dtype != np.uint64 or not out.flags.c_contiguous:
             raise ValueError("out must be a C-contiguous uint64 array of one entry per page")
         with process_errors(self.pid):
-            got = os.preadv(self.fd, [memoryview(out).cast("B")], (start >> PAGE_SHIFT) * 8)
+            got = os.preadv(self.fd, [memoryview(out).cast("B")],
+                            (start >> self.page_shift) * 8)
         if got != n * 8:  # the mm went away under us
             out.reshape(-1)[got // 8:] = 0
         return out
@@ -97,11 +99,11 @@ class PageMap:
         return np.concatenate(chunks)
 
 
-def pagemap_scan_supported(proc_root: str = "/proc") -> bool:
+def pagemap_scan_supported(proc_root: str, page_shift: int) -> bool:
     """Probe PAGEMAP_SCAN on our own pagemap."""
     try:
-        with PageMap(proc_root, "self") as pm:  # type: ignore[arg-type]
-            pm.scan(0, PAGE_SIZE, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
+        with PageMap(proc_root, "self", page_shift) as pm:  # type: ignore[arg-type]
+            pm.scan(0, 1 << page_shift, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
         return True
     except (Unsupported, OSError):
         return False

@@ -3,18 +3,14 @@
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from hugepaged.errors import Unsupported
 from hugepaged.kernel.errors import process_errors
-from hugepaged.kernel.geometry import read_geometry
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY, running_geometry
 
 THP_DIR = "kernel/mm/transparent_hugepage"
-KHUGEPAGED_KNOBS = ("pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs",
-                    "max_ptes_none", "max_ptes_swap", "max_ptes_shared", "defrag")
-KHUGEPAGED_COUNTERS = ("pages_collapsed", "full_scans")
-HUGE_ORDER = 9
 ANON_MODES = ("always", "madvise", "never")
 
 
@@ -43,6 +39,22 @@ class ThpSysfs:
     def __init__(self, sys_root: str = "/sys") -> None:
         self.sys_root = sys_root
         self.dir = f"{sys_root}/{THP_DIR}"
+        self._files: dict[str, bool] | None = None
+
+    def khugepaged_files(self) -> dict[str, bool]:
+        """The khugepaged directory as the kernel has it: name -> writable (a knob; the
+        read-only files are its counters, pages_collapsed and full_scans)."""
+        if self._files is None:
+            sub = f"{self.dir}/khugepaged"
+            try:
+                names = sorted(os.listdir(sub))
+            except FileNotFoundError:
+                names = []
+            self._files = {n: bool(os.stat(f"{sub}/{n}").st_mode & 0o200) for n in names}
+        return self._files
+
+    def knobs(self) -> tuple[str, ...]:
+        return tuple(n for n, w in self.khugepaged_files().items() if w)
 
     def available(self) -> bool:
         return os.path.isdir(self.dir)
@@ -52,7 +64,7 @@ class ThpSysfs:
             raise Unsupported(f"{self.dir} is missing: this kernel has no transparent huge pages")
 
     def _path(self, name: str) -> str:
-        sub = "khugepaged/" if name in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS else ""
+        sub = "khugepaged/" if name in self.khugepaged_files() else ""
         return f"{self.dir}/{sub}{name}"
 
     def read_raw(self, name: str) -> str:
@@ -71,7 +83,7 @@ class ThpSysfs:
 
     def pmd_size_dir(self) -> str:
         """`hugepages-2048kB` (for the PMD size of this machine): its per-size knobs."""
-        return f"hugepages-{read_geometry(self.sys_root).pmd_size >> 10}kB"
+        return f"hugepages-{running_geometry(self.sys_root).pmd_size >> 10}kB"
 
     def pmd_enabled(self) -> str | None:
         """The per-size `enabled` of the PMD size (always, inherit, madvise, never); None
@@ -118,22 +130,24 @@ class ThpSysfs:
         return out
 
     def khugepaged(self) -> dict[str, int]:
-        return {n: int(self.read_raw(n)) for n in KHUGEPAGED_KNOBS + KHUGEPAGED_COUNTERS}
+        return {n: int(self.read_raw(n)) for n in self.khugepaged_files()}
 
     def current(self) -> dict[str, int | str]:
         """The kernel's current values of everything it shares with hugepaged's tunables."""
         values: dict[str, int | str] = {"enabled": self.effective_enabled()}
         with contextlib.suppress(OSError):  # absent without CONFIG_SHMEM
             values["shmem_enabled"] = str(self.read("shmem_enabled"))
-        values.update({k: v for k, v in self.khugepaged().items() if k in KHUGEPAGED_KNOBS})
+        knobs = self.knobs()
+        values.update({k: v for k, v in self.khugepaged().items() if k in knobs})
         return values
 
     def write(self, name: str, value: str | int) -> None:
         with process_errors(None, self._path(name)), open(self._path(name), "w") as f:
             f.write(f"{value}\n")
 
-    def snapshot(self, names: tuple[str, ...] = ("enabled",) + KHUGEPAGED_KNOBS) -> dict:
-        return {n: self.read(n) for n in names}
+    def snapshot(self, names: tuple[str, ...] | None = None) -> dict:
+        """The knobs' values (default: `enabled` and every khugepaged knob)."""
+        return {n: self.read(n) for n in (names or ("enabled", *self.knobs()))}
 
     def restore(self, saved: dict) -> None:
         # enabled last: going back to madvise/always restarts the kernel thread with the
@@ -154,7 +168,7 @@ class ThpSysfs:
             self.restore(saved)
 
 
-def free_huge_blocks(text: str, order: int = HUGE_ORDER) -> int:
+def free_huge_blocks(text: str, order: int = DEFAULT_GEOMETRY.pmd_order) -> int:
     """Free blocks of `order` or larger in /proc/buddyinfo text, counted in order-`order` units.
 
     ZONE_DMA is left out: its lowmem reserve keeps user pages, huge pages among them, out.
@@ -172,10 +186,11 @@ def free_huge_blocks(text: str, order: int = HUGE_ORDER) -> int:
 
 
 class MmStats:
-    """/proc/buddyinfo."""
+    """/proc/buddyinfo and /proc/zoneinfo, counted in blocks of the PMD order."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
-        self.proc_root = proc_root
+    def __init__(self, proc_root: str = "/proc",
+                 order: Callable[[], int] = lambda: DEFAULT_GEOMETRY.pmd_order) -> None:
+        self.proc_root, self._order = proc_root, order
 
     def _read(self, name: str) -> str:
         with open(f"{self.proc_root}/{name}") as f:
@@ -203,11 +218,11 @@ class MmStats:
         return target_nodes(Zones(self.proc_root).zones(), pfns)
 
     def free_huge_blocks(self, nodes: set[int] | None = None) -> int:
-        """Free 2 MiB blocks an allocation could take (on `nodes`, None: any): per zone above
-        its min watermark (kernel/zones.py); without /proc/zoneinfo, buddyinfo alone."""
+        """Free huge-page blocks an allocation could take (on `nodes`, None: any): per zone
+        above its min watermark (kernel/zones.py); without /proc/zoneinfo, buddyinfo alone."""
         from hugepaged.kernel.zones import Zones
 
         try:
-            return Zones(self.proc_root).usable_huge_blocks(nodes)
+            return Zones(self.proc_root).usable_huge_blocks(nodes, self._order())
         except FileNotFoundError:
-            return free_huge_blocks(self._read("buddyinfo"))
+            return free_huge_blocks(self._read("buddyinfo"), self._order())

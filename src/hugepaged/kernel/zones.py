@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HUGE_ORDER = 9
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
+
+HUGE_ORDER = DEFAULT_GEOMETRY.pmd_order  # the fixtures' (4 KiB pages); a run passes its own
 _ZONE = re.compile(r"^Node (\d+), zone\s+(\w+)")
 _NUM = re.compile(r"^\s+(pages free|min|low|high|spanned|present|managed)\s+(\d+)\s*$")
 _PROT = re.compile(r"^\s+protection: \(([\d, ]*)\)")
@@ -137,8 +139,9 @@ class Zones:
     def nodes(self) -> set[int]:
         return {z.node for z in self.zones() if z.spanned}
 
-    def usable_huge_blocks(self, nodes: set[int] | None = None) -> int:
+    def usable_huge_blocks(self, nodes: set[int] | None = None,
+                           order: int = HUGE_ORDER) -> int:
         zones, buddy = self.zones(), parse_buddyinfo(self._read("buddyinfo"))
         if nodes is None:
-            return usable_huge_blocks(zones, buddy)
-        return sum(usable_huge_blocks(zones, buddy, n) for n in nodes)
+            return usable_huge_blocks(zones, buddy, order=order)
+        return sum(usable_huge_blocks(zones, buddy, n, order) for n in nodes)

@@ -20,12 +20,11 @@ from hugepaged.kernel.pagemap import (
 from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
-from hugepaged.scan.decide import HPAGE_PMD_NR, Verdicts, decide
+from hugepaged.scan.decide import Verdicts, decide
 from hugepaged.scan.eligibility import uffd_armed
 from hugepaged.scan.referenced import Referenced
 
 _U = np.uint64
-_STEPS = np.arange(HPAGE_PMD_NR, dtype=np.uint64)
 _VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared")
 
 
@@ -56,35 +55,36 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
 
 
 def pmd_candidates(pm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Windows that a PMD mapping can be, from pagemap alone: 512 present
-    entries with consecutive PFNs from a 512-aligned first one. Only these need the
+    """Windows that a PMD mapping can be, from pagemap alone: HPAGE_PMD_NR present
+    entries with consecutive PFNs from an aligned first one. Only these need the
     kpageflags of their first frame to tell whether they are PMD-mapped.
 
-    Also returns which of them have 512 entries equal but for the PFN (as a PMD mapping
+    Also returns which of them have all entries equal but for the PFN (as a PMD mapping
     has): their first entry speaks for all.
     """
-    n = pm.shape[0]
+    n, nr = pm.shape
+    steps = np.arange(nr, dtype=np.uint64)
     first, last = pm[:, 0], pm[:, -1]
     pfn0 = first & _U(PM_PFN_MASK)
     # O(windows) filter first: present at both ends, aligned, the right PFN distance.
     maybe = ((first & _U(PM_PRESENT)) != 0) & ((last & _U(PM_PRESENT)) != 0) \
-        & ((pfn0 % _U(HPAGE_PMD_NR)) == 0) \
-        & ((last & _U(PM_PFN_MASK)) == pfn0 + _U(HPAGE_PMD_NR - 1))
+        & ((pfn0 % _U(nr)) == 0) \
+        & ((last & _U(PM_PFN_MASK)) == pfn0 + _U(nr - 1))
     cand, uniform = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     rows = np.flatnonzero(maybe)
     if rows.size == 0:
         return cand, uniform
     sub = pm if rows.size == n else pm[rows]
-    # pm[i] == pm[0] + i: since the first PFN is 512-aligned, PFN + i never carries into
+    # pm[i] == pm[0] + i: since the first PFN is aligned, PFN + i never carries into
     # the flag bits, so this is "same flags, consecutive PFNs".
-    same = (sub - _STEPS == sub[:, :1]).all(axis=1)
+    same = (sub - steps == sub[:, :1]).all(axis=1)
     cand[rows] = uniform[rows] = same
     other = rows[~same]
     if other.size:  # differing flags (soft-dirty, uffd-wp, exclusivity): the full check
         o = pm[other]
         pfn = o & _U(PM_PFN_MASK)
         cand[other] = ((o & _U(PM_PRESENT)) != 0).all(axis=1) \
-            & (pfn == pfn[:, :1] + _STEPS).all(axis=1)
+            & (pfn == pfn[:, :1] + steps).all(axis=1)
     return cand, uniform
 
 
@@ -97,7 +97,7 @@ class AnonScanner:
         self.kpf, self.limits, self.pagemap = kpf, control.limits(), pagemap
         # The young-bit check is khugepaged's only (cc->is_khugepaged), not MADV_COLLAPSE's.
         self.referenced = referenced if self.limits.khugepaged else None
-        self.shift = kernel.geometry.pmd_shift
+        self.shift, self.nr = kernel.geometry.pmd_shift, kernel.geometry.pmd_nr
         self.use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None \
             else use_pagemap_scan
 
@@ -115,8 +115,8 @@ class AnonScanner:
         codes = np.full(nwin, int(ScanResult.PMD_NONE), dtype=np.int8)
         codes[huge] = int(ScanResult.PMD_MAPPED)
         zeros = np.zeros(nwin, dtype=np.int64)
-        out = Verdicts(codes, zeros.copy(), zeros + HPAGE_PMD_NR, zeros.copy(), zeros.copy())
-        out.present[huge] = HPAGE_PMD_NR
+        out = Verdicts(codes, zeros.copy(), zeros + self.nr, zeros.copy(), zeros.copy())
+        out.present[huge] = self.nr
         out.none[huge] = 0
         if detail.size == 0:
             return out
@@ -127,7 +127,7 @@ class AnonScanner:
         return out
 
     def _decide_unscanned(self, pm: np.ndarray, armed: bool) -> Verdicts:
-        """Without PAGEMAP_SCAN: PMD-mapped windows (512 present PTEs of one
+        """Without PAGEMAP_SCAN: PMD-mapped windows (HPAGE_PMD_NR present PTEs of one
         order-9 folio with a THP head),
         reading kpageflags for their first frame only; every other window in full."""
         n = pm.shape[0]
@@ -144,17 +144,17 @@ class AnonScanner:
             return self._decide(pm, armed)
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(np.full(n, int(ScanResult.PMD_MAPPED), dtype=np.int8),
-                       zeros + HPAGE_PMD_NR, zeros.copy(), zeros.copy(), zeros.copy())
+                       zeros + self.nr, zeros.copy(), zeros.copy(), zeros.copy())
         rest = np.flatnonzero(~pmd)
         if rest.size:
             v = self._decide(pm[rest], armed)
             for name in _VERDICT_FIELDS:
                 getattr(out, name)[rest] = getattr(v, name)
-        # Counts as decide() has them, all 512 entries being present: the zero page counts
+        # Counts as decide() has them, all entries being present: the zero page counts
         # as none. An exclusively mapped PTE never maps the zero page (vm_normal_page() is
         # NULL for it, so pagemap leaves PM_MMAP_EXCLUSIVE clear) and the huge zero page
         # carries KPF_ZERO_PAGE on its first frame: an exclusive window whose first frame
-        # is not a zero page has 512 normal, unshared pages. The others are read in full.
+        # is not a zero page has only normal, unshared pages. The others are read in full.
         excl0 = (pm[:, 0] & _U(PM_MMAP_EXCLUSIVE)) != 0
         plain = pmd & uniform & excl0 & ((head & _U(KPF_ZERO_PAGE)) == 0)
         rows = np.flatnonzero(pmd & ~plain)
@@ -166,7 +166,7 @@ class AnonScanner:
             flags = self.kpf.read(np.where(need, sub & _U(PM_PFN_MASK), _U(0)))
             zero = (flags & _U(KPF_ZERO_PAGE)) != 0
             nzero = zero.sum(axis=1)
-            out.present[rows] = HPAGE_PMD_NR - nzero
+            out.present[rows] = self.nr - nzero
             out.none[rows] = nzero
             out.shared[rows] = (~zero & ~excl).sum(axis=1)
         return out
@@ -183,7 +183,7 @@ class AnonScanner:
         return v
 
     def _read_windows(self, start: int, detail: np.ndarray) -> np.ndarray:
-        pm = np.empty((detail.size, HPAGE_PMD_NR), dtype=np.uint64)
+        pm = np.empty((detail.size, self.nr), dtype=np.uint64)
         row = 0
         for a, b in _runs(detail):
             self.pagemap.read(start + (a << self.shift), start + (b << self.shift),

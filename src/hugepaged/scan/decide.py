@@ -1,4 +1,7 @@
-"""The per-window decision of hpage_collapse_scan_pmd, vectorised over (windows, 512) arrays.
+"""The per-window decision of hpage_collapse_scan_pmd, vectorised over (windows, PTEs) arrays.
+
+The second axis is HPAGE_PMD_NR of the kernel the entries came from (512 with 4 KiB pages,
+2048 with 16 KiB, 8192 with 64 KiB): every count and limit here is relative to it.
 
 The kernel walks a window's PTEs in address order and stops at the first PTE that fails a
 check, so the result is the failure met first, not a global priority. Here every check
@@ -10,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hugepaged.kernel.geometry import DEFAULT_GEOMETRY
 from hugepaged.kernel.kpageflags import (
     KPF_ANON,
     KPF_LOCKED,
@@ -25,21 +27,11 @@ from hugepaged.kernel.pagemap import (
     PM_SWAP,
     PM_UFFD_WP,
 )
+from hugepaged.policy import Limits
 from hugepaged.results import ScanResult as R
 
-HPAGE_PMD_NR = DEFAULT_GEOMETRY.pmd_nr  # the arrays' second axis
-_NONE = HPAGE_PMD_NR  # "no failing PTE" sentinel index
+__all__ = ["Limits", "Verdicts", "clean_windows", "decide"]
 _U = np.uint64
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The max_ptes_* of the kernel; `khugepaged=False` is MADV_COLLAPSE's semantics."""
-
-    max_ptes_none: int = 511
-    max_ptes_swap: int = 64
-    max_ptes_shared: int = 256
-    khugepaged: bool = True
 
 
 @dataclass
@@ -60,16 +52,17 @@ def _bit(a: np.ndarray, mask: int) -> np.ndarray:
 
 
 def _first(mask: np.ndarray) -> np.ndarray:
-    """Index of the first True per row, or _NONE."""
+    """Index of the first True per row, or the row width (no PTE fails)."""
+    none = mask.shape[1]
     if not mask.any():
-        return np.full(mask.shape[0], _NONE, dtype=np.int64)
-    return np.where(mask.any(axis=1), mask.argmax(axis=1), _NONE)
+        return np.full(mask.shape[0], none, dtype=np.int64)
+    return np.where(mask.any(axis=1), mask.argmax(axis=1), none)
 
 
 def _first_over(mask: np.ndarray, limit: np.ndarray | int) -> np.ndarray:
     """Index of the PTE at which the running count of `mask` first exceeds `limit`."""
     if not mask.any():  # the count stays 0: only a negative limit is exceeded, at PTE 0
-        return np.broadcast_to(np.where(np.asarray(limit) < 0, 0, _NONE).astype(np.int64),
+        return np.broadcast_to(np.where(np.asarray(limit) < 0, 0, mask.shape[1]).astype(np.int64),
                                mask.shape[:1])
     over = np.cumsum(mask, axis=1, dtype=np.int16) > np.reshape(limit, (-1, 1))
     return _first(over)
@@ -91,7 +84,7 @@ def _u64_words(a: np.ndarray) -> bool:
 
 
 def clean_windows(pagemap: np.ndarray, kflags: np.ndarray) -> np.ndarray:
-    """Per window: all 512 PTEs pass every check, so SUCCEED (or LACK_REFERENCED_PAGE).
+    """Per window: all its PTEs pass every check, so SUCCEED (or LACK_REFERENCED_PAGE).
 
     Reads one byte of each pagemap entry and one 32-bit word of each kpageflags entry.
     """
@@ -109,12 +102,12 @@ def clean_windows(pagemap: np.ndarray, kflags: np.ndarray) -> np.ndarray:
 def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
            referenced: np.ndarray | None = None,
            uffd_armed: np.ndarray | bool = False) -> Verdicts:
-    """Result code per window from pagemap entries and kpageflags, both (n, 512) uint64.
+    """Result code per window from pagemap entries and kpageflags, both (n, HPAGE_PMD_NR) uint64.
 
-    `referenced` (n, 512) bool is the young/referenced state where an access source
+    `referenced` (n, HPAGE_PMD_NR) bool is the young/referenced state where an access source
     exists; None means unknown and the LACK_REFERENCED_PAGE rule is not applied.
 
-    Windows whose 512 PTEs all pass every check (the usual 4 KiB-mapped window) are settled
+    Windows whose PTEs all pass every check (the usual 4 KiB-mapped window) are settled
     from one byte and one word per PTE; only the rest go through the per-check search.
     """
     n = pagemap.shape[0]
@@ -125,7 +118,7 @@ def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
     else:
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(codes=np.full(n, int(R.SUCCEED), dtype=np.int8),
-                       present=zeros + HPAGE_PMD_NR, none=zeros, swap=zeros.copy(),
+                       present=zeros + pagemap.shape[1], none=zeros, swap=zeros.copy(),
                        shared=zeros.copy())
         if referenced is not None and limits.khugepaged:
             # Every PTE is a normal page and none is swapped: lacking means none referenced.
@@ -175,14 +168,14 @@ def _decide_checks(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits,
     keys = np.stack([idx * 16 + rank for rank, (idx, _) in enumerate(checks)])
     codes_by_rank = np.array([int(code) for _, code in checks], dtype=np.int8)
     best = keys.argmin(axis=0)
-    failed = keys.min(axis=0) < _NONE * 16
+    failed = keys.min(axis=0) < pagemap.shape[1] * 16
 
     codes = np.full(n, int(R.SUCCEED), dtype=np.int8)
     codes[failed] = codes_by_rank[best[failed]]
     if referenced is not None and limits.khugepaged:
         nref = (normal & referenced).sum(axis=1)
         unmapped = swapped.sum(axis=1)
-        lack = (nref == 0) | ((unmapped > 0) & (nref < HPAGE_PMD_NR // 2))
+        lack = (nref == 0) | ((unmapped > 0) & (nref < pagemap.shape[1] // 2))
         codes[~failed & lack] = int(R.LACK_REFERENCED_PAGE)
     codes[~(present | swapped).any(axis=1)] = int(R.PMD_NONE)
     return Verdicts(codes=codes, present=normal.sum(axis=1), none=none.sum(axis=1),

@@ -17,7 +17,7 @@ from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
-from hugepaged.scan.decide import HPAGE_PMD_NR, Verdicts
+from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
 from hugepaged.scan.referenced import Referenced
 from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
@@ -198,7 +198,7 @@ class ProcessScanner:
         if parts[0].mapped is None:  # swapped PTEs come back in too
             unmapped = none + np.concatenate([p.swap for p in parts])
         else:
-            unmapped = HPAGE_PMD_NR - np.concatenate([p.mapped for p in parts])
+            unmapped = self.geometry.pmd_nr - np.concatenate([p.mapped for p in parts])
         return VmaScan(vma, None, starts, np.concatenate([p.codes for p in parts]),
                        np.concatenate([p.present for p in parts]), none, unmapped)
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hugepaged.kernel.geometry import DEFAULT_GEOMETRY as _G
 from hugepaged.kernel.kpageflags import (
     KPF_COMPOUND_HEAD,
     KPF_COMPOUND_TAIL,
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
     from hugepaged.kernel.procfs import Vma
     from hugepaged.policy import CollapseControl
 
-HPAGE_PMD_NR = 512
-PAGE_SHIFT = 12
 _U = np.uint64
 
 
@@ -66,14 +65,14 @@ def shmem_kind(path: str) -> ShmemKind:
     return ShmemKind.ANON
 
 
-def misaligned(start: int, offset: int, pmd_size: int = HPAGE_PMD_NR << PAGE_SHIFT) -> bool:
+def misaligned(start: int, offset: int, pmd_size: int) -> bool:
     """thp_vma_suitable_order: (vm_start >> PAGE_SHIFT) - vm_pgoff must be a multiple of
     HPAGE_PMD_NR, or no PMD-aligned address maps a PMD-aligned range of the file. `offset` is
     the VMA's file offset in bytes (smaps shows it)."""
     return (start - offset) % pmd_size != 0
 
 
-def within_size(offset: int, i_size: int, pmd_size: int = HPAGE_PMD_NR << PAGE_SHIFT) -> bool:
+def within_size(offset: int, i_size: int, pmd_size: int) -> bool:
     """shmem_get_orders_within_size for the PMD order at the VMA's first offset (bytes)."""
     return i_size >= (offset // pmd_size + 1) * pmd_size
 
@@ -177,9 +176,10 @@ def shmem_ineligible(vma: Vma, control: CollapseControl, kernel: ShmemModes,
 class FileLimits:
     """The limits hpage_collapse_scan_file applies; `khugepaged=False` is MADV_COLLAPSE."""
 
-    max_ptes_none: int = 511
-    max_ptes_swap: int = 64
+    max_ptes_none: int = _G.max_ptes_none
+    max_ptes_swap: int = _G.max_ptes_swap
     khugepaged: bool = True
+    nr: int = _G.pmd_nr  # HPAGE_PMD_NR: pages per range
 
 
 @dataclass
@@ -216,7 +216,7 @@ def decide_file(present: np.ndarray, swap: np.ndarray, folios: Folios,
     if not limits.khugepaged:
         codes[empty] = int(R.TRUNCATED)
     else:
-        codes[present < HPAGE_PMD_NR - limits.max_ptes_none] = int(R.EXCEED_NONE_PTE)
+        codes[present < limits.nr - limits.max_ptes_none] = int(R.EXCEED_NONE_PTE)
     codes[folios.off_lru] = int(R.PAGE_LRU)
     codes[folios.compound] = int(R.PAGE_COMPOUND)
     if limits.khugepaged:
@@ -259,7 +259,7 @@ def head_candidates(pagemap: np.ndarray) -> np.ndarray:
     first = mapped.argmax(axis=1)
     rows = np.arange(pagemap.shape[0])
     pfn = (pagemap[rows, first] & _U(PM_PFN_MASK)).astype(np.int64) - first
-    ok = mapped.any(axis=1) & (pfn > 0) & (pfn % HPAGE_PMD_NR == 0)
+    ok = mapped.any(axis=1) & (pfn > 0) & (pfn % pagemap.shape[1] == 0)
     return np.where(ok, pfn, 0)
 
 
@@ -267,5 +267,5 @@ def _consistent(pagemap: np.ndarray, mapped: np.ndarray) -> np.ndarray:
     """Every mapped page's frame is the head candidate plus its index."""
     head = head_candidates(pagemap)
     pfn = (pagemap & _U(PM_PFN_MASK)).astype(np.int64)
-    want = head[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)
+    want = head[:, None] + np.arange(pagemap.shape[1], dtype=np.int64)
     return (head > 0) & ((pfn == want) | ~mapped).all(axis=1)

@@ -15,7 +15,7 @@ from hugepaged.kernel.pagemap import PAGE_IS_HUGE, PAGE_IS_PRESENT, PM_PFN_MASK,
 from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.scan.anon import window_masks
-from hugepaged.scan.decide import HPAGE_PMD_NR, Verdicts
+from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.shmem import FileLimits, decide_file, folio_facts, head_candidates, one_folio
 
 _U = np.uint64
@@ -37,7 +37,7 @@ class ShmemScanner:
         # `referenced` is unused: hpage_collapse_scan_file has no young-bit check.
         self.kernel, self.pid, self.kpf, self.pagemap = kernel, pid, kpf, pagemap
         self.limits = FileLimits(control.max_ptes_none, control.max_ptes_swap,
-                                 khugepaged=control.is_khugepaged)
+                                 khugepaged=control.is_khugepaged, nr=kernel.geometry.pmd_nr)
         self.geometry = kernel.geometry
         self.use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None \
             else use_pagemap_scan
@@ -83,19 +83,20 @@ class ShmemScanner:
         nwin = (end - start) >> shift
         counts = self.cache_counts(vma, start, nwin)
         present, swap = counts[:, 0], counts[:, 1]
-        pm = self.pagemap.read(start, end).reshape(nwin, HPAGE_PMD_NR)
+        nr = self.geometry.pmd_nr
+        pm = self.pagemap.read(start, end).reshape(nwin, nr)
         mapped = (pm >= _U(PM_PRESENT)).sum(axis=1)
         self._probe_unmapped(vma, start, pm, mapped, present)
         pfns = np.where(pm >= _U(PM_PRESENT), pm & _U(PM_PFN_MASK), _U(0))
         kflags = self.kpf.read(pfns)
         heads = head_candidates(pm).astype(np.uint64)
-        probe = np.stack([heads, np.where(heads > 0, heads + _U(HPAGE_PMD_NR - 1), _U(0)),
-                          np.where(heads > 0, heads + _U(HPAGE_PMD_NR), _U(0))])
+        probe = np.stack([heads, np.where(heads > 0, heads + _U(nr - 1), _U(0)),
+                          np.where(heads > 0, heads + _U(nr), _U(0))])
         hf, tf, nf = self.kpf.read(probe)
         folios = folio_facts(pm, kflags, hf, tf, nf, self._pmd_mapped(pm, hf, tf, nf, start,
                                                                          end))
         codes = decide_file(present, swap, folios, self.limits)
-        none = HPAGE_PMD_NR - present - np.maximum(swap, 0)
+        none = nr - present - np.maximum(swap, 0)
         return Verdicts(codes, present.copy(), none, swap.copy(), np.zeros(nwin, np.int64),
                         mapped=mapped)
 
@@ -106,7 +107,7 @@ class ShmemScanner:
         its first page's frame, learnt through hugepaged's own mapping (MappedFile.frames),
         goes into that range's first pagemap entry, so that the folio facts see it as if this
         process mapped that one page."""
-        rows = np.flatnonzero((mapped == 0) & (present == HPAGE_PMD_NR))
+        rows = np.flatnonzero((mapped == 0) & (present == self.geometry.pmd_nr))
         if not rows.size:
             return
         size = self.geometry.pmd_size

@@ -1,4 +1,10 @@
-"""A cap on all the CPU the daemon spends: a token bucket refilled at max_cpu_percent of a core.
+"""CPU limiters for collapses: the daemon's cap (a token bucket) and a one-shot run's pace.
+
+Both answer the same three questions (Limiter): may work start now, how long until it may,
+and here is what was spent. The collapse path asks them and never sleeps inside them: the
+daemon's loop schedules its wake-up from wait(), the one-shot command sleeps for it.
+
+CpuBudget, the daemon's: a token bucket refilled at max_cpu_percent of a core.
 
 Every CPU-second is charged once, by whoever measured it on the thread that spent it: the
 scan loop's thread through a ThreadMeter (scanning, registration, the /proc walk, the syscall
@@ -18,8 +24,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 BURST_SECONDS = 1.25
+
+
+class Limiter(Protocol):
+    """What the collapse path asks of a CPU limit."""
+
+    percent: int
+
+    def allows(self, now: float) -> bool: ...
+    def wait(self, now: float) -> float: ...
+    def charge(self, cpu_seconds: float) -> None: ...
 
 
 class CpuBudget:
@@ -89,11 +106,31 @@ class CpuBudget:
         return (top - self.tokens) / self.rate
 
 
+class Pacer:
+    """A one-shot run's pace: work may start while the CPU charged so far is at most
+    `percent` of the time since the pacer started (a running average over the whole run, so
+    a slow batch is followed by a long rest and no debt or credit outlives the run)."""
+
+    def __init__(self, percent: int, now: float) -> None:
+        self.percent, self.start, self.cpu = percent, now, 0.0
+
+    def charge(self, cpu_seconds: float) -> None:
+        self.cpu += cpu_seconds
+
+    def wait(self, now: float) -> float:
+        if self.percent <= 0:
+            return 0.0
+        return max(0.0, self.start + self.cpu * 100.0 / self.percent - now)
+
+    def allows(self, now: float) -> bool:
+        return self.wait(now) == 0.0
+
+
 class ThreadMeter:
     """One thread's CPU, charged to a budget exactly once: what it spent since the last
     charge. A charge from another thread (a test driving the core) only moves the mark."""
 
-    def __init__(self, budget: CpuBudget, clock: Callable[[], float] = time.thread_time
+    def __init__(self, budget: Limiter, clock: Callable[[], float] = time.thread_time
                  ) -> None:
         self.budget, self.clock = budget, clock
         self.reset()

@@ -1,4 +1,4 @@
-"""collapse_huge_page in userspace: one window per process_madvise(MADV_COLLAPSE) call.
+"""collapse_huge_page in userspace: process_madvise(MADV_COLLAPSE) calls, one iovec a window.
 
 The kernel re-checks everything under its own locks; what comes back is an errno, mapped
 here (and only here) to the kernel's result codes.
@@ -132,7 +132,8 @@ def collapse_run(pidfd: int, pid: int, addresses: list[int], size: int,
 
     The kernel stops at the first window that fails and returns the bytes it advised: the
     windows before it succeeded, and that one is collapsed again alone to learn its errno
-    (or succeeds then); the rest go in the next call. Every window gets its own outcome; the
+    (or succeeds then); the rest go in the next call, unless the failure was the huge page's
+    allocation (madvise_collapse stops its range there too). Every window gets its own outcome; the
     time of a call is shared out evenly among the windows it collapsed. A process that exits
     or refuses us part-way ends the run with the outcomes so far (the next call raises).
     """
@@ -143,10 +144,12 @@ def collapse_run(pidfd: int, pid: int, addresses: list[int], size: int,
             step = [_single(pidfd, pid, addresses[i], size, redecide, out)]
         else:
             step = _batch(pidfd, pid, addresses[i:], size, redecide, out)
-        if not step:
+        if not step or step[-1] is None:
             break
         out += step
         i += len(step)
+        if out[-1].result == R.ALLOC_HUGE_PAGE_FAIL:
+            break  # as madvise_collapse and khugepaged: no huge page now, stop here
     return out
 
 
