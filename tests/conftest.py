@@ -8,6 +8,18 @@ import pytest
 from .helpers import knob_snapshot, machine_lock, restore_knobs, saved_thp
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_lock():
+    """HUGEPAGED_TEST_LOCK=session: the machine lock is taken once for the whole run (and
+    every test's own lock is then free), so a full run on a machine others share waits for
+    its turn once, not once per test."""
+    if os.environ.get("HUGEPAGED_TEST_LOCK") != "session":
+        yield
+        return
+    with machine_lock():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _kernel_lock(request):
     """A test marked `kernel` sees THP state no other test or benchmark is changing, and

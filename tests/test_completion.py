@@ -34,7 +34,7 @@ def test_every_module_is_a_command():
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "tcsh"])
 def test_script_names_every_command_and_option(shell):
-    text = script(shell)
+    text = script(shell, build_parser())
     for name, sub in commands().items():
         assert name in text, name
         for opt in options(sub):
@@ -45,14 +45,14 @@ def test_script_names_every_command_and_option(shell):
 
 def test_cli_prints_the_script():
     r = hugepaged_cli("completion", "bash")
-    assert r.returncode == 0 and r.stdout == script("bash")
+    assert r.returncode == 0 and r.stdout == script("bash", build_parser())
     assert hugepaged_cli("completion", "fish").returncode == 2
 
 
 def complete_bash(tmp_path, words: list[str]) -> list[str]:
     """What bash offers after typing `words` (the last one may be partial)."""
     bash = require_tool("bash", "apt-get install bash")
-    (tmp_path / "hugepaged.bash").write_text(script("bash"))
+    (tmp_path / "hugepaged.bash").write_text(script("bash", build_parser()))
     line = " ".join(words)
     program = f"""
 source {tmp_path / 'hugepaged.bash'}
@@ -87,7 +87,7 @@ def test_bash_completes_for_real(tmp_path):
 
 def test_zsh_script_loads(tmp_path):
     zsh = require_tool("zsh", "apt-get install zsh")
-    (tmp_path / "_hugepaged").write_text(script("zsh"))
+    (tmp_path / "_hugepaged").write_text(script("zsh", build_parser()))
     r = subprocess.run([zsh, "-n", str(tmp_path / "_hugepaged")], capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -101,7 +101,7 @@ def test_zsh_script_loads(tmp_path):
 
 
 def unescaped_page() -> str:
-    return page().replace("\\-", "-")
+    return page(build_parser()).replace("\\-", "-")
 
 
 def test_man_page_names_every_command_option_and_tunable():
@@ -120,7 +120,7 @@ def test_man_page_names_every_command_option_and_tunable():
 
 def test_man_page_renders_without_warnings(tmp_path):
     groff = require_tool("groff", "apt-get install groff-base")
-    (tmp_path / "hugepaged.1").write_text(page())
+    (tmp_path / "hugepaged.1").write_text(page(build_parser()))
     r = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", str(tmp_path / "hugepaged.1")],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r.stderr
@@ -136,4 +136,4 @@ def test_man_page_renders_without_warnings(tmp_path):
 
 def test_cli_prints_the_man_page():
     r = hugepaged_cli("manpage")
-    assert r.returncode == 0 and r.stdout == page()
+    assert r.returncode == 0 and r.stdout == page(build_parser())

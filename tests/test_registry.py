@@ -171,8 +171,8 @@ class FakeKernel:
     def kpageflags(self):
         return SimpleNamespace(close=lambda: None)
 
-    def page_idle(self) -> None:
-        return None  # no idle page tracking: the young-bit check is not applied
+    def access_source(self, mark: bool = False) -> None:
+        return None  # no access source: the young-bit check is not applied
 
     def drain_lru(self) -> None:
         self.drains = getattr(self, "drains", 0) + 1
@@ -264,7 +264,7 @@ def world(monkeypatch):
         t = Tunables(enabled="madvise", max_cpu_percent=0, **tunables)
         # The fake world's own CPU is not the daemon's: only what a test sets is charged.
         core = Khugepaged(kernel, t, clock=clock, cpu_clock=lambda: 0.0)
-        core.scan.scanner = FakeScanner
+        core.scan.visitor.scanner = FakeScanner
         return core
 
     return SimpleNamespace(kernel=kernel, clock=clock, collapses=collapses,

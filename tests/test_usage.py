@@ -174,7 +174,7 @@ def test_folio_pages_pure():
     def read(a):
         return np.vectorize(lambda p: frames.get(int(p), 0), otypes=[np.uint64])(a)
 
-    counts, partial = folio_pages(pm, flags, read)
+    counts, partial = folio_pages(pm, flags, read, 512)
     assert dict(counts) == {16: 16, 512: 100} and partial == 0
     assert head_sizes(read(np.array([[1024 + i for i in range(1, 512)]]))).tolist() == [16]
     assert HPAGE // 4096 == 512

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.parser = parser  # completion and manpage describe it (without importing this module)
     try:
         return int(args.run(args) or 0)
     except HugepagedError as err:

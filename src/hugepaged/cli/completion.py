@@ -46,15 +46,13 @@ def annotate(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def script(shell: str) -> str:
+def script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """The completion script of `parser` (the whole command's, handed down by main())."""
     import shtab
 
-    from hugepaged.cli import build_parser
-
-    return shtab.complete(annotate(build_parser()), shell=shell,
-                          preamble=PREAMBLE.get(shell, ""))
+    return shtab.complete(annotate(parser), shell=shell, preamble=PREAMBLE.get(shell, ""))
 
 
 def run(args: argparse.Namespace) -> int:
-    sys.stdout.write(script(args.shell))
+    sys.stdout.write(script(args.shell, args.parser))
     return 0

@@ -83,13 +83,13 @@ def sections() -> list[tuple[str, str]]:
     ]
 
 
-def page() -> str:
+def page(parser: argparse.ArgumentParser) -> str:
+    """The man page of `parser` (the whole command's, handed down by main())."""
     from argparse_manpage.manpage import Manpage
 
     from hugepaged import __version__
-    from hugepaged.cli import build_parser
 
-    man = Manpage(build_parser())
+    man = Manpage(parser)
     man.description = SUMMARY
     man.source = f"hugepaged {__version__}"
     man.manual = "hugepaged manual"
@@ -99,5 +99,5 @@ def page() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    sys.stdout.write(page())
+    sys.stdout.write(page(args.parser))
     return 0

@@ -27,7 +27,7 @@ from hugepaged.kernel.peercred import peer_credentials
 log = logging.getLogger("hugepaged")
 CLIENT_TIMEOUT = 1.0  # a request must have arrived whole this long after connect
 REPLY_TIMEOUT = 2.0  # and the reply must have been taken this long after connect
-BACKLOG = max(512, socket.SOMAXCONN)  # bursts of clients wait in the kernel's queue
+BACKLOG = max(1024, socket.SOMAXCONN)  # bursts of clients wait in the kernel's queue
 MAX_CONNECTIONS = 64  # served at once; more stay in the backlog (each costs an fd)
 ACCEPT_RETRY = 0.1  # after EMFILE: let fds come back before accepting again
 

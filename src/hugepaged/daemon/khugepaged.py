@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from hugepaged.kernel import Kernel
 from hugepaged.policy import CollapseControl
-from hugepaged.scan.referenced import Referenced
 from hugepaged.targets import Target
 from hugepaged.tunables import Tunables
 
@@ -53,8 +52,7 @@ class Khugepaged:
         self.lanes = Lanes(self.collapser, self.membership, tunables.collapse_workers)
         # The young-bit check's source: idle page tracking where the kernel has it, the daemon
         # marking the windows it leaves so that its next visit can tell which were touched.
-        idle = kernel.page_idle()
-        self.referenced = Referenced(idle, mark=True) if idle is not None else None
+        self.referenced = kernel.access_source(mark=True)
         self.scan = ScanPass(kernel, self.membership, self.collapser, self.lanes,
                              self.counters, self.schedule, clock, self.referenced)
 
@@ -182,4 +180,4 @@ class Khugepaged:
         self.registry.close()
         self.collapser.close()
         if self.referenced is not None:
-            self.referenced.idle.close()
+            self.referenced.close()

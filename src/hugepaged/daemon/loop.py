@@ -144,7 +144,7 @@ class EventLoop:
     def _drain_signals(self) -> None:
         while True:
             try:
-                if not os.read(self._signal_r, 512):
+                if not os.read(self._signal_r, 4096):
                     break
             except BlockingIOError:
                 break

@@ -10,39 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from hugepaged.collapse import MAX_BATCH, take_run
 from hugepaged.errors import AccessDenied, ProcessGone
-from hugepaged.results import COLLAPSIBLE, ScanResult
-from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
 
 from . import schedule as sched
-from .collapser import STOP, Collapser, Halt, Hold
+from .collapser import Collapser, Halt
 from .counters import Counters
 from .lanes import Lanes
 from .membership import Membership
 from .mthp import MthpSampler
-from .ranges import RangeMemo
 from .registry import RESCAN_MAX, MmSlot
-from .targets import TargetState
-from .visit import ProcessView, due, memory_map
+from .visit import ProcessView, Visit, Visitor, due
 
 log = logging.getLogger("hugepaged")
 MAX_ERRORS = 3  # unexpected errors in a row before a slot is dropped
 IDLE_MIN = 5.0  # an idle pass (nothing due, nothing done) is not repeated sooner
 LANE_POLL = 1.0  # a pass stopped for a full lane: a finished batch wakes the loop before
-DRY = Hold(Halt.DRY)
-
-
-@dataclass
-class Visit:
-    """What one step of a visit came to."""
-
-    progress: int
-    finished: bool = False
-    collapsed: int = 0
-    hold: Hold | None = None
 
 
 class ScanPass:
@@ -56,11 +39,9 @@ class ScanPass:
         self.counters, self.schedule, self.clock = counters, schedule, clock
         self.referenced = referenced  # the access source for the young-bit check, or None
         self.registry = membership.registry
-        self.collapsed_ranges = RangeMemo()
         self.mthp = MthpSampler(kernel)
-        self.scanner = ProcessScanner
+        self.visitor = Visitor(kernel, membership, collapser, lanes, referenced)
         self._return_to: int | None = None  # the slot a higher priority one cut in before
-        self._chunk: dict[int, int] = {}  # pid -> windows its next read may decide
         membership.on_exit.append(self.forget)
         self.registry.on_wrap = self._full_scan
 
@@ -70,8 +51,8 @@ class ScanPass:
 
     def forget(self, pid: int) -> None:
         """A slot goes: the cursor moves past it (collect_mm_slot at the tail still completes
-        a full scan), and its read chunk is forgotten."""
-        self._chunk.pop(pid, None)
+        a full scan), and what its visits kept is forgotten."""
+        self.visitor.forget(pid)
         self.collapser.forget(pid)
         self.lanes.forget(pid)
         if self.registry.cursor.pid == pid:
@@ -191,7 +172,7 @@ class ScanPass:
             self._advance(pid)
             return 1, False, False
         try:
-            visit = self._scan_vmas(slot, view, budget)
+            visit = self.visitor.walk(slot, view, budget)
         except (ProcessGone, AccessDenied) as err:
             self._lost(slot, err, now)
             return 1, True, False
@@ -263,176 +244,3 @@ class ScanPass:
         slot.visit = None
         slot.settle(now)
         self._advance(slot.pid)
-
-    # --- the visit -------------------------------------------------------------------
-    def _scan_vmas(self, slot: MmSlot, view: ProcessView, budget: int) -> Visit:
-        """Walk the VMAs from the cursor, a chunk of windows a read."""
-        cur, pid, geo = self.registry.cursor, slot.pid, self.kernel.geometry
-        if cur.address == 0 and slot.resume and slot.visit is not None:
-            cur.address = slot.resume  # back where its target's CPU share ran out
-        slot.resume = 0
-        if cur.address == 0:  # a visit's first read and call are one window, then 2, 4, ...:
-            self.collapser.ramp[pid] = self._chunk[pid] = 1  # its first collapse comes sooner
-            slot.visit_wakes = slot.wakes
-        fresh = cur.address == 0 or slot.visit is None or view.faults() != slot.visit_fp
-        if fresh:  # a resumed visit whose process faulted since may have a new memory map
-            slot.visit_fp = view.faults()
-            slot.visit = memory_map(slot, view)
-            slot.anon_kb = sum(v.anonymous_kb for v in slot.visit[1])
-            slot.anon_huge_kb = sum(v.anon_huge_kb for v in slot.visit[1])
-        thp_enabled, vmas = slot.visit
-        state = self.membership.state_of(slot)
-        if slot.exited():
-            raise ProcessGone(f"pid {pid}: process has exited")
-        visit = Visit(progress=1)
-        with self.scanner(self.kernel, slot.mm_pid or pid, self.collapser.kpf,
-                          self.membership.control_for(slot),
-                          referenced=self.referenced) as mm:
-            for vma in vmas:
-                if vma.end <= cur.address:
-                    continue
-                if mm.ineligible(vma, not thp_enabled) is not None:
-                    visit.progress += 1
-                    continue
-                hstart, hend = geo.aligned(vma.start, vma.end)
-                addr = max(cur.address, hstart)
-                while addr < hend:
-                    cur.address = addr
-                    if visit.progress >= budget:
-                        return visit
-                    if self.collapser.stopping:  # SIGTERM is honoured between chunks
-                        visit.hold = STOP
-                        return visit
-                    want = max(1, -(-(budget - visit.progress) // geo.pmd_nr))
-                    chunk = self._chunk.get(pid, CHUNK_WINDOWS)
-                    self._chunk[pid] = min(CHUNK_WINDOWS, 2 * chunk)
-                    room = self._room(slot, state)
-                    if isinstance(room, Hold):
-                        visit.hold = room
-                        return visit
-                    n = min((hend - addr) >> geo.pmd_shift, want, chunk, room)
-                    verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
-                    if not fresh and (verdicts.codes == ScanResult.SUCCEED).any() and \
-                            view.moved_since(slot.visit_fp):
-                        # hugepage_vma_revalidate: the process faulted since its VMAs were
-                        # read (a region may have been replaced by a fresh mapping without
-                        # MADV_HUGEPAGE): read them again before collapsing here.
-                        cur.address, slot.visit = addr, None
-                        return visit
-                    results, visit.hold = self._windows(slot, state, mm, vma, addr, verdicts)
-                    for result in results:
-                        visit.progress += geo.pmd_nr
-                        if result is None:  # handed to a worker: counted when it is reaped
-                            visit.collapsed += 1
-                            continue
-                        visit.collapsed += result == ScanResult.SUCCEED
-                        self.collapser.count(slot, state, result)
-                    if visit.hold is not None:
-                        return visit
-                    addr += n * geo.pmd_size
-                cur.address = hend
-        visit.finished = True
-        return visit
-
-    def _room(self, slot: MmSlot, state: TargetState | None) -> int | Hold:
-        """How many windows are worth deciding now: no more than can be collapsed before
-        the decision is read again (what the CPU caps pay for at the mean cost of a collapse,
-        what the slot's worker lane takes), so that no pass reads page state it then throws
-        away; or why none is."""
-        hold = self.collapser.capped(state)
-        if hold is not None:
-            return hold
-        room, reserved = CHUNK_WINDOWS, 0
-        lane = self.lanes.room(slot.pid)
-        if lane is not None:
-            reserved, room = self.lanes.reserved(), lane
-            if room <= 0:  # this process waits for its lane, the pass goes on
-                self.lanes.stalled = True
-                return DRY
-        return self.collapser.batch_size(room, state, reserved)
-
-    def _windows(self, slot: MmSlot, state: TargetState | None, mm, vma, addr: int,
-                 verdicts) -> tuple[list[ScanResult | None], Hold | None]:
-        """Each window's result in address order, the cursor on it (None: handed to a
-        worker), and why the walk stopped early, if it did. A run of SUCCEED windows within
-        its target's bloat budget is collapsed a bounded batch per call."""
-        geo, cur, c = self.kernel.geometry, self.registry.cursor, self.collapser
-        page_kb = geo.page_size >> 10
-        codes, nones = verdicts.codes.tolist(), verdicts.none.tolist()
-        control = self.membership.control_for(slot)
-        ledger = state.ledger if state is not None else None
-        out: list[ScanResult | None] = []
-        i = 0
-        while i < len(codes):
-            cur.address = addr + i * geo.pmd_size
-            if codes[i] not in COLLAPSIBLE:
-                out.append(ScanResult(codes[i]))
-                i += 1
-                continue
-            key = mm.range_key(vma, cur.address)
-            if key is not None:  # shared memory: one call per range of its file
-                unmapped = codes[i] == ScanResult.PTE_MAPPED_HUGEPAGE \
-                    and verdicts.mapped is not None and verdicts.mapped[i] == 0
-                result = self._collapse_range(slot, state, control, key, cur.address,
-                                              nones[i], unmapped)
-                if isinstance(result, Hold):
-                    return out, result
-                out.append(result)
-                i += 1
-                continue
-            j = take_run(codes, nones, i, c.next_ramp(slot.pid, MAX_BATCH), ledger, page_kb)
-            if j == i:
-                out.append(ScanResult.EXCEED_BLOAT_BUDGET)
-                i += 1
-                continue
-            if self.lanes.pool is not None:  # what the cap pays for, less what is in flight
-                j = i + c.batch_size(j - i, state, reserved=self.lanes.reserved())
-            run = [addr + k * geo.pmd_size for k in range(i, j)]
-            hold = c.admit(slot, run[0], state)
-            if hold is not None:
-                return out, hold
-            if self.lanes.pool is not None:  # a worker collapses it; counted when reaped
-                if not self.lanes.hand_over(slot, run, nones[i:j], state):
-                    return out, DRY
-                for a in run:
-                    cur.address = a
-                    out.append(None)
-                    i += 1
-                continue
-            outcomes, failed_at = c.collapse(slot, control, run, state)
-            for outcome in outcomes:
-                c.collapsed(slot, state, outcome, nones[i] * page_kb)
-                cur.address = outcome.address
-                out.append(outcome.result)
-                i += 1
-            if failed_at is not None:  # backing off: the pass resumes at that window
-                cur.address = failed_at
-                return out, STOP
-        return out, None
-
-    def _collapse_range(self, slot: MmSlot, state: TargetState | None, control, key,
-                        address: int, none_ptes: int, unmapped: bool) -> ScanResult | Hold:
-        """One collapse per range of a file: a shared-memory range another process already
-        collapsed is one huge page in the page cache, and this process maps it by PMD at
-        its next fault (PTE_MAPPED_HUGEPAGE until then); it is not asked again. Nor is a
-        range that is one huge page and that this process maps none of (`unmapped`): the
-        kernel's khugepaged has no page table to retract there and installs no PMD
-        (collapse_pte_mapped_thp with install_pmd false). Collapsed on the daemon's thread,
-        one window a call, so the memo stays exact."""
-        if unmapped or self.collapsed_ranges.seen(key):
-            return ScanResult.PTE_MAPPED_HUGEPAGE
-        bloat_kb = none_ptes * (self.kernel.geometry.page_size >> 10)
-        if state is not None and not state.ledger.allows(bloat_kb):
-            return ScanResult.EXCEED_BLOAT_BUDGET
-        hold = self.collapser.admit(slot, address, state)
-        if hold is not None:
-            return hold
-        outcomes, failed_at = self.collapser.collapse(slot, control, [address], state)
-        if failed_at is not None:
-            self.registry.cursor.address = failed_at
-            return STOP
-        outcome = outcomes[0]
-        self.collapser.collapsed(slot, state, outcome, bloat_kb)
-        if outcome.result == ScanResult.SUCCEED:
-            self.collapsed_ranges.add(key)
-        return outcome.result

@@ -193,7 +193,8 @@ class Service:
             "connector": loop is not None and loop.connector is not None,
             "madvise_source": "tracepoints" if loop is not None and loop.tracer is not None
             else "fingerprint",
-            "referenced_source": "page_idle" if core.referenced is not None else "none",
+            "referenced_source": core.referenced.name if core.referenced is not None
+            else "none",
         }
 
     # --- running ---------------------------------------------------------------------

@@ -15,8 +15,8 @@ from hugepaged.kernel.procfs import ProcFS
 from hugepaged.kernel.sysfs import MmStats, ThpSysfs
 
 if TYPE_CHECKING:
+    from hugepaged.kernel.access import AccessSource
     from hugepaged.kernel.kpageflags import KPageFlags
-    from hugepaged.kernel.pageidle import PageIdle
     from hugepaged.kernel.pagemap import PageMap
 
 _LAZY = {"KPageFlags": "hugepaged.kernel.kpageflags", "PageMap": "hugepaged.kernel.pagemap"}
@@ -68,12 +68,12 @@ class Kernel:
 
         return KPageFlags(self.proc_root)
 
-    def page_idle(self) -> PageIdle | None:
-        """The page_idle bitmap, opened, or None where this kernel has no idle page tracking:
-        the one per-page access source userspace has (LACK_REFERENCED_PAGE needs one)."""
-        from hugepaged.kernel.pageidle import bitmap_path, open_page_idle
+    def access_source(self, *, mark: bool = False) -> AccessSource | None:
+        """Which pages were touched (LACK_REFERENCED_PAGE needs it), chosen once here
+        (kernel/access.py); None where this kernel offers no source."""
+        from hugepaged.kernel.access import choose
 
-        return open_page_idle(self.page_idle_path or bitmap_path(self.sys_root))
+        return choose(self.sys_root, self.page_idle_path, mark=mark)
 
     def drain_lru(self) -> None:
         """lru_add_drain_all(), so kpageflags shows fresh pages on their LRU lists."""

@@ -19,6 +19,8 @@ import numpy as np
 
 from hugepaged.errors import AccessDenied
 from hugepaged.kernel.errors import process_errors
+from hugepaged.kernel.kpageflags import KPF_REFERENCED
+from hugepaged.kernel.pagemap import PM_PFN_MASK, PM_PRESENT
 
 _WORD = 8  # bytes per word of 64 frames
 _U = np.uint64
@@ -89,3 +91,33 @@ def open_page_idle(path: str) -> PageIdle | None:
         return PageIdle(path)
     except (AccessDenied, OSError):  # not ours to use: no access source, as where absent
         return None
+
+
+class PageIdleSource:
+    """kernel/access.py's AccessSource over the page_idle bitmap.
+
+    The daemon (`mark`) marks the frames of a window it leaves idle, and its next visit reads
+    which of them were touched since; a frame it never marked reads as referenced, as a
+    freshly faulted page's young PTE does for the kernel. `scan` reads only: it marks nothing,
+    so it changes no young bit the daemon or reclaim relies on. PG_referenced (kpageflags)
+    counts too, as folio_test_referenced does for the kernel."""
+
+    name = "page_idle"
+
+    def __init__(self, idle: PageIdle, mark: bool = False) -> None:
+        self.idle, self.mark = idle, mark
+
+    def referenced(self, pagemap: np.ndarray, kflags: np.ndarray) -> np.ndarray:
+        pfns = _present_pfns(pagemap)
+        return ~self.idle.idle(pfns) | ((kflags & _U(KPF_REFERENCED)) != 0)
+
+    def leave(self, pagemap: np.ndarray) -> None:
+        if self.mark and pagemap.size:
+            self.idle.mark(_present_pfns(pagemap))
+
+    def close(self) -> None:
+        self.idle.close()
+
+
+def _present_pfns(pagemap: np.ndarray) -> np.ndarray:
+    return np.where(pagemap >= _U(PM_PRESENT), pagemap & _U(PM_PFN_MASK), _U(0))

@@ -8,6 +8,7 @@ present frames, and decided by scan.decide.
 import numpy as np
 
 from hugepaged.kernel import Kernel, KPageFlags, PageMap
+from hugepaged.kernel.access import AccessSource
 from hugepaged.kernel.kpageflags import KPF_COMPOUND_HEAD, KPF_THP, KPF_ZERO_PAGE
 from hugepaged.kernel.pagemap import (
     PAGE_IS_HUGE,
@@ -22,7 +23,6 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
 from hugepaged.scan.decide import Verdicts, decide
 from hugepaged.scan.eligibility import uffd_armed
-from hugepaged.scan.referenced import Referenced
 
 _U = np.uint64
 _VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared")
@@ -93,7 +93,7 @@ class AnonScanner:
 
     def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
                  pagemap: PageMap, use_pagemap_scan: bool | None = None,
-                 referenced: Referenced | None = None) -> None:
+                 referenced: AccessSource | None = None) -> None:
         self.kpf, self.limits, self.pagemap = kpf, control.limits(), pagemap
         # The young-bit check is khugepaged's only (cc->is_khugepaged), not MADV_COLLAPSE's.
         self.referenced = referenced if self.limits.khugepaged else None
@@ -177,7 +177,7 @@ class AnonScanner:
         kf = self._read_flags(pm)
         if self.referenced is None:
             return decide(pm, kf, self.limits, uffd_armed=armed)
-        v = decide(pm, kf, self.limits, referenced=self.referenced.of(pm, kf),
+        v = decide(pm, kf, self.limits, referenced=self.referenced.referenced(pm, kf),
                    uffd_armed=armed)
         self.referenced.leave(pm[v.codes != int(ScanResult.SUCCEED)])
         return v

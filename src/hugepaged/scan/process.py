@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hugepaged.kernel import Kernel, KPageFlags
+from hugepaged.kernel.access import AccessSource
 from hugepaged.kernel.pagecache import mount_huge, tmpfs_mounts
 from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
@@ -19,12 +20,11 @@ from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
 from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
-from hugepaged.scan.referenced import Referenced
 from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
 from hugepaged.scan.shmem_scan import ShmemScanner
 from hugepaged.scan.usage import ThpUsage, thp_usage
 
-CHUNK_WINDOWS = 512  # windows decided per read: bounds the arrays of one step
+CHUNK_WINDOWS = 256  # windows decided per read: bounds the arrays of one step
 SCANNERS = {MemoryKind.ANON: AnonScanner, MemoryKind.SHMEM: ShmemScanner}
 
 
@@ -128,7 +128,7 @@ class ProcessScanner:
 
     def __init__(self, kernel: Kernel, pid: int, kpf: KPageFlags, control: CollapseControl,
                  use_pagemap_scan: bool | None = None, *,
-                 referenced: Referenced | None = None) -> None:
+                 referenced: AccessSource | None = None) -> None:
         self.kernel, self.pid, self.kpf, self.control = kernel, pid, kpf, control
         self.referenced = referenced
         self.geometry = kernel.geometry
@@ -205,7 +205,7 @@ class ProcessScanner:
 
 def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageFlags, *,
                  use_pagemap_scan: bool | None = None, usage: bool = False,
-                 referenced: Referenced | None = None) -> ProcessScan:
+                 referenced: AccessSource | None = None) -> ProcessScan:
     """Decide every window of every VMA of `pid` (raises ProcessGone if it exits);
     `usage`: also count every kind of THP it maps (scan.usage); `referenced`: the access
     source for khugepaged's young-bit check, where one exists."""
@@ -237,13 +237,12 @@ def scan_processes(kernel: Kernel, pids: list[int],
     `explicit`: the pids were named by the user, so a vanished or unreadable one is an error.
     The young-bit check reads idle page tracking where it exists and marks nothing.
     """
-    idle = kernel.page_idle()
+    source = kernel.access_source()
     try:
-        scans, denied = _scan_each(kernel, pids, control_for, explicit, usage,
-                                   Referenced(idle) if idle is not None else None)
+        scans, denied = _scan_each(kernel, pids, control_for, explicit, usage, source)
     finally:
-        if idle is not None:
-            idle.close()
+        if source is not None:
+            source.close()
     skipped = []
     if denied:
         skipped.append(f"{len(denied)} process(es) not readable (permission denied): "
@@ -252,7 +251,7 @@ def scan_processes(kernel: Kernel, pids: list[int],
 
 
 def _scan_each(kernel: Kernel, pids: list[int], control_for: Callable[[int], CollapseControl],
-               explicit: bool, usage: bool, referenced: Referenced | None
+               explicit: bool, usage: bool, referenced: AccessSource | None
                ) -> tuple[list[ProcessScan], list[int]]:
     """scan_processes' loop: the scans kept, and the pids we may not read."""
     from hugepaged.errors import AccessDenied, ProcessGone

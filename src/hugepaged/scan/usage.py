@@ -20,7 +20,6 @@ from hugepaged.kernel.pagemap import PAGE_IS_PRESENT, PM_PFN_MASK, PM_PRESENT, P
 from hugepaged.kernel.procfs import Vma
 from hugepaged.scan.eligibility import MemoryKind, memory_kind
 
-MAX_ORDER = 9  # the largest folio reported: one PMD
 CHUNK_BYTES = 1 << 30  # of address space read at once where PAGEMAP_SCAN is missing
 _U = np.uint64
 
@@ -54,20 +53,22 @@ class ThpUsage:
 
 
 def head_sizes(after_head: np.ndarray) -> np.ndarray:
-    """Folio size in pages per head, from the kpageflags of the 2**MAX_ORDER - 1 frames
-    after each head ((heads, 511) array): one plus the leading run of tails."""
+    """Folio size in pages per head, from the kpageflags of the HPAGE_PMD_NR - 1 frames
+    after each head ((heads, HPAGE_PMD_NR - 1) array): one plus the leading run of tails
+    (the largest folio reported is one PMD)."""
     tail = (after_head & _U(KPF_COMPOUND_TAIL)) != 0
     run = np.where(tail.all(axis=1), tail.shape[1], (~tail).argmax(axis=1))
     return run + 1
 
 
-def folio_pages(pm: np.ndarray, flags: np.ndarray, read_flags) -> tuple[Counter, int]:
+def folio_pages(pm: np.ndarray, flags: np.ndarray, read_flags, pmd_nr: int
+                ) -> tuple[Counter, int]:
     """(pages mapped per folio size in pages, pages of partly mapped folios) for one VMA's
     pagemap entries `pm` and the kpageflags of their frames `flags` (1-D, address order).
 
     A run is a mapped head and the mapped tails that follow it page by page and frame by
     frame. The frame after the run tells whether the run is the whole folio; only where it
-    is a tail (the folio goes on unmapped) are the 511 frames after the head read
+    is a tail (the folio goes on unmapped) are the pmd_nr - 1 frames after the head read
     (`read_flags(pfns)` reads kpageflags). Only THP folios count, not hugetlb.
     """
     present = (pm & _U(PM_PRESENT)) != 0
@@ -88,18 +89,18 @@ def folio_pages(pm: np.ndarray, flags: np.ndarray, read_flags) -> tuple[Counter,
     after = read_flags(h + n)
     longer = np.flatnonzero((after & _U(KPF_COMPOUND_TAIL)) != 0)
     if longer.size:
-        steps = np.arange(1, 1 << MAX_ORDER, dtype=np.int64)
+        steps = np.arange(1, pmd_nr, dtype=np.int64)
         size[longer] = head_sizes(read_flags(h[longer, None] + steps))
     counts = Counter({int(k): int(n[size == k].sum()) for k in np.unique(size)})
     return counts, partial
 
 
-def pte_kb(pages_by_size: Counter, pmd_kb: int, page_kb: int) -> Counter:
-    """kB mapped by PTEs per folio kB: order-9 pages minus the PMD-mapped ones."""
+def pte_kb(pages_by_size: Counter, pmd_kb: int, page_kb: int, pmd_nr: int) -> Counter:
+    """kB mapped by PTEs per folio kB: PMD-sized folios' pages minus the PMD-mapped ones."""
     out = Counter()
     for pages, n in pages_by_size.items():
         kb = n * page_kb
-        if pages == 1 << MAX_ORDER:
+        if pages == pmd_nr:
             kb -= pmd_kb
         if kb > 0 and pages > 1:
             out[pages * page_kb] = kb
@@ -122,14 +123,15 @@ def _present_spans(pagemap: PageMap, start: int, end: int, use_scan: bool,
     return spans
 
 
-def _vma_pages(pagemap: PageMap, kpf: KPageFlags, v: Vma, use_scan: bool) -> tuple[Counter, int]:
+def _vma_pages(pagemap: PageMap, kpf: KPageFlags, v: Vma, use_scan: bool, pmd_nr: int
+               ) -> tuple[Counter, int]:
     """(pages mapped per folio size in pages, pages of partly mapped folios) of one VMA."""
     pages: Counter = Counter()
     partial = 0
     for a, b in _present_spans(pagemap, v.start, v.end, use_scan, CHUNK_BYTES):
         pm = pagemap.read(a, b)
         flags = kpf.read(np.where(pm >= _U(PM_PRESENT), pm & _U(PM_PFN_MASK), _U(0)))
-        got, part = folio_pages(pm, flags, kpf.read)
+        got, part = folio_pages(pm, flags, kpf.read, pmd_nr)
         pages.update(got)
         partial += part
     return pages, partial
@@ -139,7 +141,7 @@ def thp_usage(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
               use_pagemap_scan: bool | None = None) -> ThpUsage:
     """Every kind of THP `pid` maps; raises ProcessGone if it exits."""
     use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None else use_pagemap_scan
-    page_kb = kernel.geometry.page_size >> 10
+    page_kb, nr = kernel.geometry.page_size >> 10, kernel.geometry.pmd_nr
     out = ThpUsage()
     with kernel.pagemap(pid) as pagemap:
         for v in vmas:
@@ -149,12 +151,12 @@ def thp_usage(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
             kind = memory_kind(v)
             if kind not in (MemoryKind.ANON, MemoryKind.SHMEM) or not v.rss_kb:
                 continue
-            pages, partial = _vma_pages(pagemap, kpf, v, use_scan)
+            pages, partial = _vma_pages(pagemap, kpf, v, use_scan, nr)
             if kind is MemoryKind.ANON:
-                out.anon_pte_kb.update(pte_kb(pages, v.anon_huge_kb, page_kb))
+                out.anon_pte_kb.update(pte_kb(pages, v.anon_huge_kb, page_kb, nr))
                 out.anon_partial_kb += partial * page_kb
             else:
-                out.shmem_pte_kb.update(pte_kb(pages, v.shmem_pmd_kb, page_kb))
+                out.shmem_pte_kb.update(pte_kb(pages, v.shmem_pmd_kb, page_kb, nr))
                 out.shmem_partial_kb += partial * page_kb
     return out
 
@@ -182,6 +184,7 @@ def anon_mthp_kb(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
         for v in vmas:
             if memory_kind(v) is not MemoryKind.ANON or v.anonymous_kb <= v.anon_huge_kb:
                 continue
-            pages, _ = _vma_pages(pagemap, kpf, v, use_scan)
-            out.update({kb: n for kb, n in pte_kb(pages, 0, page_kb).items() if kb < pmd_kb})
+            pages, _ = _vma_pages(pagemap, kpf, v, use_scan, kernel.geometry.pmd_nr)
+            out.update({kb: n for kb, n in pte_kb(pages, 0, page_kb, kernel.geometry.pmd_nr)
+                        .items() if kb < pmd_kb})
     return out
