@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from hugepaged.results import ScanResult
 from hugepaged.targets import Target
 
@@ -219,35 +221,39 @@ def test_a_targets_cpu_share_leaves_its_slot_and_the_pass_goes_on(world, sleeper
     core = core_with(world, [Target("capped", pid=(a,), max_cpu_percent=2)])
     core.discover()
     state = core.membership.target_states.get("capped")
-    state.budget.tokens = -0.01  # over its share
+    state.budget.until = world.clock.now + 0.5  # over its share
     core.do_scan()
     assert {p for p, _ in world.collapses} == {b}  # a waits, b goes ahead
     slot = core.registry.slots[a]
     assert slot.due > world.clock.now and slot.resume >= slot.visit[1][2].start
-    world.clock.now += 60
-    core.do_scan()
+    for _ in range(8):  # its share spaces its collapses: a pass each, now
+        world.clock.now += 60
+        core.do_scan()
     assert sum(1 for p, _ in world.collapses if p == a) == 4  # resumed: every window once
     assert len({x for x in world.collapses if x[0] == a}) == 4
     core.close()
 
 
-def test_a_slot_waiting_for_its_share_keeps_the_global_cap_busy(world, sleepers):  # noqa: F811
-    """While a visit waits for its target's share the daemon is not idle: the global bucket
-    keeps filling, so that when the share is back the visit is limited by the share, not by
-    a global bucket emptied meanwhile (that left one collapse, then the global bucket's whole
-    refill as a rest, after every wait)."""
+def test_a_slot_waiting_for_its_share_is_what_the_daemon_waits_for(world, sleepers):  # noqa: F811
+    """While a visit waits for its target's share, the schedule holds that wait (the state
+    says which share binds), the next pass comes when the share is back, and the global cap,
+    which nothing was charged to meanwhile, does not hold it up then."""
     (a,) = sleepers(1)
     layout(world, a, windows=8)
     core = core_with(world, [Target("capped", pid=(a,), max_cpu_percent=2)])
     core.set_tunables(core.tunables.with_values({"max_cpu_percent": 50}))
     core.discover()
-    core.membership.target_states.get("capped").budget.tokens = -0.01  # over its share
-    core.do_scan()  # the visit leaves for the share
-    assert core.registry.slots[a].resume
-    world.clock.now += 0.2
-    core.do_scan()  # nothing due: the slot still waits for its share
-    assert not core.collapser.budget.idle_now
-    world.clock.now += 1.0
-    core.collapser.budget.allows(world.clock.now)
-    assert core.collapser.budget.tokens > 0.4  # the global bucket filled meanwhile (0.5 a second)
+    share = core.membership.target_states.get("capped").budget
+    share.until = world.clock.now + 0.5  # over its share
+    core.run_pass()  # the visit leaves for the share
+    core.run_pass()  # nothing else due: the next pass is when the share is back
+    slot = core.registry.slots[a]
+    assert slot.resume and dict(core.schedule.shares()) == {"capped": slot.due}
+    assert core.schedule.pass_at() == pytest.approx(slot.due)
+    assert core.schedule.state(world.clock.now, 0.0) == "share-limited: capped"
+    world.clock.now = slot.due
+    assert core.collapser.budget.allows(world.clock.now)
+    core.do_scan()
+    assert any(p == a for p, _ in world.collapses)
     core.close()
+

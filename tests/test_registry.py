@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hugepaged.collapse import MAX_BATCH, CollapseOutcome, CpuBudget, result_of_errno
+from hugepaged.collapse import MAX_BATCH, CollapseOutcome, Pace, result_of_errno
 from hugepaged.collapse import path as collapse_path
 from hugepaged.daemon import workers
 from hugepaged.daemon.khugepaged import Khugepaged
@@ -648,7 +648,7 @@ def test_workers_collapse_every_window_and_count_each_once(world, sleepers):
 def test_uncapped_workers_start_their_lanes_next_batch_without_the_loop(world, sleepers, cap):
     """Uncapped, a worker whose batch collapsed every window starts its lane's next batch
     itself (the daemon's thread may be busy with a pass); under a CPU cap the daemon's thread
-    starts each one, as the cap's tokens allow."""
+    starts each one, as the cap's pace allows."""
     pids = sleepers(2)
     for pid in pids:
         layout(world, pid, windows=workers.LANE_WINDOWS)
@@ -768,53 +768,50 @@ def test_backoff_and_defrag_0_look_at_the_windows_node(world, sleepers):
     core.close()
 
 
-def test_cpu_cap_stops_the_pass_until_tokens_refill(world, sleepers):
+def test_cpu_cap_stops_the_pass_until_the_pace_allows(world, sleepers):
     (pid,) = sleepers(1)
     layout(world, pid, windows=4)
     core = world.make_core()
     core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
     core.discover()
-    core.collapser.budget.tokens = -0.01  # 10 ms over, and the 62.5 ms bucket to refill
+    core.collapser.budget.until = world.clock.now + 0.2  # 10 ms of CPU spent at 5%
     assert core.do_scan()
     assert world.collapses == []
-    assert core.schedule.at("cpu-capped") == pytest.approx(world.clock.now + (0.0625 + 0.01) / 0.05)
-    world.clock.now += 1.45 + 1e-6
+    assert core.schedule.at("cpu-capped") == pytest.approx(world.clock.now + 0.2)
+    world.clock.now += 0.2
     core.do_scan()
-    assert len(world.collapses) >= 1  # tokens back above zero: collapses start again
+    assert len(world.collapses) >= 1  # the pace allows again: collapses start again
     world.clock.now += 1.0
     core.do_scan()
     assert len(world.collapses) == 4
     core.close()
 
 
-def test_budget_token_bucket():
-    b = CpuBudget(5, now=0.0)
-    assert b.capacity == pytest.approx(0.0625) and b.tokens == 0
-    assert b.allows(0.0)  # an empty bucket: the first batch goes on credit
-    b.charge(0.3)
-    assert not b.allows(0.0)
-    assert b.wait(0.0) == pytest.approx((0.0625 + 0.3) / 0.05)  # rests until full
-    assert not b.allows(6.0)  # above zero but still resting
-    assert b.allows(7.26)
-    b.idle(7.26)  # nothing to do: the credit is dropped and none is saved up
-    assert b.tokens == 0 and b.allows(100.0) and b.tokens == 0
-    b.charge(0.1)
-    b.idle(100.0)  # a debt is paid off while idle, then it is a fresh start
-    assert not b.allows(101.0) and b.wait(101.0) == pytest.approx(1.0)
-    assert b.allows(102.0) and b.tokens == 0
-    b.busy(102.0)
-    b.charge(0.01)
-    assert not b.allows(102.0) and b.wait(102.0) == pytest.approx((0.0625 + 0.01) / 0.05)
-    assert b.allows(103.46) and b.tokens == pytest.approx(b.capacity)
-    assert b.allows(200.0) and b.tokens == pytest.approx(b.capacity)  # never more than full
-    b.set_percent(0)  # no cap
-    b.charge(100.0)
-    assert b.allows(200.0) and b.wait(200.0) == 0.0
-    b.set_percent(10)  # a cap again: an empty bucket, not the debt run up without one
-    assert b.tokens == 0 and b.allows(200.0)
-    b.charge(1.0)
-    b.set_percent(5)  # from one cap to another: the debt stays
-    assert b.tokens < 0 and not b.allows(201.0)
+def test_pace_spreads_work_evenly_saves_no_credit_and_carries_no_debt_past_its_window():
+    now = [0.0]
+    p = Pace(5, clock=lambda: now[0], window=10.0)
+    assert p.allows(0.0) and p.wait(0.0) == 0.0  # nothing owed: work may start
+    p.charge(0.003)  # a collapse of 3 ms at 5%: the next one 60 ms later, not sooner
+    assert not p.allows(0.0) and p.wait(0.0) == pytest.approx(0.06)
+    assert p.allows(0.06)
+    now[0] = 100.0  # an idle spell: nothing saved up for later
+    p.charge(0.003)
+    assert p.wait(100.0) == pytest.approx(0.06)
+    p.charge(3.0)  # a start-up burn of 3 s: at 5% that would be 60 s; the debt stops at 10
+    assert p.wait(100.0) == pytest.approx(10.0)
+    # Beside a batch in flight that will cost 5 ms: only once that is paid for too.
+    assert not p.allows_more(110.0, 0.005) and p.allows_more(110.1, 0.005)
+    p.charge(1.0)
+    p.forgive(100.0)  # a back-off ended because memory came free: work may start now
+    assert p.allows(100.0)
+    p.set_percent(0)  # no cap
+    p.charge(100.0)
+    assert p.allows(100.0) and p.wait(100.0) == 0.0
+    p.set_percent(10)  # a cap again: a fresh start, not the debt run up without one
+    assert p.allows(100.0)
+    p.charge(0.01)
+    p.set_percent(5)  # from one cap to another: what is owed stays owed
+    assert not p.allows(100.0) and p.wait(100.0) == pytest.approx(0.1)
 
 
 def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):

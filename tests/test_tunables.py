@@ -32,8 +32,10 @@ RANGES = {
     "max_ptes_shared": (0, 511),
     "defrag": (0, 1),
     "max_cpu_percent": (0, 100),
+    "max_stall_ms": (0, 60000),
     "collapse_workers": (1, 16),
 }
+LISTS = {"collapse_cpus"}  # a CPU list of online CPUs (kernel/cpus.py)
 WORDS = {
     "enabled": ("always", "madvise", "never"),
     "shmem_enabled": ("always", "within_size", "advise", "never", "deny", "force"),
@@ -46,7 +48,7 @@ MALFORMED = ["", "\n", "+", "-", "-1", "-0", " 5", "5 ", " 5\n", "5\t", "\t5", "
 
 
 def test_specs_cover_the_tunables():
-    assert set(SPECS) == set(NAMES) == set(RANGES) | set(WORDS)
+    assert set(SPECS) == set(NAMES) == set(RANGES) | set(WORDS) | LISTS
     for name, (lo, hi) in RANGES.items():
         assert SPECS[name].bounds(DEFAULT_GEOMETRY) == (lo, hi), name
     for name, words in WORDS.items():
@@ -54,6 +56,18 @@ def test_specs_cover_the_tunables():
     assert set(INHERITED) <= {n for n, s in SPECS.items() if s.kernel}
     assert not SPECS["max_cpu_percent"].kernel and not SPECS["kernel_khugepaged"].kernel
     assert not SPECS["collapse_workers"].kernel
+
+
+def test_collapse_cpus_is_a_list_of_online_cpus():
+    import os
+
+    online = sorted(os.sched_getaffinity(0))
+    assert parse("collapse_cpus", "") == ""
+    assert parse("collapse_cpus", f"{online[-1]},{online[0]}\n") in (
+        f"{online[0]}-{online[-1]}", f"{online[0]},{online[-1]}", f"{online[0]}")
+    for bad in ("99999", "0-", "-1", "1-0", " 0", "0 ", "0,", "a", "0x1"):
+        with pytest.raises(InvalidTunable, match="collapse_cpus: invalid value"):
+            parse("collapse_cpus", bad)
 
 
 # ---------------------------------------------------------------------------------------------

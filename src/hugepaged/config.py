@@ -91,7 +91,7 @@ def _int_in(value: object, lo: int, hi: int) -> int | None:
 def _target_value(key: str, value: object) -> object:
     """One key of a target, checked; a refusal is a ValueError with the one-line reason."""
     if key in TUNABLE_KEYS:  # as the tunable of that name is checked (see _tunable)
-        wanted = str if SPECS[key].choices else int
+        wanted = SPECS[key].type
         if isinstance(value, bool) or not isinstance(value, wanted):
             raise ValueError(f"{key}: expected {SPECS[key].describe()}")
         try:
@@ -213,7 +213,7 @@ def _tunable(key: str, value: object, where: str) -> str:
     """A tunable's value as sysfs would be written: an integer tunable takes a TOML integer,
     a word tunable a string; both are then refused exactly as the kernel refuses them."""
     spec = SPECS[key]
-    wanted = str if spec.choices else int
+    wanted = spec.type
     if isinstance(value, bool) or not isinstance(value, wanted):
         raise ConfigError(f"{where}: {key}: expected {spec.describe()}")
     try:

@@ -116,6 +116,13 @@ class HugepagedCollector:
         yield CounterMetricFamily("hugepaged_cpu_seconds",
                                   "CPU time of the daemon process (user + system)",
                                   value=ru.ru_utime + ru.ru_stime)
+        by = CounterMetricFamily(
+            "hugepaged_activity_cpu_seconds", "The daemon's CPU by what spent it: the loop's "
+            "scanning, registration, events and the rest, and every collapse (hugepaged's own)",
+            labels=["activity"])
+        for activity, seconds in snap["cpu_by_activity"].items():
+            by.add_metric([activity], seconds)
+        yield by
 
         slots = list(core.registry.slots.values())
         yield GaugeMetricFamily("hugepaged_registered_processes",

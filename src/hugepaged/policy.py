@@ -40,18 +40,21 @@ class CollapseControl:
     # the max_ptes_* limits do not apply.
     is_khugepaged: bool = True
     # hugepaged's own: the target this process matched (None: the global policy), its
-    # priority in the pass, its share of the collapse CPU cap and its bloat budget.
+    # priority in the pass, its share of the collapse CPU cap, its bloat budget, and how
+    # long one call may hold it.
     target: str | None = None
     priority: int = 0
     max_cpu_percent: int | None = None
     max_bloat_kb: int | None = None
+    max_stall_ms: int = 10  # a call takes the windows that fit in this, at least one
 
     @classmethod
     def from_tunables(cls, t, *, force: bool = False) -> CollapseControl:
         """The global policy: the tunables' values, MADV_COLLAPSE's with `force`."""
         return cls(enabled=t.enabled, shmem_enabled=t.shmem_enabled,
                    max_ptes_none=t.max_ptes_none, max_ptes_swap=t.max_ptes_swap,
-                   max_ptes_shared=t.max_ptes_shared, is_khugepaged=not force)
+                   max_ptes_shared=t.max_ptes_shared, is_khugepaged=not force,
+                   max_stall_ms=t.max_stall_ms)
 
     def limits(self) -> Limits:
         return Limits(self.max_ptes_none, self.max_ptes_swap, self.max_ptes_shared,

@@ -267,9 +267,10 @@ def print_status(st: dict[str, Any]) -> None:
         out.print(f"MADV_HUGEPAGE seen by: {st['madvise_source']}")
     if "referenced_source" in st:
         out.print(f"referenced pages (LACK_REFERENCED_PAGE) seen by: {st['referenced_source']}")
-    out.print(f"pages_collapsed {c['pages_collapsed']}  full_scans {c['full_scans']}  "
-              f"passes {c['passes']}  collapse_attempts {c['collapse_attempts']}  "
-              f"alloc_backoffs {c['alloc_backoffs']}")
+    out.print("  ".join(f"{name} {value}" for name, value in c.items()))  # every counter
+    if st.get("cpu_by_activity"):
+        out.print("CPU by activity: " + ", ".join(
+            f"{what} {seconds:.2f} s" for what, seconds in st["cpu_by_activity"].items()))
     if st["results"]:
         out.print("results: " + " ".join(f"{k}:{v}" for k, v in st["results"].items()))
     if st["collapse_failures"]:

@@ -75,7 +75,7 @@ class _Target:
 
 
 def _annotation(key: str) -> type:
-    return (str if SPECS[key].choices else int) | None  # type: ignore[return-value]
+    return SPECS[key].type | None  # type: ignore[return-value]
 
 
 TARGET_FIELDS = [

@@ -41,7 +41,13 @@ class Spec:
     inherited: bool = False
     per_target: bool = False
     rule: bool = False
+    parse: Callable[[str], str] | None = field(default=None, compare=False)  # own syntax
     doc: str = field(default="", compare=False)
+
+    @property
+    def type(self) -> type:
+        """What a value is: a word (or a list of CPUs), or an integer."""
+        return str if self.choices or self.parse is not None else int
 
     def bounds(self, geometry: Geometry) -> tuple[int, int]:
         hi = self.hi(geometry) if callable(self.hi) else self.hi
@@ -51,10 +57,23 @@ class Spec:
         return self.default(geometry) if callable(self.default) else self.default
 
     def describe(self, geometry: Geometry | None = None) -> str:
+        if self.parse is not None:
+            return "a list of online CPUs (0-1,3), or empty for all"
         if self.choices:
             return "one of " + ", ".join(self.choices)
         lo, hi = self.bounds(geometry or running_geometry())
         return f"an integer {lo}..{hi}"
+
+
+def _cpulist(text: str) -> str:
+    """A CPU list of online CPUs, normalized ("1,0-0" -> "0-1"); "" is every CPU."""
+    from hugepaged.kernel.cpus import format_cpulist, online_cpus, parse_cpulist
+
+    cpus = parse_cpulist(text)
+    offline = sorted(set(cpus) - set(online_cpus()))
+    if offline:
+        raise ValueError(f"CPU {format_cpulist(offline)} not online")
+    return format_cpulist(cpus)
 
 
 def _ptes(g: Geometry) -> int:
@@ -90,8 +109,15 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          doc="back-off after a huge page allocation failed"),
     Spec("max_cpu_percent", 5, 0, 100, per_target=True,
          doc="cap on all CPU the daemon spends (collapses, its workers, scanning, "
-             "registration), percent of one core over any interval, give or take one batch; "
-             "0: no cap"),
+             "registration): percent of one core as an average over 10 s, collapses spread "
+             "evenly within it; 0: no cap (hugepaged's own)"),
+    Spec("max_stall_ms", 10, 0, 60000, per_target=True,
+         doc="how long one process_madvise call may hold a process (its mmap lock, a CPU): "
+             "a call takes as many windows as fit at their mean collapse time, at least one "
+             "(hugepaged's own)"),
+    Spec("collapse_cpus", "", parse=lambda text: _cpulist(text),
+         doc="the CPUs the collapsing threads run on, as a CPU list (0-1,3); empty: all "
+             "(hugepaged's own: keep latency-critical CPUs free of in-kernel collapses)"),
     Spec("collapse_workers", 1, 1, 16,
          doc="threads that collapse different processes' windows at the same time"),
     Spec("kernel_khugepaged", "leave", choices=("leave", "quiet"),
@@ -118,6 +144,11 @@ def parse(name: str, text: str | int, geometry: Geometry | None = None) -> int |
     if spec is None:
         raise InvalidTunable(f"unknown tunable {_quoted(name)} (known: {', '.join(SPECS)})")
     raw = str(text)
+    if spec.parse is not None:
+        try:
+            return spec.parse(raw[:-1] if raw.endswith("\n") else raw)
+        except ValueError as err:
+            raise InvalidTunable(f"{name}: invalid value {_quoted(raw)} ({err})") from None
     if spec.choices:
         word = raw[:-1] if raw.endswith("\n") else raw
         if word not in spec.choices:

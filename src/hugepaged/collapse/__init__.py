@@ -13,10 +13,10 @@ from .calls import (
     window_now,
 )
 from .ledger import BloatLedger
-from .limiter import CpuBudget, Limiter, Pacer, ThreadMeter
+from .limiter import Limiter, Pace, Pacer, ThreadMeter
 from .path import COMMAND, DAEMON, MAX_BATCH, CollapseRules, ProcessCollapse, take_run
 
 __all__ = ["COMMAND", "DAEMON", "MAX_BATCH", "TRANSIENT_BACKOFF", "BloatLedger",
-           "CollapseOutcome", "CollapseRules", "CpuBudget", "Limiter", "Pacer",
+           "CollapseOutcome", "CollapseRules", "Limiter", "Pace", "Pacer",
            "ProcessCollapse", "ThreadMeter", "collapse_run", "collapse_window",
            "collapse_windows", "result_of_errno", "retry_transient", "take_run", "window_now"]

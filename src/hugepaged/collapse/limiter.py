@@ -1,22 +1,16 @@
-"""CPU limiters for collapses: the daemon's cap (a token bucket) and a one-shot run's pace.
+"""CPU limiters for collapses: the daemon's cap and a one-shot run's pace.
 
 Both answer the same three questions (Limiter): may work start now, how long until it may,
 and here is what was spent. The collapse path asks them and never sleeps inside them: the
 daemon's loop schedules its wake-up from wait(), the one-shot command sleeps for it.
 
-CpuBudget, the daemon's: a token bucket refilled at max_cpu_percent of a core.
+- Pace, the daemon's: max_cpu_percent of a core as a rolling average over WINDOW_SECONDS.
+- Pacer, a one-shot run's: a running average over the whole run.
 
 Every CPU-second is charged once, by whoever measured it on the thread that spent it: the
 scan loop's thread through a ThreadMeter (scanning, registration, the /proc walk, the syscall
 records, its own collapses), each collapse worker's batches as they are taken back. Nothing
 is subtracted from anything.
-
-The bucket holds at most BURST_SECONDS of refill, and once it runs dry work rests until it is
-full again, so that each pass pays its fixed cost (reading the page state) for a batch of
-collapses, not for one. Credit is not saved up while there is nothing to do: after an idle
-spell the bucket starts empty (a debt is still paid off), and the first collapse may go at
-once on credit. So over any interval the daemon spends at most max_cpu_percent of it, give
-or take the batch in flight at its ends.
 """
 
 from __future__ import annotations
@@ -25,8 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
-
-BURST_SECONDS = 1.25
 
 
 class Limiter(Protocol):
@@ -39,71 +31,53 @@ class Limiter(Protocol):
     def charge(self, cpu_seconds: float) -> None: ...
 
 
-class CpuBudget:
-    """Tokens are CPU-seconds; work may start while the bucket is not in debt and not
-    resting."""
+WINDOW_SECONDS = 10.0
 
-    def __init__(self, percent: int, now: float, burst: float = BURST_SECONDS) -> None:
-        self.burst = burst
-        self.tokens = 0.0
-        self.resting = False
-        self.idle_now = False  # nothing to do: no credit beyond paying off a debt
-        self.stamp = now
-        self.percent = 0
+
+class Pace:
+    """The daemon's cap: `percent` of one core as a rolling average over WINDOW_SECONDS.
+
+    A charge of c CPU-seconds moves the moment work may start again (`until`) c / rate
+    later, so the gap after a collapse follows from its cost and the rate: collapses come
+    evenly spread, not in bursts. Nothing is saved up while idle (`until` never lags behind
+    now when a charge lands) and no debt outlives the window (`until` never runs more than
+    WINDOW_SECONDS ahead): over any stretch of time the daemon spends at most its rate of it,
+    plus what it charged within the last window; and a burst of start-up scanning or a failed
+    compacting collapse delays the next collapse by at most the window (forgive() ends even
+    that: a back-off that ends because memory came free)."""
+
+    def __init__(self, percent: int, clock: Callable[[], float] = time.monotonic,
+                 window: float = WINDOW_SECONDS) -> None:
+        self.clock, self.window = clock, window
+        self.until = clock()
+        self.percent, self.rate = 0, 0.0
         self.set_percent(percent)
 
     def set_percent(self, percent: int) -> None:
-        uncapped = self.percent == 0
-        self.percent = percent
-        self.rate = percent / 100.0
-        self.capacity = self.rate * self.burst
-        # From no cap to a cap: an empty bucket, as at start-up (what was spent without a cap
-        # is not owed); otherwise what is left stays (a debt stays a debt).
-        if uncapped:
-            self.tokens, self.resting = 0.0, False
-        else:
-            self.tokens = min(self.tokens, self.capacity)
-
-    def _refill(self, now: float) -> None:
-        top = 0.0 if self.idle_now else self.capacity
-        if self.tokens < top:
-            self.tokens = min(top, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.idle_now and self.tokens >= 0.0:
-            self.resting = False  # a fresh start: the first batch goes on credit
-
-    def allows(self, now: float) -> bool:
-        if self.percent == 0:
-            return True
-        self._refill(now)
-        if self.tokens < 0:
-            self.resting = True
-        elif self.resting and self.tokens >= self.capacity:
-            self.resting = False
-        return not self.resting
+        if self.percent == 0 and percent:  # from no cap to a cap: what was spent is not owed
+            self.until = self.clock()
+        self.percent, self.rate = percent, percent / 100.0
 
     def charge(self, cpu_seconds: float) -> None:
-        self.tokens -= cpu_seconds
+        if not self.percent:
+            return
+        now = self.clock()
+        self.until = min(max(self.until, now) + cpu_seconds / self.rate, now + self.window)
 
-    def idle(self, now: float) -> None:
-        """Nothing to do: unspent credit is dropped, and none is saved up until busy()."""
-        self._refill(now)
-        self.tokens = min(self.tokens, 0.0)
-        self.idle_now = True
-        self._refill(now)
-
-    def busy(self, now: float) -> None:
-        """Work again: the bucket refills towards full from now."""
-        if self.idle_now:
-            self._refill(now)
-            self.idle_now = False
+    def allows(self, now: float) -> bool:
+        return not self.percent or now >= self.until
 
     def wait(self, now: float) -> float:
-        """Seconds until work may start again."""
-        if self.allows(now):
-            return 0.0
-        top = 0.0 if self.idle_now else self.capacity
-        return (top - self.tokens) / self.rate
+        return max(0.0, self.until - now) if self.percent else 0.0
+
+    def allows_more(self, now: float, in_flight: float) -> bool:
+        """Whether work may start beside work already running that will cost `in_flight`
+        CPU-seconds when it is charged (the collapse workers' batches)."""
+        return not self.percent or now >= self.until + in_flight / self.rate
+
+    def forgive(self, now: float) -> None:
+        """Whatever is owed is dropped: work may start now."""
+        self.until = min(self.until, now)
 
 
 class Pacer:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hugepaged.collapse import (
     DAEMON,
     CollapseOutcome,
-    CpuBudget,
+    Pace,
     ProcessCollapse,
     ThreadMeter,
     window_now,
@@ -33,7 +33,7 @@ from .schedule import Schedule
 from .targets import TargetState
 
 log = logging.getLogger("hugepaged")
-FIRST_COLLAPSE_CPU = 0.003  # CPU-seconds a collapse is assumed to cost before one is measured
+FIRST_COLLAPSE = 0.003  # seconds a collapse is assumed to take before one is measured
 
 
 class Halt(enum.Enum):
@@ -60,10 +60,11 @@ class Collapser:
                  clock: Callable[[], float], cpu_clock: Callable[[], float]) -> None:
         self.kernel, self.counters, self.schedule, self.clock = kernel, counters, schedule, clock
         self.tunables = tunables
-        self.budget = CpuBudget(tunables.max_cpu_percent, clock())
+        self.budget = Pace(tunables.max_cpu_percent, clock)
         self.meter = ThreadMeter(self.budget, cpu_clock)  # the loop thread's CPU, all of it
         self.stopping = False
         self.ticket = False  # this pass's first batch may go on credit (cap)
+        self.sync_cpu = 0.0  # CPU of the collapses made on the loop's own thread
         self.ramp: dict[int, int] = {}  # pid -> windows its next call may take
         self.backoff_nodes: set[int] | None = None  # where the back-off's allocation was
         self._one_node: bool | None = None
@@ -127,17 +128,20 @@ class Collapser:
         """CPU-seconds one collapse is expected to cost: the mean so far."""
         c = self.counters
         return max(c.collapse_cpu_seconds / c.collapse_attempts if c.collapse_attempts
-                   else FIRST_COLLAPSE_CPU, 1e-6)
+                   else FIRST_COLLAPSE, 1e-6)
 
-    def batch_size(self, windows: int, state: TargetState | None, reserved: int = 0) -> int:
-        """At most what the CPU caps' tokens (the global one and the target's) pay for at
-        the mean cost of the collapses so far, less `reserved` windows decided and not yet
-        charged, and at least one window."""
-        each = self.cost()
-        for budget in (self.budget, state.budget if state is not None else None):
-            if budget is not None and budget.percent:
-                windows = min(windows, int(budget.tokens / each) - reserved)
-        return max(1, windows)
+    def duration(self) -> float:
+        """Seconds one collapse is expected to take (wall time): the mean so far."""
+        c = self.counters
+        return max(c.collapse_seconds_sum / c.collapse_attempts if c.collapse_attempts
+                   else FIRST_COLLAPSE, 1e-6)
+
+    def batch_size(self, windows: int, control) -> int:
+        """Windows one call may take: as many as fit in the policy's max_stall_ms at the
+        mean time of a collapse so far (a call holds the process for all of them), at least
+        one."""
+        fit = int(control.max_stall_ms / 1000.0 / self.duration())
+        return max(1, min(windows, fit))
 
     def next_ramp(self, pid: int, most: int) -> int:
         """Windows this process's next call may take: 1, 2, 4, ... up to `most` (a visit's
@@ -156,10 +160,11 @@ class Collapser:
 
     def collapse(self, slot: MmSlot, control, addresses: list[int],
                  state: TargetState | None) -> tuple[list[CollapseOutcome], int | None]:
-        """Collapse consecutive windows (as many as the caps pay for) in one call on this
-        thread: (outcomes, the window an allocation failure stopped at). admit() first."""
-        run = addresses[:self.batch_size(len(addresses), state)]
+        """Collapse consecutive windows (as many as one call may take) on this thread:
+        (outcomes, the window an allocation failure stopped at). admit() first."""
+        run = addresses[:self.batch_size(len(addresses), control)]
         outcomes, cpu = self.process(slot, control).call(run)
+        self.sync_cpu += cpu  # the loop thread's own collapses (the pass's CPU less these)
         self.meter.charge()  # the global cap: the loop thread's CPU, this call included
         self.ticket = False
         return self.account(slot, state, outcomes, cpu)
@@ -175,6 +180,7 @@ class Collapser:
             if state.budget is not None:
                 state.budget.charge(cpu)
         self.counters.collapse_cpu_seconds += cpu
+        self.counters.cpu["collapse"] += cpu
         for outcome in outcomes:
             self.counters.observe(outcome)
             log.debug("collapse pid %d %#x: %s", slot.pid, outcome.address,
@@ -248,6 +254,11 @@ class Collapser:
         return False
 
     def end_backoff(self) -> None:
+        """The back-off is over, and with it what the failed collapse and the wait cost:
+        a collapse that becomes possible is not delayed by the CPU spent failing."""
         self.schedule.clear(sched.BACKOFF)
         self.schedule.clear(sched.BUDDY)
+        now = self.clock()
+        self.budget.forgive(now)
+        self.schedule.clear(sched.CPU)
 

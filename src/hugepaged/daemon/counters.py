@@ -30,6 +30,9 @@ COUNTERS = (
     ("gone", "Processes that exited or were dropped (hugepaged's own)"),
 )
 KERNEL_COUNTERS = ("pages_collapsed", "full_scans")  # the ones /sys has too
+# What the daemon's CPU is spent on (hugepaged's own): the loop thread's time by phase, and
+# every collapse, on the loop's thread or a worker's. A burn shows where it is.
+ACTIVITIES = ("scan", "collapse", "registration", "events", "loop")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Counters:
     collapse_failures: Counter = field(default_factory=Counter)  # per errno name
     collapse_seconds: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     collapse_seconds_sum: float = 0.0
+    cpu: Counter = field(default_factory=Counter)  # activity -> CPU-seconds (ACTIVITIES)
 
     def observe(self, outcome: CollapseOutcome) -> None:
         self.collapse_attempts += 1
@@ -69,6 +73,7 @@ class Counters:
                          for name, _ in COUNTERS},
             "results": dict(sorted(dict(self.results).items())),
             "collapse_failures": dict(self.collapse_failures),
+            "cpu_by_activity": {a: round(dict(self.cpu).get(a, 0.0), 3) for a in ACTIVITIES},
         }
 
     def histogram(self) -> tuple[list[tuple[float, int]], float]:

@@ -55,6 +55,9 @@ class Khugepaged:
         self.referenced = kernel.access_source(mark=True)
         self.scan = ScanPass(kernel, self.membership, self.collapser, self.lanes,
                              self.counters, self.schedule, clock, self.referenced)
+        from hugepaged.kernel.cpus import allowed_cpus
+
+        self.all_cpus = allowed_cpus()  # the loop thread's own, to go back to
 
     @property
     def registry(self) -> Registry:
@@ -74,12 +77,18 @@ class Khugepaged:
             self.membership.wake_all()
 
     def resize_lanes(self) -> None:
-        """On the loop's thread: the workers as the tunables say (never on the control
-        thread, which would race the pass that hands batches over)."""
-        want = self.tunables.collapse_workers
-        have = self.lanes.pool.workers if self.lanes.pool is not None else 1
-        if want != have:
-            self.lanes.resize(want)
+        """On the loop's thread: the workers and the CPUs collapses run on, as the tunables
+        say (never on the control thread, which would race the pass that hands batches
+        over). With one worker the loop's own thread collapses, so it is the one pinned."""
+        from hugepaged.kernel.cpus import parse_cpulist, pin_thread
+
+        t = self.tunables
+        want = (t.collapse_workers, t.collapse_cpus)
+        if want == self.lanes.shape:
+            return
+        self.lanes.resize(*want)
+        loop_cpus = parse_cpulist(t.collapse_cpus) if t.collapse_workers == 1 else []
+        pin_thread(loop_cpus or self.all_cpus)
 
     def set_targets(self, targets: list[Target], source: str | None = None) -> None:
         self.membership.set_targets(targets, source)

@@ -31,17 +31,22 @@ class Lanes:
         self.pool: CollapsePool | None = None
         self.stalled = False  # the last pass stopped because a lane was full
         self.handed = 0  # windows handed to the workers so far
+        self.shape: tuple[int, str] = (1, "")  # (workers, collapse_cpus) of the pool
         self.resize(workers)
 
-    def resize(self, workers: int) -> None:
-        """1: collapses on the daemon's own thread; more: a pool of lanes. Called on the
-        loop's thread only (the batches in flight are waited for and taken back)."""
+    def resize(self, workers: int, cpus: str = "") -> None:
+        """1: collapses on the daemon's own thread; more: a pool of lanes, its threads on
+        `cpus` (a CPU list; "": all). Called on the loop's thread only (the batches in
+        flight are waited for and taken back)."""
+        from hugepaged.kernel.cpus import parse_cpulist
+
         if self.pool is not None:
             self._reap(self.pool.close())
             self.pool = None
         if workers > 1:
             self.pool = CollapsePool(workers, self.collapser.kernel.geometry.pmd_size,
-                                     self.wake_pipe)
+                                     self.wake_pipe, parse_cpulist(cpus) or None)
+        self.shape = (workers, cpus)
 
     def close(self) -> None:
         self.resize(1)
@@ -65,10 +70,6 @@ class Lanes:
         if self.pool is None:
             return None
         return LANE_WINDOWS - self.pool.queued(pid)
-
-    def reserved(self) -> int:
-        """Windows decided and not yet charged to the caps."""
-        return self.pool.pending() if self.pool is not None else 0
 
     def hand_over(self, slot: MmSlot, run: list[int], nones: list[int],
                   state: TargetState | None) -> bool:
@@ -96,10 +97,8 @@ class Lanes:
             return False
         if job.on_credit:  # the first batch of a pass that started within the cap
             return True
-        if not c.budget.allows(now):
-            return False
         running = self.pool.in_flight() if self.pool is not None else 0
-        if c.budget.percent and running and c.budget.tokens <= running * c.cost():
+        if not c.budget.allows_more(now, running * c.cost()):  # the batches running will cost
             return False
         state = self.membership.target_states.get(job.target)
         return state is None or state.budget is None or state.budget.allows(now)

@@ -28,6 +28,21 @@ BUDDY_POLL = 1.0  # during an allocation back-off
 NEW_PROCESS_SETTLE = 1.0  # "insert behind the cursor, to let the area settle down"
 
 
+class Phases:
+    """The loop thread's CPU, attributed to what it was spent on (counters.ACTIVITIES):
+    each call charges the time since the last one to an activity."""
+
+    def __init__(self, counters, clock=time.thread_time) -> None:
+        self.counters, self.clock = counters, clock
+        self.mark = clock()
+
+    def spent(self, activity: str, less: float = 0.0) -> None:
+        """What was spent since the last mark, less `less` (counted elsewhere already)."""
+        now = self.clock()
+        self.counters.cpu[activity] += max(0.0, now - self.mark - less)
+        self.mark = now
+
+
 class EventLoop:
     """The selector and the sources, for one run of a Service."""
 
@@ -93,6 +108,7 @@ class EventLoop:
         svc, core, schedule = self.service, self.core, self.core.schedule
         interval = DISCOVER_INTERVAL_CONNECTED if self.connector else DISCOVER_INTERVAL
         schedule.set(sched.DISCOVER, 0.0)
+        phases = self.phases = Phases(core.counters)
         while not svc.stop_requested:
             now = time.monotonic()
             if svc.reload_requested:
@@ -100,14 +116,18 @@ class EventLoop:
                 svc.notify(reloading=True)
                 svc.reload()
                 svc.notify(ready=True)
+            phases.spent("loop")
             if schedule.due(sched.DISCOVER, now):
                 core.discover()
                 schedule.set(sched.DISCOVER, now + interval)
             core.admit(now)
+            phases.spent("registration")
             self._take_wakeup()
             core.poll_backoff(now, BUDDY_POLL)
             if core.pass_due(now):
+                collapsed = core.collapser.sync_cpu
                 core.run_pass()
+                phases.spent("scan", less=core.collapser.sync_cpu - collapsed)
                 self._take_wakeup()
                 for hook in svc.hooks:
                     hook(svc)
@@ -130,6 +150,7 @@ class EventLoop:
     def _wait(self, timeout: float) -> None:
         if self.service.max_sleep is not None:
             timeout = min(timeout, self.service.max_sleep)
+        self.phases.spent("loop")
         ready = self.sel.select(timeout)
         if any(key.data == "syscalls" for key, _ in ready):
             self._on_syscalls()  # every ring at once, however many polled ready
@@ -140,6 +161,7 @@ class EventLoop:
                 self.core.workers_done(time.monotonic())
             elif key.data == "connector":
                 self._on_events()
+        self.phases.spent("events")
 
     def _drain_signals(self) -> None:
         while True:

@@ -77,7 +77,7 @@ class Membership:
                          extra={"event": "target_changed", "change": change, "source": source})
         self.targets = list(targets)
         self.target_states.configure(
-            [(t.name, t.max_cpu_percent, t.max_bloat_kb) for t in targets], self.clock())
+            [(t.name, t.max_cpu_percent, t.max_bloat_kb) for t in targets], self.clock)
         moved: Counter = Counter()
         for slot in list(self.registry.slots.values()):
             old = slot.control.target if slot.control is not None else None

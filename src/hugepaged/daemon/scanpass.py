@@ -63,12 +63,11 @@ class ScanPass:
         """One pass of at most pages_to_scan; True if it did work."""
         cur, c = self.registry.cursor, self.collapser
         pages = self.tunables.pages_to_scan
-        progress, through_head, worked, stopped = 0, 0, False, False
+        progress, through_head, worked = 0, 0, False
         self.counters.passes += 1
         self.lanes.reap()
         self.lanes.stalled = False
         self.kernel.drain_lru()  # khugepaged_do_scan: lru_add_drain_all()
-        before = self.counters.collapse_attempts + self.lanes.handed
         c.ticket = c.budget.allows(self.clock())
         while progress < pages and not c.stopping:
             if cur.pid is None:
@@ -82,17 +81,9 @@ class ScanPass:
             progress += step
             worked |= visited
             if halt:
-                worked = stopped = True
+                worked = True
                 break
         self._share_deadlines()
-        # A pass that tried no collapse and left none waiting is idle: the CPU cap saves no
-        # credit up for later (collapse/limiter.py). A visit held for its target's share is
-        # work waiting: were the global bucket emptied meanwhile, its first collapse back
-        # would go on credit and the next wait for the whole bucket.
-        busy = stopped or self.lanes.stalled or self.lanes.active() \
-            or self.counters.collapse_attempts + self.lanes.handed != before \
-            or self.registry.next_resume() is not None
-        (c.budget.busy if busy else c.budget.idle)(self.clock())
         return worked
 
     def _share_deadlines(self) -> None:

@@ -33,9 +33,12 @@ class Summary:
         self.last = self.totals()
 
     def totals(self) -> dict[str, int]:
-        c = self.counters
-        return {"registered": c.registered, "gone": c.gone, "collapsed": c.pages_collapsed,
-                "failures": sum(c.collapse_failures.values()), "backoffs": c.alloc_backoffs}
+        snap = self.counters.snapshot()
+        c = snap["counters"]  # the counters' one snapshot (daemon/counters.py)
+        return {"registered": c["registered"], "gone": c["gone"],
+                "collapsed": c["pages_collapsed"],
+                "failures": sum(snap["collapse_failures"].values()),
+                "backoffs": c["alloc_backoffs"]}
 
     def tick(self, _service=None) -> None:
         if self.clock() - self.since >= self.every:

@@ -6,9 +6,10 @@ ledger (collapse/ledger.py) of the RSS its collapses added, per live process.
 """
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hugepaged.collapse import BloatLedger, CpuBudget
+from hugepaged.collapse import BloatLedger, Pace
 
 
 @dataclass
@@ -16,7 +17,7 @@ class TargetState:
     """One target's share of the daemon's work, by the target's name."""
 
     name: str
-    budget: CpuBudget | None = None  # None: only the global cap applies
+    budget: Pace | None = None  # its share of the CPU; None: only the global cap applies
     ledger: BloatLedger = field(default_factory=BloatLedger)
     collapsed: int = 0
     cpu_seconds: float = 0.0
@@ -37,14 +38,15 @@ class TargetStates:
     def __init__(self) -> None:
         self.by_name: dict[str, TargetState] = {}
 
-    def configure(self, specs: list[tuple[str, int | None, int | None]], now: float) -> None:
+    def configure(self, specs: list[tuple[str, int | None, int | None]],
+                  clock: Callable[[], float]) -> None:
         """(name, max_cpu_percent or None, max_bloat_kb or None) per target, in file order."""
         old, self.by_name = self.by_name, {}
         for name, percent, bloat_kb in specs:
             st = old.get(name) or TargetState(name)
             if percent:
                 if st.budget is None:
-                    st.budget = CpuBudget(percent, now)
+                    st.budget = Pace(percent, clock)
                 else:
                     st.budget.set_percent(percent)
             else:

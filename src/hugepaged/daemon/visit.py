@@ -228,20 +228,22 @@ class Visitor:
 
     def _room(self, slot: MmSlot, state: TargetState | None) -> int | Hold:
         """How many windows are worth deciding now: no more than can be collapsed before
-        the decision is read again (what the CPU caps pay for at the mean cost of a collapse,
-        what the slot's worker lane takes), so that no pass reads page state it then throws
-        away; or why none is."""
+        the decision is read again (under a CPU cap, one call's worth: the next waits for
+        the pace; with workers, what the slot's lane takes), so that no pass reads page
+        state it then throws away; or why none is."""
         hold = self.collapser.capped(state)
         if hold is not None:
             return hold
-        room, reserved = CHUNK_WINDOWS, 0
+        room = CHUNK_WINDOWS
         lane = self.lanes.room(slot.pid)
         if lane is not None:
-            reserved, room = self.lanes.reserved(), lane
-            if room <= 0:  # this process waits for its lane, the pass goes on
+            if lane <= 0:  # this process waits for its lane, the pass goes on
                 self.lanes.stalled = True
                 return DRY
-        return self.collapser.batch_size(room, state, reserved)
+            return lane
+        if self.collapser.budget.percent or (state is not None and state.budget is not None):
+            room = self.collapser.batch_size(room, self.membership.control_for(slot))
+        return room
 
     def _windows(self, slot: MmSlot, state: TargetState | None, mm, vma, addr: int,
                  verdicts) -> tuple[list[ScanResult | None], Hold | None]:
@@ -277,8 +279,7 @@ class Visitor:
                 out.append(ScanResult.EXCEED_BLOAT_BUDGET)
                 i += 1
                 continue
-            if self.lanes.pool is not None:  # what the cap pays for, less what is in flight
-                j = i + c.batch_size(j - i, state, reserved=self.lanes.reserved())
+            j = i + c.batch_size(j - i, control)  # what one call may hold the process for
             run = [addr + k * geo.pmd_size for k in range(i, j)]
             hold = c.admit(slot, run[0], state)
             if hold is not None:

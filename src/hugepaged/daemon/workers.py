@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hugepaged.collapse import DAEMON, CollapseOutcome, ProcessCollapse
+from hugepaged.kernel.cpus import pin_thread
 
 # A bound on a process's windows decided but not yet collapsed: beyond it the pass leaves
 # that process where it is and goes on to the next, so decisions do not go stale in a queue,
@@ -66,9 +67,12 @@ class CollapsePool:
     a pass; whatever it collapsed is still taken back on the daemon's thread. The lanes are
     shared with the workers under `lock`."""
 
-    def __init__(self, workers: int, size: int, wake: tuple[int, int]) -> None:
-        self.workers, self.size = workers, size
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collapse")
+    def __init__(self, workers: int, size: int, wake: tuple[int, int],
+                 cpus: list[int] | None = None) -> None:
+        self.workers, self.size, self.cpus = workers, size, cpus
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collapse",
+                                       initializer=pin_thread if cpus else None,
+                                       initargs=(cpus,) if cpus else ())
         self.lanes: dict[int, Lane] = {}
         self.done_fd, self._wake_fd = wake  # the owner's pipe: it outlives a resized pool
         self.lock = threading.RLock()  # a future already done calls back at once
@@ -91,12 +95,6 @@ class CollapsePool:
         with self.lock:
             return sum(len(lane.job.addresses) for lane in self.lanes.values()
                        if lane.job is not None)
-
-    def pending(self) -> int:
-        """Windows decided and not yet taken back: queued, running or finished."""
-        with self.lock:
-            return sum(self._queued(pid) for pid in self.lanes) + \
-                sum(len(job.addresses) for job, _ in self._finished)
 
     def waiting(self) -> bool:
         """Whether a lane has a batch queued and none running (start() held it back)."""
