@@ -30,6 +30,7 @@ from hugepaged.kernel.geometry import Geometry
 from hugepaged.kernel.procfs import PF_KTHREAD, ProcStat, ProcStatus, Vma
 from hugepaged.kernel.sysfs import MmStats
 from hugepaged.results import ScanResult
+from hugepaged.scan.decide import Verdicts
 from hugepaged.scan.eligibility import ineligible
 from hugepaged.tunables import Tunables
 
@@ -211,9 +212,9 @@ class FakeScanner:
                 codes.append(ScanResult.EXCEED_NONE_PTE)
             else:
                 codes.append(ScanResult.SUCCEED)
-        none = [NR - p.present.get(a, 0) for a in range(start, end, HP)]
-        return SimpleNamespace(codes=np.array(codes, dtype=np.int8), none=np.array(none),
-                               mapped=None)  # private memory: no shared-range mapped counts
+        none = np.array([NR - p.present.get(a, 0) for a in range(start, end, HP)])
+        zeros = np.zeros(len(codes), dtype=np.int64)  # private memory: no mapped counts
+        return Verdicts(np.array(codes, dtype=np.int8), NR - none, none, zeros, zeros.copy())
 
 
 class Clock:

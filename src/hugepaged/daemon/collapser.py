@@ -143,6 +143,13 @@ class Collapser:
         fit = int(control.max_stall_ms / 1000.0 / self.duration())
         return max(1, min(windows, fit))
 
+    def paced_windows(self, state: TargetState | None, seconds: float) -> int:
+        """Windows the CPU caps (the global one and the target's share) pay for over the
+        next `seconds`, at the mean cost of a collapse so far."""
+        rates = [b.rate for b in (self.budget, state.budget if state is not None else None)
+                 if b is not None and b.percent]
+        return int(min(rates) * seconds / self.cost()) if rates else 0
+
     def next_ramp(self, pid: int, most: int) -> int:
         """Windows this process's next call may take: 1, 2, 4, ... up to `most` (a visit's
         first collapse comes soon, and later ones amortise the call)."""

@@ -76,6 +76,10 @@ class MmSlot:
     # it reads, or to that read if the process neither faulted nor mapped anything since.
     last_map: tuple | None = None
     advice: list = field(default_factory=list)
+    # Verdicts decided and not yet used, when a pass stopped for the CPU pace: (address of
+    # their first window, Verdicts, when read, visit_fp then). The next pass takes them
+    # instead of reading the page state again, while they are fresh (daemon/visit.py).
+    kept: tuple | None = None
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)

@@ -26,6 +26,9 @@ log = logging.getLogger("hugepaged")
 MAX_ERRORS = 3  # unexpected errors in a row before a slot is dropped
 IDLE_MIN = 5.0  # an idle pass (nothing due, nothing done) is not repeated sooner
 LANE_POLL = 1.0  # a pass stopped for a full lane: a finished batch wakes the loop before
+# lru_add_drain_all() at most this often: a paced daemon passes many times a second, and a
+# page faulted since the last drain that still reads PAGE_LRU is met again a second later.
+DRAIN_EVERY = 1.0
 
 
 class ScanPass:
@@ -42,6 +45,7 @@ class ScanPass:
         self.mthp = MthpSampler(kernel)
         self.visitor = Visitor(kernel, membership, collapser, lanes, referenced)
         self._return_to: int | None = None  # the slot a higher priority one cut in before
+        self._drained = float("-inf")
         membership.on_exit.append(self.forget)
         self.registry.on_wrap = self._full_scan
 
@@ -67,7 +71,9 @@ class ScanPass:
         self.counters.passes += 1
         self.lanes.reap()
         self.lanes.stalled = False
-        self.kernel.drain_lru()  # khugepaged_do_scan: lru_add_drain_all()
+        if self.clock() - self._drained >= DRAIN_EVERY:
+            self.kernel.drain_lru()  # khugepaged_do_scan: lru_add_drain_all()
+            self._drained = self.clock()
         c.ticket = c.budget.allows(self.clock())
         while progress < pages and not c.stopping:
             if cur.pid is None:

@@ -18,6 +18,7 @@ from hugepaged.errors import HugepagedError, ProcessGone
 from hugepaged.kernel.madvise import pidfd_exited, pidfd_open
 from hugepaged.kernel.procfs import ProcStat
 from hugepaged.results import COLLAPSIBLE, ScanResult
+from hugepaged.scan.decide import window_slice
 from hugepaged.scan.process import CHUNK_WINDOWS, ProcessScanner
 
 from .advice import apply_advice
@@ -28,6 +29,11 @@ from .registry import MmSlot
 from .targets import TargetState
 
 DRY = Hold(Halt.DRY)
+# Verdicts a paced pass decided and could not use yet are taken by the next passes for this
+# long (their process not having faulted since): a CPU cap then pays for reading the page
+# state once per several calls, not once per call. The kernel re-checks every window when it
+# collapses it, so a stale verdict costs a failed call at worst.
+KEEP_SECONDS = 1.0
 
 log = logging.getLogger("hugepaged")
 
@@ -168,6 +174,7 @@ class Visitor:
             slot.visit_wakes = slot.wakes
         fresh = cur.address == 0 or slot.visit is None or view.faults() != slot.visit_fp
         if fresh:  # a resumed visit whose process faulted since may have a new memory map
+            slot.kept = None
             slot.visit_fp = view.faults()
             slot.visit = memory_map(slot, view)
             slot.anon_kb = sum(v.anonymous_kb for v in slot.visit[1])
@@ -203,8 +210,14 @@ class Visitor:
                         visit.hold = room
                         return visit
                     n = min((hend - addr) >> geo.pmd_shift, want, chunk, room)
-                    verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
-                    if not fresh and (verdicts.codes == ScanResult.SUCCEED).any() and \
+                    kept = self._kept(slot, addr, n)
+                    if kept is not None:  # what the last pass decided, still fresh
+                        verdicts, read_at = kept
+                    else:
+                        verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
+                        read_at = self.collapser.clock()
+                    if kept is None and not fresh and \
+                            (verdicts.codes == ScanResult.SUCCEED).any() and \
                             view.moved_since(slot.visit_fp):
                         # hugepage_vma_revalidate: the process faulted since its VMAs were
                         # read (a region may have been replaced by a fresh mapping without
@@ -212,6 +225,7 @@ class Visitor:
                         cur.address, slot.visit = addr, None
                         return visit
                     results, visit.hold = self._windows(slot, state, mm, vma, addr, verdicts)
+                    self._keep(slot, addr, verdicts, len(results), read_at, visit.hold)
                     for result in results:
                         visit.progress += geo.pmd_nr
                         if result is None:  # handed to a worker: counted when it is reaped
@@ -225,6 +239,26 @@ class Visitor:
                 cur.address = hend
         visit.finished = True
         return visit
+
+    def _kept(self, slot: MmSlot, addr: int, n: int):
+        """(verdicts, when read) a paced pass kept for the windows from `addr` (at most n),
+        if they are still fresh; None: read the page state."""
+        kept, slot.kept = slot.kept, None
+        if kept is None:
+            return None
+        start, verdicts, read_at, fp = kept
+        if start != addr or fp != slot.visit_fp or \
+                self.collapser.clock() - read_at > KEEP_SECONDS:
+            return None
+        return window_slice(verdicts, 0, n), read_at
+
+    def _keep(self, slot: MmSlot, addr: int, verdicts, used: int, read_at: float,
+              hold: Hold | None) -> None:
+        """A pass held by the CPU pace keeps the verdicts it has not used for the next."""
+        if hold is None or used >= verdicts.codes.size:
+            return
+        size = self.kernel.geometry.pmd_size
+        slot.kept = (addr + used * size, window_slice(verdicts, used), read_at, slot.visit_fp)
 
     def _room(self, slot: MmSlot, state: TargetState | None) -> int | Hold:
         """How many windows are worth deciding now: no more than can be collapsed before
@@ -242,7 +276,10 @@ class Visitor:
                 return DRY
             return lane
         if self.collapser.budget.percent or (state is not None and state.budget is not None):
-            room = self.collapser.batch_size(room, self.membership.control_for(slot))
+            # One call's worth, or what the pace pays for until kept verdicts go stale.
+            control = self.membership.control_for(slot)
+            room = min(room, max(self.collapser.batch_size(room, control),
+                                 self.collapser.paced_windows(state, KEEP_SECONDS)))
         return room
 
     def _windows(self, slot: MmSlot, state: TargetState | None, mm, vma, addr: int,

@@ -30,7 +30,7 @@ from hugepaged.kernel.pagemap import (
 from hugepaged.policy import Limits
 from hugepaged.results import ScanResult as R
 
-__all__ = ["Limits", "Verdicts", "clean_windows", "decide"]
+__all__ = ["Limits", "Verdicts", "clean_windows", "decide", "window_slice"]
 _U = np.uint64
 
 
@@ -45,6 +45,13 @@ class Verdicts:
     shared: np.ndarray
     # File rules only: pages of the range this process maps (present counts the page cache).
     mapped: np.ndarray | None = None
+
+
+def window_slice(v: Verdicts, start: int, end: int | None = None) -> Verdicts:
+    """The verdicts of windows [start, end) of `v`."""
+    cut = slice(start, end)
+    return Verdicts(v.codes[cut], v.present[cut], v.none[cut], v.swap[cut], v.shared[cut],
+                    None if v.mapped is None else v.mapped[cut])
 
 
 def _bit(a: np.ndarray, mask: int) -> np.ndarray:
