@@ -168,8 +168,9 @@ def test_alert_rules_use_metrics_that_exist():
     from hugepaged.tunables import Tunables
 
     members = SimpleNamespace(targets=[], target_states=TargetStates())
+    held = SimpleNamespace(splits=SimpleNamespace(held_counts=lambda slots: {}))
     svc = SimpleNamespace(core=SimpleNamespace(counters=Counters(), registry=Registry(),
-                                               membership=members),
+                                               membership=members, collapser=held),
                           kernel=Kernel(), tunables=Tunables(), options=DaemonOptions(),
                           state=lambda: "idle")
     exposed = set(re.findall(r"^# TYPE (\S+) (\S+)", generate_latest(build_registry(svc))

@@ -59,7 +59,9 @@ def test_parse_listen_refuses(spec):
 def fake_service(counters: Counters, top: int = 0):
     """What the collector reads of a Service, with real Counters and Registry."""
     core = SimpleNamespace(counters=counters, registry=Registry(),
-                           membership=SimpleNamespace(targets=[], target_states=TargetStates()))
+                           membership=SimpleNamespace(targets=[], target_states=TargetStates()),
+                           collapser=SimpleNamespace(splits=SimpleNamespace(
+                               held_counts=lambda slots: {"split_backoff": 0, "underused": 0})))
     return SimpleNamespace(core=core, kernel=Kernel(), tunables=Tunables(),
                            options=DaemonOptions(metrics_top_processes=top),
                            state=lambda: "idle")

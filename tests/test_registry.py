@@ -87,6 +87,7 @@ class FakeProcess:
     vmas: list[Vma]
     present: dict[int, int] = field(default_factory=dict)  # window address -> pages present
     huge: set[int] = field(default_factory=set)
+    zero: dict[int, int] = field(default_factory=dict)  # window address -> zero-page PTEs
     minflt: int = 0
     flags: int = 0
     gone: bool = False
@@ -163,8 +164,12 @@ class FakeKernel:
         self.mm = FakeMm()
         self.scans: list[tuple[int, int, int]] = []  # (pid, start, end) of decide_range calls
         self.geometry = Geometry()
-        # The kernel's per-size nr_anon: no mTHP folio on the machine, so nothing is counted.
-        self.thp = SimpleNamespace(nr_anon=lambda: {16: 0, 64: 0, 2048: 0})
+        # The kernel's per-size nr_anon: no mTHP folio on the machine, so nothing is counted;
+        # its underused-THP shrinker off unless a test turns it on.
+        self.shrinker: int | None = None  # the kernel's max_ptes_none while shrink_underused
+        self.thp = SimpleNamespace(nr_anon=lambda: {16: 0, 64: 0, 2048: 0},
+                                   shrink_underused=lambda: self.shrinker is not None,
+                                   read=lambda name: self.shrinker)
 
     def pagemap(self, pid: int) -> FakePageMap:
         return FakePageMap()
@@ -214,7 +219,9 @@ class FakeScanner:
                 codes.append(ScanResult.SUCCEED)
         none = np.array([NR - p.present.get(a, 0) for a in range(start, end, HP)])
         zeros = np.zeros(len(codes), dtype=np.int64)  # private memory: no mapped counts
-        return Verdicts(np.array(codes, dtype=np.int8), NR - none, none, zeros, zeros.copy())
+        zero = np.array([p.zero.get(a, 0) for a in range(start, end, HP)], dtype=np.int64)
+        return Verdicts(np.array(codes, dtype=np.int8), NR - none, none, zeros, zeros.copy(),
+                        zero=zero)
 
 
 class Clock:

@@ -40,6 +40,7 @@ WORDS = {
     "enabled": ("always", "madvise", "never"),
     "shmem_enabled": ("always", "within_size", "advise", "never", "deny", "force"),
     "kernel_khugepaged": ("leave", "quiet"),
+    "on_split": ("back_off", "leave"),
 }
 # Refused by kstrtoul whatever the range.
 MALFORMED = ["", "\n", "+", "-", "-1", "-0", " 5", "5 ", " 5\n", "5\t", "\t5", "0x5", "0X5",

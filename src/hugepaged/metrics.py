@@ -157,6 +157,22 @@ class HugepagedCollector:
         settings.add_metric([], words)
         yield settings
 
+        held = GaugeMetricFamily("hugepaged_held_windows", "Windows hugepaged collapsed, found "
+                                 "split again and holds back now, by why (split_backoff: an "
+                                 "allocator's or reclaim's split; underused: the kernel's "
+                                 "underused-THP shrinker's)", labels=["why"])
+        for why, n in core.collapser.splits.held_counts(slots).items():
+            held.add_metric([why], n)
+        yield held
+        try:
+            underused = self.kernel.mm.vmstat().get("thp_underused_split_page")
+        except OSError:
+            underused = None
+        if underused is not None:
+            yield CounterMetricFamily("hugepaged_kernel_thp_underused_split_page",
+                                      "THPs the kernel's underused-THP shrinker split (the "
+                                      "kernel's vmstat thp_underused_split_page)",
+                                      value=underused)
         yield from self._nr_anon()
         yield from self._processes(slots)
         yield from self._targets(core, slots)

@@ -49,6 +49,14 @@ class ScanResult(IntEnum):
     COLLAPSE_EBUSY = 102
     COLLAPSE_EAGAIN = 103
     COLLAPSE_ERRNO = 104  # an errno MADV_COLLAPSE is not documented to give
+    # hugepaged's own: a window hugepaged collapsed and found split again (an allocator's
+    # purge, the kernel's reclaim), held back for a while that doubles at every new split;
+    # or (on_split = "leave") for good.
+    SPLIT_BACKOFF = 105
+    # hugepaged's own: a window it collapsed that the kernel's underused-THP shrinker split
+    # (it holds more zero-filled pages than the kernel's max_ptes_none), held until that
+    # share falls: collapsing it again would only have the kernel split it again.
+    UNDERUSED_SPLIT = 106
 
 
 # Windows the kernel would not even try: nothing to do, not a failure (TRUNCATED: a file

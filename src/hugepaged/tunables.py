@@ -115,6 +115,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          doc="how long one process_madvise call may hold a process (its mmap lock, a CPU): "
              "a call takes as many windows as fit at their mean collapse time, at least one "
              "(hugepaged's own)"),
+    Spec("on_split", "back_off", choices=("back_off", "leave"), per_target=True,
+         doc="a window hugepaged collapsed and later finds split again: back_off (not "
+             "again for a while that doubles with every split, up to hours) or leave (never "
+             "again) (hugepaged's own)"),
     Spec("collapse_cpus", "", parse=lambda text: _cpulist(text),
          doc="the CPUs the collapsing threads run on, as a CPU list (0-1,3); empty: all "
              "(hugepaged's own: keep latency-critical CPUs free of in-kernel collapses)"),

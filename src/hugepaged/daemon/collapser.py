@@ -27,6 +27,7 @@ from hugepaged.results import ScanResult
 from hugepaged.tunables import Tunables
 
 from . import schedule as sched
+from .churn import SplitWatch
 from .counters import Counters
 from .registry import MmSlot
 from .schedule import Schedule
@@ -69,6 +70,7 @@ class Collapser:
         self.backoff_nodes: set[int] | None = None  # where the back-off's allocation was
         self._one_node: bool | None = None
         self._kpf = None  # opened at the first use, after the start-up checks
+        self.splits = SplitWatch(kernel, counters, clock)  # collapsed windows split again
 
     @property
     def kpf(self):
@@ -209,6 +211,7 @@ class Collapser:
                   bloat_kb: int) -> None:
         """A window's outcome in the slot's and its target's books."""
         if outcome.result == ScanResult.SUCCEED:
+            self.splits.collapsed(slot, outcome.address, slot.visits)
             slot.anon_huge_kb += self.kernel.geometry.pmd_size >> 10
             slot.bloat_kb += bloat_kb
             if state is not None:

@@ -26,6 +26,8 @@ COUNTERS = (
     ("collapse_attempts", "Windows asked of process_madvise(MADV_COLLAPSE)"),
     ("collapse_cpu_seconds", "CPU time spent in collapses (charged to the CPU cap)"),
     ("alloc_backoffs", "Back-offs after a huge page could not be allocated"),
+    ("pages_split_after_collapse", "Windows hugepaged collapsed and found split again "
+     "(hugepaged's own)"),
     ("registered", "Processes registered (hugepaged's own)"),
     ("gone", "Processes that exited or were dropped (hugepaged's own)"),
 )
@@ -45,6 +47,7 @@ class Counters:
     collapse_attempts: int = 0
     collapse_cpu_seconds: float = 0.0
     alloc_backoffs: int = 0
+    pages_split_after_collapse: int = 0
     registered: int = 0
     gone: int = 0
     results: Counter = field(default_factory=Counter)  # windows examined, per result

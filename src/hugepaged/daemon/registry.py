@@ -80,6 +80,11 @@ class MmSlot:
     # their first window, Verdicts, when read, visit_fp then). The next pass takes them
     # instead of reading the page state again, while they are fresh (daemon/visit.py).
     kept: tuple | None = None
+    # Windows this daemon collapsed, by address, watched for being split again
+    # (daemon/churn.py).
+    collapsed: dict = field(default_factory=dict)
+    visits: int = 0  # visits started (a window no visit meets is forgotten)
+    hold_until: float = 0.0  # when the first held window's hold ends: a visit is due then
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)

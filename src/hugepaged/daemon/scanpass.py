@@ -190,6 +190,7 @@ class ScanPass:
 
     def _finished(self, slot: MmSlot, visit: Visit, now: float) -> None:
         self.mthp.visited(slot, self.collapser.kpf, now)
+        self.collapser.splits.finished(slot, slot.visits)
         slot.visit = None
         slot.last_full = now
         # Woken while visited (a rule change on the control thread): the visit may have used
@@ -200,6 +201,8 @@ class ScanPass:
             if slot.forced:  # nothing changed and nothing found: force less often
                 slot.rescan_every = min(RESCAN_MAX, slot.rescan_every * 2)
             slot.settle(now)
+            if slot.hold_until:  # not past the end of a window's split hold
+                slot.due = min(slot.due, slot.hold_until)
         slot.forced = False
         self._advance(slot.pid)
 

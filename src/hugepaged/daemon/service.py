@@ -189,6 +189,8 @@ class Service:
                            "target": core.membership.control_for(s).target,
                            "settled_seconds": s.settled_for} for s in slots],
             "cursor": {"pid": reg.cursor.pid, "address": hex(reg.cursor.address)},
+            "held_windows": core.collapser.splits.held_counts(slots),
+            "kernel_shrinker": self._shrinker(),
             "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
             "connector": loop is not None and loop.connector is not None,
             "madvise_source": "tracepoints" if loop is not None and loop.tracer is not None
@@ -196,6 +198,16 @@ class Service:
             "referenced_source": core.referenced.name if core.referenced is not None
             else "none",
         }
+
+    def _shrinker(self) -> dict[str, Any]:
+        """The kernel's underused-THP shrinker, as the split watch reads it (daemon/churn)."""
+        try:
+            split = self.kernel.mm.vmstat().get("thp_underused_split_page")
+        except OSError:
+            split = None
+        limit = self.core.collapser.splits.shrinker_limit()
+        return {"shrink_underused": limit is not None, "max_ptes_none": limit,
+                "thp_underused_split_page": split}
 
     # --- running ---------------------------------------------------------------------
     def run(self, control=None) -> int:

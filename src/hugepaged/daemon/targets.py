@@ -22,6 +22,7 @@ class TargetState:
     collapsed: int = 0
     cpu_seconds: float = 0.0
     results: Counter = field(default_factory=Counter)
+    splits: int = 0  # windows collapsed for it and found split again (daemon/churn.py)
 
     @property
     def max_bloat_kb(self) -> int | None:
@@ -107,5 +108,6 @@ def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
             "max_cpu_percent": t.max_cpu_percent,
             "policy": t.policy(),
             "results": dict(sorted(st.results.items())) if st else {},
+            "pages_split_after_collapse": st.splits if st else 0,
         })
     return out

@@ -82,6 +82,9 @@ def due(slot: MmSlot, view: ProcessView, now: float) -> bool:
         return True  # let the scan find out and drop it
     changed = fp != slot.fingerprint
     slot.fingerprint = fp
+    if slot.hold_until and now >= slot.hold_until:  # a held window may be collapsed now
+        slot.hold_until = 0.0
+        return True
     if slot.settled_for and not changed:
         if now - slot.last_full < slot.rescan_every:
             slot.settle(now)
@@ -172,6 +175,7 @@ class Visitor:
         if cur.address == 0:  # a visit's first read and call are one window, then 2, 4, ...:
             self.collapser.ramp[pid] = self._chunk[pid] = 1  # its first collapse comes sooner
             slot.visit_wakes = slot.wakes
+            slot.visits += 1
         fresh = cur.address == 0 or slot.visit is None or view.faults() != slot.visit_fp
         if fresh:  # a resumed visit whose process faulted since may have a new memory map
             slot.kept = None
@@ -292,6 +296,8 @@ class Visitor:
         codes, nones = verdicts.codes.tolist(), verdicts.none.tolist()
         control = self.membership.control_for(slot)
         ledger = state.ledger if state is not None else None
+        if slot.collapsed:  # windows it collapsed before: split since? held back?
+            self._held(slot, state, control, addr, codes, verdicts.zero)
         out: list[ScanResult | None] = []
         i = 0
         while i < len(codes):
@@ -339,6 +345,19 @@ class Visitor:
                 cur.address = failed_at
                 return out, STOP
         return out, None
+
+    def _held(self, slot: MmSlot, state: TargetState | None, control, addr: int,
+              codes: list[int], zero) -> None:
+        """Collapsible windows the split watch holds back get its result instead (a run of
+        collapsible windows then stops at them)."""
+        size, watch = self.kernel.geometry.pmd_size, self.collapser.splits
+        zeros = zero.tolist() if zero is not None else [None] * len(codes)
+        for k, code in enumerate(codes):
+            a = addr + k * size
+            if a in slot.collapsed:
+                held = watch.held(slot, state, control, a, code, zeros[k], slot.visits)
+                if held is not None and code in COLLAPSIBLE:
+                    codes[k] = int(held)
 
     def _collapse_range(self, slot: MmSlot, state: TargetState | None, control, key,
                         address: int, none_ptes: int, unmapped: bool) -> ScanResult | Hold:

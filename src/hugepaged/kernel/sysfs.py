@@ -129,6 +129,14 @@ class ThpSysfs:
                     out[int(m.group(1))] = int(f.read())
         return out
 
+    def shrink_underused(self) -> bool | None:
+        """Whether the kernel's underused-THP shrinker (6.12) splits THPs holding more
+        zero-filled pages than khugepaged's max_ptes_none; None where it has none."""
+        try:
+            return self.read_raw("shrink_underused") == "1"
+        except OSError:
+            return None
+
     def khugepaged(self) -> dict[str, int]:
         return {n: int(self.read_raw(n)) for n in self.khugepaged_files()}
 
@@ -195,6 +203,15 @@ class MmStats:
     def _read(self, name: str) -> str:
         with open(f"{self.proc_root}/{name}") as f:
             return f.read()
+
+    def vmstat(self, prefix: str = "thp_") -> dict[str, int]:
+        """The /proc/vmstat counters whose names start with `prefix`."""
+        out = {}
+        for line in self._read("vmstat").splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith(prefix):
+                out[name] = int(value)
+        return out
 
     def numa_nodes(self) -> set[int]:
         """Nodes with memory (zoneinfo); {0} where there is no zoneinfo."""

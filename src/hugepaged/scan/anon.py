@@ -25,7 +25,7 @@ from hugepaged.scan.decide import Verdicts, decide
 from hugepaged.scan.eligibility import uffd_armed
 
 _U = np.uint64
-_VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared")
+_VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared", "zero")
 
 
 def window_masks(regions: np.ndarray, start: int, nwin: int, shift: int
@@ -115,7 +115,8 @@ class AnonScanner:
         codes = np.full(nwin, int(ScanResult.PMD_NONE), dtype=np.int8)
         codes[huge] = int(ScanResult.PMD_MAPPED)
         zeros = np.zeros(nwin, dtype=np.int64)
-        out = Verdicts(codes, zeros.copy(), zeros + self.nr, zeros.copy(), zeros.copy())
+        out = Verdicts(codes, zeros.copy(), zeros + self.nr, zeros.copy(), zeros.copy(),
+                       zero=zeros.copy())
         out.present[huge] = self.nr
         out.none[huge] = 0
         if detail.size == 0:
@@ -144,7 +145,8 @@ class AnonScanner:
             return self._decide(pm, armed)
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(np.full(n, int(ScanResult.PMD_MAPPED), dtype=np.int8),
-                       zeros + self.nr, zeros.copy(), zeros.copy(), zeros.copy())
+                       zeros + self.nr, zeros.copy(), zeros.copy(), zeros.copy(),
+                       zero=zeros.copy())
         rest = np.flatnonzero(~pmd)
         if rest.size:
             v = self._decide(pm[rest], armed)
@@ -168,6 +170,7 @@ class AnonScanner:
             nzero = zero.sum(axis=1)
             out.present[rows] = self.nr - nzero
             out.none[rows] = nzero
+            out.zero[rows] = nzero
             out.shared[rows] = (~zero & ~excl).sum(axis=1)
         return out
 

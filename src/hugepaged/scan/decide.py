@@ -45,13 +45,17 @@ class Verdicts:
     shared: np.ndarray
     # File rules only: pages of the range this process maps (present counts the page cache).
     mapped: np.ndarray | None = None
+    # PTE rules only: of `none`, the PTEs mapping the shared zero page (what the kernel's
+    # underused-THP shrinker maps in place of zero-filled pages when it splits a THP).
+    zero: np.ndarray | None = None
 
 
 def window_slice(v: Verdicts, start: int, end: int | None = None) -> Verdicts:
     """The verdicts of windows [start, end) of `v`."""
     cut = slice(start, end)
     return Verdicts(v.codes[cut], v.present[cut], v.none[cut], v.swap[cut], v.shared[cut],
-                    None if v.mapped is None else v.mapped[cut])
+                    None if v.mapped is None else v.mapped[cut],
+                    None if v.zero is None else v.zero[cut])
 
 
 def _bit(a: np.ndarray, mask: int) -> np.ndarray:
@@ -126,7 +130,7 @@ def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(codes=np.full(n, int(R.SUCCEED), dtype=np.int8),
                        present=zeros + pagemap.shape[1], none=zeros, swap=zeros.copy(),
-                       shared=zeros.copy())
+                       shared=zeros.copy(), zero=zeros.copy())
         if referenced is not None and limits.khugepaged:
             # Every PTE is a normal page and none is swapped: lacking means none referenced.
             out.codes[fast & ~np.asarray(referenced, dtype=bool).any(axis=1)] = \
@@ -136,7 +140,7 @@ def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
             rest = _decide_checks(pagemap[slow], kflags[slow], limits,
                                   None if referenced is None else referenced[slow],
                                   armed[slow])
-            for name in ("codes", "present", "none", "swap", "shared"):
+            for name in ("codes", "present", "none", "swap", "shared", "zero"):
                 getattr(out, name)[slow] = getattr(rest, name)
     return out
 
@@ -186,4 +190,4 @@ def _decide_checks(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits,
         codes[~failed & lack] = int(R.LACK_REFERENCED_PAGE)
     codes[~(present | swapped).any(axis=1)] = int(R.PMD_NONE)
     return Verdicts(codes=codes, present=normal.sum(axis=1), none=none.sum(axis=1),
-                    swap=swapped.sum(axis=1), shared=shared.sum(axis=1))
+                    swap=swapped.sum(axis=1), shared=shared.sum(axis=1), zero=zero.sum(axis=1))
