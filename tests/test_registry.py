@@ -88,6 +88,7 @@ class FakeProcess:
     present: dict[int, int] = field(default_factory=dict)  # window address -> pages present
     huge: set[int] = field(default_factory=set)
     zero: dict[int, int] = field(default_factory=dict)  # window address -> zero-page PTEs
+    cgroup2: str = "/"
     minflt: int = 0
     flags: int = 0
     gone: bool = False
@@ -122,6 +123,12 @@ class FakeProcFS:
 
     def smaps(self, pid: int) -> list[Vma]:
         return list(self._get(pid).vmas)
+
+    def cgroup2(self, pid: int) -> str:
+        return self._get(pid).cgroup2
+
+    def cgroups(self, pid: int) -> list[str]:
+        return [self._get(pid).cgroup2]
 
     def maps_text(self, pid: int) -> str:
         return "".join(f"{v.start:x}-{v.end:x} {v.perms} 0 0:0 {v.inode}\n"
@@ -167,6 +174,11 @@ class FakeKernel:
         # The kernel's per-size nr_anon: no mTHP folio on the machine, so nothing is counted;
         # its underused-THP shrinker off unless a test turns it on.
         self.shrinker: int | None = None  # the kernel's max_ptes_none while shrink_underused
+        # PSI memory `some avg10`: the machine's and per cgroup2 group (none: no pressure).
+        self.psi = 0.0
+        self.psi_cgroups: dict[str, float] = {}
+        self.pressure = SimpleNamespace(machine=lambda: self.psi,
+                                        cgroup=lambda path: self.psi_cgroups.get(path))
         self.thp = SimpleNamespace(nr_anon=lambda: {16: 0, 64: 0, 2048: 0},
                                    shrink_underused=lambda: self.shrinker is not None,
                                    read=lambda name: self.shrinker)

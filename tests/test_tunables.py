@@ -33,6 +33,7 @@ RANGES = {
     "defrag": (0, 1),
     "max_cpu_percent": (0, 100),
     "max_stall_ms": (0, 60000),
+    "max_memory_pressure": (0, 100),
     "collapse_workers": (1, 16),
 }
 LISTS = {"collapse_cpus"}  # a CPU list of online CPUs (kernel/cpus.py)

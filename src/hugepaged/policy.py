@@ -48,6 +48,8 @@ class CollapseControl:
     max_bloat_kb: int | None = None
     max_stall_ms: int = 10  # a call takes the windows that fit in this, at least one
     on_split: str = "back_off"  # a window found split after its collapse: back_off | leave
+    max_memory_pressure: int = 10  # collapses pause above this PSI some avg10 (0: never)
+    by_cgroup: bool = False  # its target matches by cgroup: that cgroup's own pressure
 
     @classmethod
     def from_tunables(cls, t, *, force: bool = False) -> CollapseControl:
@@ -55,7 +57,8 @@ class CollapseControl:
         return cls(enabled=t.enabled, shmem_enabled=t.shmem_enabled,
                    max_ptes_none=t.max_ptes_none, max_ptes_swap=t.max_ptes_swap,
                    max_ptes_shared=t.max_ptes_shared, is_khugepaged=not force,
-                   max_stall_ms=t.max_stall_ms, on_split=t.on_split)
+                   max_stall_ms=t.max_stall_ms, on_split=t.on_split,
+                   max_memory_pressure=t.max_memory_pressure)
 
     def limits(self) -> Limits:
         return Limits(self.max_ptes_none, self.max_ptes_swap, self.max_ptes_shared,

@@ -57,7 +57,8 @@ class _Target:
         """The CollapseControl fields this target sets (the rest stay the global policy's)."""
         out: dict[str, object] = {"target": self.name, "priority": self.priority,
                                   "max_cpu_percent": self.max_cpu_percent or None,
-                                  "max_bloat_kb": self.max_bloat_kb}
+                                  "max_bloat_kb": self.max_bloat_kb,
+                                  "by_cgroup": self.cgroup is not None}
         for key in TUNABLE_KEYS:
             if key != "max_cpu_percent" and getattr(self, key) is not None:
                 out[key] = getattr(self, key)

@@ -115,6 +115,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          doc="how long one process_madvise call may hold a process (its mmap lock, a CPU): "
              "a call takes as many windows as fit at their mean collapse time, at least one "
              "(hugepaged's own)"),
+    Spec("max_memory_pressure", 10, 0, 100, per_target=True,
+         doc="collapses pause while memory pressure (PSI `some avg10`, percent; of the "
+             "process's own cgroup for a target matched by cgroup, else the machine's) is "
+             "above this, and resume below it; 0: never pause (hugepaged's own)"),
     Spec("on_split", "back_off", choices=("back_off", "leave"), per_target=True,
          doc="a window hugepaged collapsed and later finds split again: back_off (not "
              "again for a while that doubles with every split, up to hours) or leave (never "

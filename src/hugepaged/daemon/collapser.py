@@ -44,13 +44,16 @@ class Halt(enum.Enum):
 
 @dataclass(frozen=True)
 class Hold:
-    """Why a collapse may not start now, and for how long (DRY: seconds from now)."""
+    """Why a collapse may not start now, and for how long (DRY: seconds from now, and what
+    the process waits for: "share", "lane" or "pressure")."""
 
     halt: Halt
     wait: float = 0.0
+    reason: str = ""
 
 
 STOP = Hold(Halt.STOP)
+PRESSURE_POLL = 1.0  # seconds a pressure reading is reused, and a paused process waits
 
 
 class Collapser:
@@ -71,6 +74,7 @@ class Collapser:
         self._one_node: bool | None = None
         self._kpf = None  # opened at the first use, after the start-up checks
         self.splits = SplitWatch(kernel, counters, clock)  # collapsed windows split again
+        self._psi_cache: dict[str | None, tuple[float, float | None]] = {}
 
     @property
     def kpf(self):
@@ -109,15 +113,53 @@ class Collapser:
             self.schedule.set(sched.CPU, now + self.budget.wait(now))
             return STOP
         if state is not None and state.budget is not None and not state.budget.allows(now):
-            return Hold(Halt.DRY, state.budget.wait(now))
+            return Hold(Halt.DRY, state.budget.wait(now), "share")
         return None
+
+    def pressure(self, slot: MmSlot, control) -> Hold | None:
+        """Memory pressure above the policy's max_memory_pressure: this process waits (DRY)
+        and the pass goes on. A target matched by cgroup is judged by its process's own
+        cgroup2 group's pressure, everything else by the machine's."""
+        limit = control.max_memory_pressure
+        if not limit:
+            return None
+        value, where = None, "machine"
+        if control.by_cgroup:
+            if slot.cgroup2 is None:
+                try:
+                    slot.cgroup2 = self.kernel.procfs.cgroup2(slot.pid) or ""
+                except (HugepagedError, OSError):
+                    slot.cgroup2 = ""
+            if slot.cgroup2:
+                value, where = self._psi(slot.cgroup2), f"cgroup {slot.cgroup2}"
+        if value is None:
+            value, where = self._psi(None), "machine"
+        paused = value is not None and value > limit
+        if paused != slot.pressured:  # said once when it starts and once when it ends
+            slot.pressured = paused
+            log.info("pid %d (%s): collapses %s: memory pressure (%s) %.1f%% %s %d%%",
+                     slot.pid, slot.comm, "paused" if paused else "resumed", where,
+                     value or 0.0, ">" if paused else "<=", limit,
+                     extra={"event": "pressure", "pid": slot.pid, "paused": paused,
+                            "where": where, "avg10": value, "limit": limit})
+        return Hold(Halt.DRY, PRESSURE_POLL, "pressure") if paused else None
+
+    def _psi(self, cgroup: str | None) -> float | None:
+        """A PSI reading (the machine's, or a cgroup2 group's), reused for PRESSURE_POLL."""
+        now = self.clock()
+        hit = self._psi_cache.get(cgroup)
+        if hit is None or now - hit[0] >= PRESSURE_POLL:
+            p = self.kernel.pressure
+            hit = (now, p.machine() if cgroup is None else p.cgroup(cgroup))
+            self._psi_cache[cgroup] = hit
+        return hit[1]
 
     def admit(self, slot: MmSlot, address: int, state: TargetState | None) -> Hold | None:
         """Whether a collapse of this window may start now: not stopping, not in a back-off,
         within the caps, and with defrag=0 only while a free huge page exists."""
         if self.stopping or self.in_backoff(self.clock()):
             return STOP
-        hold = self.capped(state)
+        hold = self.pressure(slot, slot.control) or self.capped(state)
         if hold is not None:
             return hold
         if self.tunables.defrag == 0 and \

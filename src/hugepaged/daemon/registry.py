@@ -85,6 +85,9 @@ class MmSlot:
     collapsed: dict = field(default_factory=dict)
     visits: int = 0  # visits started (a window no visit meets is forgotten)
     hold_until: float = 0.0  # when the first held window's hold ends: a visit is due then
+    waiting: str = ""  # what a visit left early waits for: "share", "lane", "pressure"
+    cgroup2: str | None = None  # its cgroup2 group (read once: memory pressure by cgroup)
+    pressured: bool = False  # its collapses are paused for memory pressure
 
     def exited(self) -> bool:
         return pidfd_exited(self.pidfd)

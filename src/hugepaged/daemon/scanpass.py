@@ -93,17 +93,24 @@ class ScanPass:
         return worked
 
     def _share_deadlines(self) -> None:
-        """The schedule's share waits, as the slots left for their target's share say."""
+        """The schedule's waits of visits left early, as their slots say: for a target's
+        share (one deadline per target) or for memory pressure to fall."""
         waits: dict[str, float] = {}
         for slot in self.registry.slots.values():
+            if not slot.resume:
+                continue
             name = self.membership.control_for(slot).target
-            if slot.resume and name is not None:
-                waits[name] = min(waits.get(name, slot.due), slot.due)
+            key = sched.PRESSURE if slot.waiting == "pressure" else \
+                sched.SHARE + name if slot.waiting == "share" and name is not None else None
+            if key is not None:
+                waits[key] = min(waits.get(key, slot.due), slot.due)
         for name, _ in list(self.schedule.shares()):
-            if name not in waits:
+            if sched.SHARE + name not in waits:
                 self.schedule.clear(sched.SHARE + name)
-        for name, when in waits.items():
-            self.schedule.set(sched.SHARE + name, when)
+        if sched.PRESSURE not in waits:
+            self.schedule.clear(sched.PRESSURE)
+        for key, when in waits.items():
+            self.schedule.set(key, when)
 
     def after(self, worked: bool, now: float) -> float:
         """When the next pass is due (khugepaged_wait_work): scan_sleep_millisecs after work;
@@ -181,6 +188,7 @@ class ScanPass:
         if visit.hold is not None:  # its target's share ran dry, or its lane is full
             slot.resume = cur.address  # the window that waits
             slot.due = now + visit.hold.wait
+            slot.waiting = visit.hold.reason
             self._advance(pid)
             return 1, True, False
         slot.errors = 0

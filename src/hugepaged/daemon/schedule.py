@@ -17,12 +17,14 @@ PASS = "pass"  # scan_sleep_millisecs after a pass, or a settled slot's due time
 BACKOFF = "alloc-backoff"  # alloc_sleep_millisecs after a huge page allocation failed
 CPU = "cpu-capped"  # the global CPU cap rests
 SHARE = "share:"  # + target name: a visit waits for its target's CPU share
+PRESSURE = "memory-pressure"  # a visit waits for memory pressure to fall
 # Reasons the loop wakes for besides.
 DISCOVER = "discover"  # the periodic /proc walk
 ADMIT = "admit"  # fork events whose settle delay ends
 BUDDY = "buddy"  # during a back-off: look for a free huge page this often
 
-STATES = ("scanning", "idle", "alloc-backoff", "cpu-capped", "share-limited", "stopping")
+STATES = ("scanning", "idle", "alloc-backoff", "cpu-capped", "share-limited",
+          "memory-pressure", "stopping")
 
 
 class Schedule:
@@ -82,6 +84,8 @@ class Schedule:
             return "cpu-capped"
         if self._at.get(PASS, 0.0) <= now + scan_sleep:
             return "scanning"
+        if self.until(PRESSURE, now):
+            return "memory-pressure"
         waiting = sorted(((when, name) for name, when in self.shares() if when > now))
         if waiting:
             return f"share-limited: {waiting[0][1]}"

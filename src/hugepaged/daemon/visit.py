@@ -28,7 +28,7 @@ from .ranges import RangeMemo
 from .registry import MmSlot
 from .targets import TargetState
 
-DRY = Hold(Halt.DRY)
+LANE_FULL = Hold(Halt.DRY, 0.0, "lane")
 # Verdicts a paced pass decided and could not use yet are taken by the next passes for this
 # long (their process not having faulted since): a CPU cap then pays for reading the page
 # state once per several calls, not once per call. The kernel re-checks every window when it
@@ -269,7 +269,8 @@ class Visitor:
         the decision is read again (under a CPU cap, one call's worth: the next waits for
         the pace; with workers, what the slot's lane takes), so that no pass reads page
         state it then throws away; or why none is."""
-        hold = self.collapser.capped(state)
+        control = self.membership.control_for(slot)
+        hold = self.collapser.pressure(slot, control) or self.collapser.capped(state)
         if hold is not None:
             return hold
         room = CHUNK_WINDOWS
@@ -277,11 +278,10 @@ class Visitor:
         if lane is not None:
             if lane <= 0:  # this process waits for its lane, the pass goes on
                 self.lanes.stalled = True
-                return DRY
+                return LANE_FULL
             return lane
         if self.collapser.budget.percent or (state is not None and state.budget is not None):
             # One call's worth, or what the pace pays for until kept verdicts go stale.
-            control = self.membership.control_for(slot)
             room = min(room, max(self.collapser.batch_size(room, control),
                                  self.collapser.paced_windows(state, KEEP_SECONDS)))
         return room
@@ -329,7 +329,7 @@ class Visitor:
                 return out, hold
             if self.lanes.pool is not None:  # a worker collapses it; counted when reaped
                 if not self.lanes.hand_over(slot, run, nones[i:j], state):
-                    return out, DRY
+                    return out, LANE_FULL
                 for a in run:
                     cur.address = a
                     out.append(None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hugepaged.kernel.geometry import Geometry, running_geometry
+from hugepaged.kernel.pressure import Pressure
 from hugepaged.kernel.procfs import ProcFS
 from hugepaged.kernel.sysfs import MmStats, ThpSysfs
 
@@ -42,11 +43,13 @@ class Kernel:
     procfs: ProcFS = field(init=False)
     thp: ThpSysfs = field(init=False)
     mm: MmStats = field(init=False)
+    pressure: Pressure = field(init=False)
 
     def __post_init__(self) -> None:
         self.procfs = ProcFS(self.proc_root)
         self.thp = ThpSysfs(self.sys_root)
         self.mm = MmStats(self.proc_root, lambda: self.geometry.pmd_order)
+        self.pressure = Pressure(self.proc_root)
         self._scan_ok: bool | None = None
         self._drain = None
         self._geometry: Geometry | None = None

@@ -162,6 +162,13 @@ class ProcFS:
             return path
         return None
 
+    def cgroup2(self, pid: int) -> str | None:
+        """The process's group in the cgroup2 hierarchy (the `0::` line), or None."""
+        for line in self.read_text(pid, "cgroup").splitlines():
+            if line.startswith("0::"):
+                return line[3:] or "/"
+        return None
+
     def cgroups(self, pid: int) -> list[str]:
         """The cgroup path of each hierarchy in /proc/PID/cgroup (v2 `0::/p`, v1 `N:ctl:/p`)."""
         return parse_cgroups(self.read_text(pid, "cgroup"))
