@@ -56,7 +56,7 @@ def test_the_issues_shape_parses():
     # What the target sets over the global policy; the rest stays the global one.
     assert (redis.shmem_enabled, pod.shmem_enabled) == (None, "always")
     assert pod.overrides() == {"target": "pod-a_1", "priority": 0, "max_cpu_percent": None,
-                               "max_bloat_kb": None, "enabled": "never",
+                               "max_bloat_kb": None, "by_cgroup": True, "enabled": "never",
                                "shmem_enabled": "always"}
 
 
