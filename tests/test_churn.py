@@ -5,7 +5,10 @@ with a process that purges part of a collapsed window, is in test_churn_kernel.p
 
 from __future__ import annotations
 
+import logging
+
 from hugepaged.daemon.churn import SPLIT_BACKOFF_MIN
+from hugepaged.daemon.targets import summaries
 from hugepaged.results import ScanResult
 from hugepaged.targets import Target
 
@@ -105,4 +108,56 @@ def test_a_window_freed_whole_is_forgotten_not_counted(world, sleepers):  # noqa
     assert core.counters.pages_split_after_collapse == 0
     assert hg.start not in core.registry.slots[pid].collapsed
     assert core.counters.results[ScanResult.PMD_NONE.name] >= 1
+    core.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage promises (daemon/promise.py)
+
+
+def test_a_promise_short_of_coverage_ranks_first_then_breaks_and_says_why(world, sleepers,  # noqa: F811
+                                                                          caplog):
+    low, other = sleepers(2)
+    _, hg = layout(world, low, windows=4)
+    layout(world, other, windows=4)
+    p = world.kernel.procfs.procs[low]
+    for a in range(hg.start, hg.end, HP):
+        p.present[a] = NR - 100  # sparse: each collapse would add 400 kB
+    core = core_with(world, [
+        Target("db", pid=(low,), priority=-5, min_coverage=90, coverage_deadline=5,
+               max_bloat_mb=0),
+        Target("web", pid=(other,), priority=5)], pages_to_scan=65536)
+    core.discover()
+    core.do_scan()  # the first look: db is short of its promise
+    core.scan.promises.evaluate(force=True)
+    st = core.membership.target_states.get("db")
+    assert st.short and st.promise == "pending"
+    assert core.registry.first_pid() == low  # short: it ranks above web's priority 5
+    with caplog.at_level(logging.WARNING, logger="hugepaged"):
+        for _ in range(8):
+            world.clock.now += 1.0
+            core.do_scan()
+            core.scan.promises.evaluate(force=True)
+    assert st.promise == "broken" and st.broken == 1
+    broken = [r for r in caplog.records if getattr(r, "event", "") == "promise_broken"]
+    assert len(broken) == 1 and "bloat budget" in broken[0].getMessage()
+    row = next(r for r in summaries(core.membership.targets, core.membership.target_states,
+                                    list(core.registry.slots.values())) if r["name"] == "db")
+    assert row["promise"]["state"] == "broken" and "bloat" in row["promise"]["obstacle"]
+    core.close()
+
+
+def test_a_kept_promise_gives_back_its_rank(world, sleepers):  # noqa: F811
+    (pid,) = sleepers(1)
+    layout(world, pid, windows=4)
+    core = core_with(world, [Target("db", pid=(pid,), enabled="always", min_coverage=90,
+                                    coverage_deadline=5)], pages_to_scan=65536)
+    core.discover()
+    core.do_scan()
+    core.scan.promises.evaluate(force=True)
+    core.do_scan()  # its windows were collapsed; the next visit reads its coverage
+    core.scan.promises.evaluate(force=True)
+    st = core.membership.target_states.get("db")
+    assert st.promise == "kept" and not st.short
+    assert core.registry.slots[pid].priority == 0
     core.close()

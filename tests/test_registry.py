@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -122,7 +122,15 @@ class FakeProcFS:
         return ProcStatus(p.comm, pid, True, 0, 0)
 
     def smaps(self, pid: int) -> list[Vma]:
-        return list(self._get(pid).vmas)
+        """The VMAs with their Anonymous and AnonHugePages kB as the windows are now."""
+        p = self._get(pid)
+        out = []
+        for v in p.vmas:
+            starts = range(v.start, v.end, HP) if v.size >= HP else []
+            anon = sum(p.present.get(a, 0) for a in starts) * 4
+            huge = sum(HP >> 10 for a in starts if a in p.huge)
+            out.append(replace(v, anonymous_kb=anon, anon_huge_kb=huge))
+        return out
 
     def cgroup2(self, pid: int) -> str:
         return self._get(pid).cgroup2

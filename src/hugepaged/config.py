@@ -122,10 +122,12 @@ def _target_value(key: str, value: object) -> object:
         if not pids or any(_int_in(p, 1, 2**22) is None for p in pids):
             raise ValueError(f"pid: expected a non-empty list of pids, got {value!r}")
         return tuple(pids)
-    if key == "priority":
-        lo, hi = PRIORITY_RANGE
+    bounds = {"priority": PRIORITY_RANGE, "min_coverage": (0, 100),
+              "coverage_deadline": (1, 86400)}.get(key)
+    if bounds is not None:
+        lo, hi = bounds
         if _int_in(value, lo, hi) is None:
-            raise ValueError(f"priority: invalid value {value!r} (an integer {lo}..{hi})")
+            raise ValueError(f"{key}: invalid value {value!r} (an integer {lo}..{hi})")
         return value
     if _int_in(value, 0, UINT_MAX) is None:  # max_bloat_mb
         raise ValueError(f"{key}: invalid value {value!r} (an integer 0..{UINT_MAX})")

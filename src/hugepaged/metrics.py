@@ -215,6 +215,18 @@ class HugepagedCollector:
             for r in rows:
                 m.add_metric([r["name"]], r[keys[name]] * scale)
             yield m
+        broken = CounterMetricFamily("hugepaged_target_promise_broken",
+                                     "Times the target's coverage promise (min_coverage within "
+                                     "coverage_deadline) was broken", labels=["target"])
+        broken_now = GaugeMetricFamily("hugepaged_target_promise_broken_now",
+                                       "1 while the target's coverage promise is broken",
+                                       labels=["target"])
+        for r in rows:
+            if r.get("promise"):
+                broken.add_metric([r["name"]], r["promise"]["broken"])
+                broken_now.add_metric([r["name"]], int(r["promise"]["state"] == "broken"))
+        yield broken
+        yield broken_now
         limit = GaugeMetricFamily("hugepaged_target_bloat_limit_bytes",
                                   "The target's max_bloat_mb (targets that set one)",
                                   labels=["target"])

@@ -22,7 +22,8 @@ MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
 # The keys a target shares with the tunables: same names, same ranges, same refusals.
 TUNABLE_KEYS = TARGET_KEYS
 # Every setting a target may give: what is not its name or a match key.
-POLICY_KEYS = (*TUNABLE_KEYS, "priority", "max_bloat_mb")
+POLICY_KEYS = (*TUNABLE_KEYS, "priority", "max_bloat_mb", "min_coverage",
+               "coverage_deadline")
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 PRIORITY_RANGE = (-1000, 1000)
 MAX_TARGETS = 64  # each is a label value in the metrics: bounded
@@ -88,6 +89,8 @@ TARGET_FIELDS = [
     *[(k, _annotation(k), None) for k in TARGET_KEYS],  # max_cpu_percent: a share; 0: none
     ("priority", int, 0),
     ("max_bloat_mb", int | None, None),
+    ("min_coverage", int | None, None),  # percent huge, promised (daemon/promise.py)
+    ("coverage_deadline", int, 60),  # seconds short of it before the promise is broken
 ]
 Target = make_dataclass(
     "Target", [*TARGET_FIELDS,

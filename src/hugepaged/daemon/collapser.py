@@ -53,6 +53,13 @@ class Hold:
 
 
 STOP = Hold(Halt.STOP)
+# Results that are hugepaged's own reasons not to collapse a collapsible window.
+OBSTACLES = {
+    ScanResult.ALLOC_HUGE_PAGE_FAIL: "no free huge page (allocation failed: back-off)",
+    ScanResult.EXCEED_BLOAT_BUDGET: "its bloat budget (max_bloat_mb)",
+    ScanResult.SPLIT_BACKOFF: "windows held after being split again (on_split)",
+    ScanResult.UNDERUSED_SPLIT: "windows the kernel's underused-THP shrinker split",
+}
 PRESSURE_POLL = 1.0  # seconds a pressure reading is reused, and a paused process waits
 
 
@@ -111,6 +118,7 @@ class Collapser:
         now = self.clock()
         if not self.budget.allows(now) and not self.ticket:
             self.schedule.set(sched.CPU, now + self.budget.wait(now))
+            self.obstacle(state, "the daemon's CPU cap (max_cpu_percent)")
             return STOP
         if state is not None and state.budget is not None and not state.budget.allows(now):
             return Hold(Halt.DRY, state.budget.wait(now), "share")
@@ -244,6 +252,7 @@ class Collapser:
         if not outcomes:
             raise ProcessGone(f"pid {slot.pid}: process has exited")
         if outcomes[-1].result == ScanResult.ALLOC_HUGE_PAGE_FAIL:
+            self.obstacle(state, OBSTACLES[ScanResult.ALLOC_HUGE_PAGE_FAIL])
             failed = outcomes.pop().address
             self.back_off(slot, failed, "huge page allocation failed")
             return outcomes, failed
@@ -261,11 +270,19 @@ class Collapser:
                 state.ledger.charge(slot.pid, bloat_kb)
 
     def count(self, slot: MmSlot, state: TargetState | None, result: ScanResult) -> None:
-        """One window's result, examined or collapsed, in the counters."""
+        """One window's result, examined or collapsed, in the counters (and, for a window
+        it could not collapse for a reason of hugepaged's, as its target's obstacle)."""
         self.counters.results[result.name] += 1
         if state is not None:
             state.results[result.name] += 1
+            self.obstacle(state, OBSTACLES.get(result))
         slot.last_result = result.name
+
+    @staticmethod
+    def obstacle(state: TargetState | None, why: str | None) -> None:
+        """The last thing that kept a target's collapses back: why a promise is broken."""
+        if state is not None and why:
+            state.obstacle = why
 
     # --- khugepaged_alloc_sleep ------------------------------------------------------
     def back_off(self, slot: MmSlot, address: int, why: str) -> None:

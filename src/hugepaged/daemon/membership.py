@@ -21,6 +21,7 @@ from hugepaged.policy import CollapseControl
 from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 
 from .counters import Counters
+from .promise import BOOST
 from .registry import MmSlot, Registry
 from .targets import TargetState, TargetStates, target_changes
 
@@ -116,10 +117,22 @@ class Membership:
                 state.ledger.adopt(slot.pid, slot.bloat_kb)
         slot.target = target
         control = control_under(self.control, target)
-        if slot.priority != control.priority:
-            slot.priority = control.priority
-            self.registry.reorder()
         slot.control = control
+        self._rank(slot)
+
+    def _rank(self, slot: MmSlot) -> None:
+        """Its place in the pass: its policy's priority, above every priority while its
+        target is short of its coverage promise (daemon/promise.py)."""
+        state = self.state_of(slot)
+        rank = slot.control.priority + (BOOST if state is not None and state.short else 0)
+        if slot.priority != rank:
+            slot.priority = rank
+            self.registry.reorder()
+
+    def rerank(self, target: str) -> None:
+        for slot in list(self.registry.slots.values()):
+            if getattr(slot.target, "name", None) == target:
+                self._rank(slot)
 
     # --- the registry's feeds --------------------------------------------------------
     def enter(self, pid: int, settle: float = 0.0) -> MmSlot | None:

@@ -19,6 +19,7 @@ from .counters import Counters
 from .lanes import Lanes
 from .membership import Membership
 from .mthp import MthpSampler
+from .promise import Promises
 from .registry import RESCAN_MAX, MmSlot
 from .visit import ProcessView, Visit, Visitor, due
 
@@ -29,6 +30,8 @@ LANE_POLL = 1.0  # a pass stopped for a full lane: a finished batch wakes the lo
 # lru_add_drain_all() at most this often: a paced daemon passes many times a second, and a
 # page faulted since the last drain that still reads PAGE_LRU is met again a second later.
 DRAIN_EVERY = 1.0
+OBSTACLES = {"share": "its CPU share (max_cpu_percent)", "pressure": "memory pressure",
+             "lane": "its collapse worker's lane full"}
 
 
 class ScanPass:
@@ -43,6 +46,7 @@ class ScanPass:
         self.referenced = referenced  # the access source for the young-bit check, or None
         self.registry = membership.registry
         self.mthp = MthpSampler(kernel)
+        self.promises = Promises(membership, clock)
         self.visitor = Visitor(kernel, membership, collapser, lanes, referenced)
         self._return_to: int | None = None  # the slot a higher priority one cut in before
         self._drained = float("-inf")
@@ -90,6 +94,7 @@ class ScanPass:
                 worked = True
                 break
         self._share_deadlines()
+        self.promises.evaluate()
         return worked
 
     def _share_deadlines(self) -> None:
@@ -189,6 +194,8 @@ class ScanPass:
             slot.resume = cur.address  # the window that waits
             slot.due = now + visit.hold.wait
             slot.waiting = visit.hold.reason
+            self.collapser.obstacle(self.membership.state_of(slot), OBSTACLES.get(
+                visit.hold.reason, visit.hold.reason))
             self._advance(pid)
             return 1, True, False
         slot.errors = 0

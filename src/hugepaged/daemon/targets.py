@@ -23,6 +23,15 @@ class TargetState:
     cpu_seconds: float = 0.0
     results: Counter = field(default_factory=Counter)
     splits: int = 0  # windows collapsed for it and found split again (daemon/churn.py)
+    # Its coverage promise (daemon/promise.py): coverage as last looked at, whether it is
+    # short of it (its processes then rank first), since when, the promise's state
+    # (kept, pending, broken), how often broken, and the last obstacle its collapses met.
+    coverage: float = 0.0
+    short: bool = False
+    short_since: float | None = None
+    promise: str = ""
+    broken: int = 0
+    obstacle: str = ""
 
     @property
     def max_bloat_kb(self) -> int | None:
@@ -109,5 +118,9 @@ def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
             "policy": t.policy(),
             "results": dict(sorted(st.results.items())) if st else {},
             "pages_split_after_collapse": st.splits if st else 0,
+            "promise": None if t.min_coverage is None else {
+                "min_coverage": t.min_coverage, "deadline_seconds": t.coverage_deadline,
+                "state": st.promise if st else "", "broken": st.broken if st else 0,
+                "obstacle": st.obstacle if st else ""},
         })
     return out
