@@ -41,8 +41,10 @@ class _Target:
             object.__setattr__(self, "_comm_re", re.compile(self.comm))
 
     def matches(self, proc: "ProcessFacts") -> bool:
-        """AND of the keys given; exe and cgroup are read only when asked for."""
-        if self.pid is not None and proc.pid not in self.pid:
+        """AND of the keys given; exe and cgroup are read only when asked for. A pid names
+        the process that had it when the daemon read its targets, not a later one given the
+        same number (ProcessFacts.same_process)."""
+        if self.pid is not None and (proc.pid not in self.pid or not proc.same_process()):
             return False
         if self._comm_re is not None and not self._comm_re.search(proc.comm):
             return False
@@ -109,10 +111,24 @@ def cgroup_under(path: str, prefix: str) -> bool:
 
 
 class ProcessFacts:
-    """What a target may match on, read from the kernel layer only when a target asks."""
+    """What a target may match on, read from the kernel layer only when a target asks.
 
-    def __init__(self, procfs: ProcFS, pid: int, comm: str) -> None:
+    `identities`: pid -> start time of the processes the targets' pid keys named when they
+    were read (the daemon's); None where a pid is taken as it is now (a one-shot command)."""
+
+    def __init__(self, procfs: ProcFS, pid: int, comm: str,
+                 identities: dict[int, int] | None = None) -> None:
         self.procfs, self.pid, self.comm = procfs, pid, comm
+        self.identities = identities
+
+    def same_process(self) -> bool:
+        if self.identities is None:
+            return True
+        want = self.identities.get(self.pid)
+        try:
+            return want is not None and self.procfs.stat(self.pid).starttime == want
+        except (HugepagedError, OSError):
+            return False
 
     @cached_property
     def exe(self) -> str | None:

@@ -35,6 +35,10 @@ log = logging.getLogger("hugepaged")
 # A record without the advised range (an older format): the slot is visited this much
 # later, so that the VMA flags it reads are the new ones.
 ADVICE_SETTLE = 0.005
+# Ranges kept per process, merged; a process that advises more distinct ranges than this
+# before its next visit has its memory map read afresh instead (a flood stays bounded).
+MAX_RANGES = 64
+LOST_EVERY = 10.0  # lost records wake every process at most this often
 
 
 def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | None:
@@ -49,12 +53,19 @@ def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | Non
         slot.wake()
         slot.due = now + (ADVICE_SETTLE if rng is None else 0.0)
         if rng is not None:
-            slot.advice.append(rng)
+            slot.advice = merged(slot.advice, rng)
+            if len(slot.advice) > MAX_RANGES:
+                slot.forget_map()
         log.debug("pid %d: MADV_HUGEPAGE", ev.pid,
                   extra={"event": "madvise", "pid": ev.pid, "advice": "MADV_HUGEPAGE"})
         return slot.due
     if ev.what == "madvise" and ev.value == MADV_NOHUGEPAGE and slot is not None:
         slot.forget_map()  # VM_NOHUGEPAGE: the next visit reads the flags afresh
+        return None
+    if ev.what == "mremap" and slot is not None:
+        # A mapping moved: its flags go with it, to addresses a kept map gives to another.
+        slot.forget_map()
+        slot.visit = slot.kept = None
         return None
     if ev.what == "prctl" and ev.value == PR_SET_THP_DISABLE and slot is not None:
         # The visit in progress re-reads THP_enabled; memory allowed again is looked at now.
@@ -69,11 +80,32 @@ def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | Non
     return None
 
 
-def on_lost(members: Membership, lost: int) -> None:
-    """Records dropped from a full ring name no process: every slot is looked at again."""
-    log.warning("%d syscall records lost: waking every process", lost,
-                extra={"event": "syscall_records_lost", "lost": lost})
+def on_lost(members: Membership, lost: int, now: float) -> bool:
+    """Records dropped from a full ring name no process: every slot is looked at again, at
+    most every LOST_EVERY seconds (a flood of advice would otherwise have the daemon read
+    every process's memory map all the time); True if it woke them."""
+    members.lost_records += lost
+    if now - members.lost_woken < LOST_EVERY:
+        return False
+    log.warning("%d syscall records lost: waking every process", members.lost_records,
+                extra={"event": "syscall_records_lost", "lost": members.lost_records})
+    members.lost_records, members.lost_woken = 0, now
     members.wake_all()
+    return True
+
+
+def merged(ranges: list[tuple[int, int]], rng: tuple[int, int]) -> list[tuple[int, int]]:
+    """`ranges` (sorted, disjoint) with [start, end) added: overlapping and adjacent ones
+    become one, so a process advising the same memory over and over keeps one range."""
+    start, end = rng
+    out = []
+    for a, b in ranges:
+        if b < start or a > end:
+            out.append((a, b))
+        else:
+            start, end = min(a, start), max(b, end)
+    out.append((start, end))
+    return sorted(out)
 
 
 def advised_range(ev: SyscallEvent, page: int) -> tuple[int, int] | None:

@@ -20,12 +20,12 @@ from hugepaged.kernel.connector import ProcConnector
 
 from . import advice
 from . import schedule as sched
+from .membership import NEW_PROCESS_SETTLE
 
 log = logging.getLogger("hugepaged")
 DISCOVER_INTERVAL = 10.0  # /proc walk without the connector
 DISCOVER_INTERVAL_CONNECTED = 60.0  # with it: only for missed events
 BUDDY_POLL = 1.0  # during an allocation back-off
-NEW_PROCESS_SETTLE = 1.0  # "insert behind the cursor, to let the area settle down"
 
 
 class Phases:
@@ -178,8 +178,8 @@ class EventLoop:
             when = advice.on_syscall(core.membership, ev, now)
             if when is not None:
                 core.schedule.set(sched.PASS, min(core.schedule.at(sched.PASS) or 0.0, when))
-        if self.tracer.lost != lost:
-            advice.on_lost(core.membership, self.tracer.lost - lost)
+        if self.tracer.lost != lost and advice.on_lost(core.membership, self.tracer.lost - lost,
+                                                       now):
             core.kick()
 
     def _on_events(self) -> None:
@@ -187,11 +187,9 @@ class EventLoop:
         for ev in self.connector.events():
             if ev.what == "exit":
                 members.exited(ev.pid)
-            elif ev.what == "exec" and ev.pid in members.registry:
-                slot = members.on_exec(ev.pid)  # a new program: resolved again
-                if slot is not None and ev.pid in members.registry:
-                    slot.due = now + NEW_PROCESS_SETTLE
-            else:
+            elif ev.what in ("exec", "comm") and ev.pid in members.registry:
+                members.changed_event(ev.pid, now, ev.what == "exec")  # resolved once, soon
+            elif ev.what != "comm":
                 members.forked(ev.pid, now + NEW_PROCESS_SETTLE)
         first = members.next_admit()
         if first is not None:

@@ -27,6 +27,10 @@ from .targets import TargetState, TargetStates, target_changes
 
 log = logging.getLogger("hugepaged")
 ADMIT_BATCH = 256  # deferred fork events turned into slots per wake-up of the loop
+# An exec or a rename is acted on this long after it is seen, once however many came: a
+# process that execs itself thousands of times a second costs ten resolutions a second.
+CHANGE_SETTLE = 0.1
+NEW_PROCESS_SETTLE = 1.0  # "insert behind the cursor, to let the area settle down"
 
 
 class Membership:
@@ -37,6 +41,7 @@ class Membership:
         self.kernel, self.control, self.counters, self.clock = kernel, control, counters, clock
         self.registry = Registry()
         self.targets: list[Target] = []
+        self.identities: dict[int, int] = {}  # pid -> start time, of the targets' pid keys
         self.target_states = TargetStates()
         self.kthreads: set[int] = set()
         self.unreadable: set[int] = set()  # alive but not ours to read: dropped, not re-entered
@@ -45,7 +50,11 @@ class Membership:
         # Fork events wait here for their settle delay before they cost a pidfd or a /proc
         # read: a process that exits first never does. Insertion order is due order.
         self.pending: dict[int, float] = {}
+        # Execs and renames of registered processes waiting for CHANGE_SETTLE: pid -> (when
+        # due, an exec among them).
+        self.changed: dict[int, tuple[float, bool]] = {}
         self.on_exit: list[Callable[[int], None]] = []  # called before a slot goes
+        self.lost_records, self.lost_woken = 0, float("-inf")  # daemon/advice.py on_lost
 
     # --- policy ----------------------------------------------------------------------
     def control_for(self, slot: MmSlot) -> CollapseControl:
@@ -77,6 +86,7 @@ class Membership:
                 log.info("%s (%s)", change, source,
                          extra={"event": "target_changed", "change": change, "source": source})
         self.targets = list(targets)
+        self.identities = self._identities(targets)
         self.target_states.configure(
             [(t.name, t.max_cpu_percent, t.max_bloat_kb) for t in targets], self.clock)
         moved: Counter = Counter()
@@ -93,11 +103,23 @@ class Membership:
                      extra={"event": "targets_reloaded", "processes": n, "target": new,
                             "old": old})
 
+    def _identities(self, targets: list[Target]) -> dict[int, int]:
+        """pid -> start time of each process a target's pid key names now: that process,
+        not one that gets the same pid after it exits (a pid alone would follow the number)."""
+        out: dict[int, int] = {}
+        for pid in sorted({p for t in targets if t.pid for p in t.pid}):
+            try:
+                out[pid] = self.kernel.procfs.stat(pid).starttime
+            except (HugepagedError, OSError):
+                log.info("target pid %d: no such process now; it will match none", pid,
+                         extra={"event": "target_pid_absent", "pid": pid})
+        return out
+
     def resolve(self, slot: MmSlot, level: int = logging.INFO) -> bool:
         """Match the slot's process against the targets (first match wins); True if its
         policy changed. A change of target is logged at `level`."""
-        target = first_match(self.targets, ProcessFacts(self.kernel.procfs, slot.pid,
-                                                        slot.comm)) if self.targets else None
+        facts = ProcessFacts(self.kernel.procfs, slot.pid, slot.comm, self.identities)
+        target = first_match(self.targets, facts) if self.targets else None
         old = slot.control
         self._apply_target(slot, target)
         new = target.name if target is not None else None
@@ -167,6 +189,7 @@ class Membership:
         """__khugepaged_exit: the slot goes, and everything kept for it."""
         self.kthreads.discard(pid)
         self.pending.pop(pid, None)
+        self.changed.pop(pid, None)
         if why == "gone":
             self.unreadable.discard(pid)
         if pid in self.registry:
@@ -212,10 +235,28 @@ class Membership:
             self.pending[pid] = due
 
     def next_admit(self) -> float | None:
-        return next(iter(self.pending.values()), None)
+        """When the first fork event, exec or rename is due."""
+        first = next(iter(self.pending.values()), None)
+        change = next(iter(self.changed.values()), None)
+        return min((t for t in (first, change[0] if change else None) if t is not None),
+                   default=None)
+
+    def changed_event(self, pid: int, now: float, exec_: bool) -> None:
+        """An exec or a rename (the connector's exec and comm events) of a registered
+        process: acted on once, CHANGE_SETTLE later (insertion order is due order)."""
+        if pid not in self.registry:
+            return
+        due, was_exec = self.changed.get(pid, (now + CHANGE_SETTLE, False))
+        self.changed[pid] = (due, was_exec or exec_)
 
     def admit(self, now: float) -> int:
-        """Fork events whose settle delay has passed become slots, a batch at a time."""
+        """Execs and renames that have settled are resolved; fork events whose settle delay
+        has passed become slots, a batch at a time."""
+        for pid, (due, exec_) in list(self.changed.items()):
+            if due > now:
+                break
+            del self.changed[pid]
+            (self.on_exec if exec_ else self.on_rename)(pid)
         admitted = 0
         for pid, due in list(self.pending.items())[:ADMIT_BATCH]:
             if due > now:
@@ -234,8 +275,27 @@ class Membership:
             self.exit(pid)
 
     def on_exec(self, pid: int) -> MmSlot | None:
-        """The process connector's exec event: a new program, a new comm, maybe a new
-        target; the slot (if it stays) is to be looked at afresh."""
+        """An exec: a new program, a new comm, maybe a new target, and a new memory image:
+        nothing kept of the old one counts (its bloat, its collapsed windows, its map)."""
+        slot = self._renamed(pid, "exec")
+        if slot is None:
+            return None
+        self.target_states.forget(pid)
+        slot.bloat_kb = 0
+        slot.collapsed.clear()
+        slot.visit = slot.kept = None
+        slot.cgroup2 = None
+        slot.forget_map()
+        slot.wake()
+        slot.due = self.clock() + NEW_PROCESS_SETTLE
+        return slot
+
+    def on_rename(self, pid: int) -> MmSlot | None:
+        """A rename (PR_SET_NAME, /proc/PID/comm): exclusions and targets that match by
+        name are resolved again. Name matching is advisory: a process names itself."""
+        return self._renamed(pid, "rename")
+
+    def _renamed(self, pid: int, why: str) -> MmSlot | None:
         slot = self.registry.slots.get(pid)
         if slot is None:
             return None
@@ -244,8 +304,8 @@ class Membership:
         except (HugepagedError, OSError):
             return None
         if comm != slot.comm:
-            log.info("pid %d: %s -> %s (exec)", pid, slot.comm, comm,
-                     extra={"event": "exec", "pid": pid, "old_comm": slot.comm, "comm": comm})
+            log.info("pid %d: %s -> %s (%s)", pid, slot.comm, comm, why,
+                     extra={"event": why, "pid": pid, "old_comm": slot.comm, "comm": comm})
         slot.comm = comm
         if self.exclude_comm is not None and self.exclude_comm.fullmatch(comm):
             # A fork child had its parent's name until now: exclusions are resolved here too.
@@ -253,8 +313,6 @@ class Membership:
                      extra={"event": "excluded", "pid": pid, "comm": comm})
             self.exit(pid)
             return None
-        self.resolve(slot)
-        slot.visit = None
-        slot.forget_map()
-        slot.wake()
+        if self.resolve(slot):
+            slot.wake()
         return slot

@@ -71,7 +71,8 @@ class MmSlot:
     mm_pid: int = 0
     mm_pidfd: int = -1
     leader_gone: bool = False
-    # The last full read of the memory map: ((minflt, majflt, rss, vsize), THP enabled, VMAs),
+    # The last full read of the memory map: ((minflt, majflt, rss, vsize), THP enabled, the
+    # VMAs that can hold a window, how many cannot),
     # and the ranges MADV_HUGEPAGE'd since (traced): the next visit applies them to the flags
     # it reads, or to that read if the process neither faulted nor mapped anything since.
     last_map: tuple | None = None

@@ -20,6 +20,7 @@ from .lanes import Lanes
 from .membership import Membership
 from .mthp import MthpSampler
 from .promise import Promises
+from .ratelimit import RateLimited
 from .registry import RESCAN_MAX, MmSlot
 from .visit import ProcessView, Visit, Visitor, due
 
@@ -47,6 +48,7 @@ class ScanPass:
         self.registry = membership.registry
         self.mthp = MthpSampler(kernel)
         self.promises = Promises(membership, clock)
+        self.errors = RateLimited(log, clock=clock)
         self.visitor = Visitor(kernel, membership, collapser, lanes, referenced)
         self._return_to: int | None = None  # the slot a higher priority one cut in before
         self._drained = float("-inf")
@@ -232,15 +234,17 @@ class ScanPass:
 
     def _contain(self, slot: MmSlot, err: Exception, now: float) -> None:
         """An unexpected error from one process (EMFILE, a parse error, a kernel surprise):
-        logged, the slot settled and its visit ended; dropped after MAX_ERRORS in a row."""
+        logged (once a minute per kind of error: at the fd limit every process fails alike),
+        the slot settled and its visit ended; dropped after MAX_ERRORS in a row."""
         slot.errors += 1
         slot.visit = None
         what = f"{type(err).__name__}: {err}"
         dropped = slot.errors >= MAX_ERRORS
-        log.error("pid %d (%s): %s; %s", slot.pid, slot.comm, what,
-                  f"dropped after {slot.errors} errors" if dropped else "settled",
-                  extra={"event": "slot_error", "pid": slot.pid, "comm": slot.comm,
-                         "error": what, "dropped": dropped})
+        self.errors.log((type(err).__name__, getattr(err, "errno", None)), logging.ERROR,
+                        "pid %d (%s): %s; %s", slot.pid, slot.comm, what,
+                        f"dropped after {slot.errors} errors" if dropped else "settled",
+                        extra={"event": "slot_error", "pid": slot.pid, "comm": slot.comm,
+                               "error": what, "dropped": dropped})
         if dropped:
             self.membership.exit(slot.pid)
             return

@@ -117,24 +117,33 @@ def mm_of(slot: MmSlot, view: ProcessView) -> int:
     raise ProcessGone(f"pid {slot.pid}: no live thread")
 
 
-def memory_map(slot: MmSlot, view: ProcessView) -> tuple[bool, list]:
-    """(THP enabled, VMAs) for a visit: /proc/PID/status and smaps, with the MADV_HUGEPAGE
-    traced since applied (daemon/advice.py). A visit woken by that advice, in a process
-    that has neither faulted nor mapped anything since its last read, takes that read
-    instead: smaps walks every page table, and the advice changed only flags."""
+def memory_map(slot: MmSlot, view: ProcessView, geometry) -> tuple[bool, list, int]:
+    """(THP enabled, VMAs that can hold a window, VMAs that cannot) for a visit:
+    /proc/PID/status and smaps, with the MADV_HUGEPAGE traced since applied
+    (daemon/advice.py). A visit woken by that advice, in a process that has neither faulted
+    nor mapped anything since its last read, takes that read instead: smaps walks every page
+    table, and the advice changed only flags. Only VMAs with a whole aligned window are kept
+    (a process of 65,000 small mappings costs a count, not 65,000 records); the slot's
+    anonymous totals are taken from all of them first."""
     mm_pid = mm_of(slot, view)
     mm_view = view if mm_pid == view.pid else ProcessView(view.procfs, mm_pid)
     fp = mm_view.fingerprint()
     advice, slot.advice = slot.advice, []
     if advice and slot.last_map is not None and slot.last_map[0] == fp:
-        thp_enabled, vmas = slot.last_map[1], slot.last_map[2]
+        thp_enabled, vmas, small = slot.last_map[1], slot.last_map[2], slot.last_map[3]
     else:
         thp_enabled = view.procfs.status(mm_pid).thp_enabled
-        vmas = view.procfs.smaps(mm_pid)
+        every = view.procfs.smaps(mm_pid)
+        slot.anon_kb = sum(v.anonymous_kb for v in every)
+        slot.anon_huge_kb = sum(v.anon_huge_kb for v in every)
+        vmas = [v for v in every if geometry.aligned(v.start, v.end)[1] >
+                geometry.aligned(v.start, v.end)[0]]
+        small = len(every) - len(vmas)
+        del every
     for start, end in advice:
         vmas = apply_advice(vmas, start, end)
-    slot.last_map = (fp, thp_enabled, vmas)
-    return thp_enabled, vmas
+    slot.last_map = (fp, thp_enabled, vmas, small)
+    return thp_enabled, vmas, small
 
 
 @dataclass
@@ -177,17 +186,18 @@ class Visitor:
             slot.visit_wakes = slot.wakes
             slot.visits += 1
         fresh = cur.address == 0 or slot.visit is None or view.faults() != slot.visit_fp
+        visit = Visit(progress=1)
         if fresh:  # a resumed visit whose process faulted since may have a new memory map
             slot.kept = None
             slot.visit_fp = view.faults()
-            slot.visit = memory_map(slot, view)
-            slot.anon_kb = sum(v.anonymous_kb for v in slot.visit[1])
-            slot.anon_huge_kb = sum(v.anon_huge_kb for v in slot.visit[1])
+            thp_enabled, vmas, small = memory_map(slot, view, geo)
+            slot.visit = (thp_enabled, vmas)
+            if cur.address == 0:
+                visit.progress += small  # each VMA skipped counts one, as in the kernel
         thp_enabled, vmas = slot.visit
         state = self.membership.state_of(slot)
         if slot.exited():
             raise ProcessGone(f"pid {pid}: process has exited")
-        visit = Visit(progress=1)
         with self.scanner(self.kernel, slot.mm_pid or pid, self.collapser.kpf,
                           self.membership.control_for(slot),
                           referenced=self.referenced) as mm:

@@ -14,18 +14,21 @@ PROC_CN_MCAST_IGNORE = 2
 NLMSG_DONE = 3
 PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXEC = 0x00000002
+PROC_EVENT_COMM = 0x00000200  # PR_SET_NAME, or a write to /proc/PID/comm
 PROC_EVENT_EXIT = 0x80000000
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _CN_MSG = struct.Struct("=IIIIHH")
 _EVENT_HDR = struct.Struct("=IIQ")
 _FORK = struct.Struct("=IIII")  # parent_pid, parent_tgid, child_pid, child_tgid
-_PIDS = struct.Struct("=II")  # process_pid, process_tgid (exec, exit)
+_PIDS = struct.Struct("=II")  # process_pid, process_tgid (exec, comm, exit)
+_NAMES = {PROC_EVENT_EXEC: "exec", PROC_EVENT_COMM: "comm", PROC_EVENT_EXIT: "exit"}
 
 
 @dataclass(frozen=True)
 class ProcEvent:
-    """One event about a thread-group leader: what ('fork'/'exec'/'exit') and its pid."""
+    """One event about a thread-group leader: what ('fork'/'exec'/'comm'/'exit') and its
+    pid."""
 
     what: str
     pid: int
@@ -87,9 +90,9 @@ def parse_events(data: bytes) -> list[ProcEvent]:
                 _, _, child_pid, child_tgid = _FORK.unpack_from(data, ev)
                 if child_pid == child_tgid:
                     out.append(ProcEvent("fork", child_tgid))
-            elif what in (PROC_EVENT_EXEC, PROC_EVENT_EXIT):
+            elif what in _NAMES:
                 pid, tgid = _PIDS.unpack_from(data, ev)
-                if pid == tgid:
-                    out.append(ProcEvent("exec" if what == PROC_EVENT_EXEC else "exit", tgid))
+                if pid == tgid:  # the leader's: a thread's name is not the process's
+                    out.append(ProcEvent(_NAMES[what], tgid))
         off += (length + 3) & ~3
     return out

@@ -28,6 +28,7 @@ from hugepaged.errors import Unsupported
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 PR_SET_THP_DISABLE = 41
+MREMAP_MOVES = (1, 3, 5, 7)  # MREMAP_MAYMOVE alone, with MREMAP_FIXED, MREMAP_DONTUNMAP
 PERF_TYPE_TRACEPOINT = 2
 PERF_SAMPLE_TID = 1 << 1
 PERF_SAMPLE_RAW = 1 << 10
@@ -57,8 +58,9 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 @dataclass(frozen=True)
 class SyscallEvent:
-    """One traced call: 'madvise' (value = the advice, over [start, start + length)) or
-    'prctl' (value = the option, arg = its arg2), by thread `tid` of process `pid`."""
+    """One traced call: 'madvise' (value = the advice, over [start, start + length)),
+    'prctl' (value = the option, arg = its arg2) or 'mremap' (value = its flags), by thread
+    `tid` of process `pid`."""
 
     what: str
     pid: int
@@ -208,8 +210,11 @@ class SyscallTracer:
     where the tracepoints or perf_event_open are not to be had, so the caller falls back.
     """
 
+    # mremap moving a mapping (MREMAP_MAYMOVE, with FIXED or DONTUNMAP): the VMAs a kept
+    # memory map names may be elsewhere now, with no fault counter moved.
     SOURCES = {"madvise": ("sys_enter_madvise", "behavior", (MADV_HUGEPAGE, MADV_NOHUGEPAGE)),
-               "prctl": ("sys_enter_prctl", "option", (PR_SET_THP_DISABLE,))}
+               "prctl": ("sys_enter_prctl", "option", (PR_SET_THP_DISABLE,)),
+               "mremap": ("sys_enter_mremap", "flags", MREMAP_MOVES)}
 
     def __init__(self, sys_root: str = "/sys", ring_pages: int = 8,
                  values: dict[str, tuple[int, ...]] | None = None) -> None:
