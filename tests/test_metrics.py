@@ -161,7 +161,7 @@ def scrape_checks(d: Daemon, w1: Workload) -> None:
     assert one("hugepaged_tunable", name="pages_to_scan") == st["tunables"]["pages_to_scan"]
     assert one("hugepaged_settings_info", enabled="madvise",
                shmem_enabled=st["tunables"]["shmem_enabled"],
-               kernel_khugepaged="leave") == 1
+               kernel_khugepaged="leave", on_split="back_off", collapse_cpus="") == 1
     assert sum(s.value for s in fams["hugepaged_state"].samples) == 1
     assert fams["hugepaged_collapse_duration_seconds"].type == "histogram"
     count = one("hugepaged_collapse_duration_seconds",
