@@ -45,7 +45,7 @@ def test_no_burn_in_a_backoff_and_a_collapse_as_soon_as_memory_comes_back():
     # The kernel's khugepaged may act on neither workload; the filler takes the last free
     # blocks as THPs, which needs THP at madvise while it does.
     with saved_thp(enabled="madvise", pages_to_scan=8, scan_sleep_millisecs=4294967295):
-        filler = subprocess.Popen([sys.executable, str(FILLER), json.dumps({})],
+        filler = subprocess.Popen([sys.executable, str(FILLER), json.dumps({"hold": True})],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             ready = select.select([filler.stdout], [], [], 240)[0]

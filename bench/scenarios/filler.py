@@ -141,6 +141,36 @@ def pagemap(fd: int, start: int, npages: int) -> np.ndarray:
     return out
 
 
+def take_free_blocks(pins: Pins, pm_fd: int, kpf: int, limit: int) -> tuple[int, int]:
+    """Free 2 MiB blocks taken as THPs (MADV_HUGEPAGE faults; needs THP enabled=madvise),
+    one page of each pinned, until a fault falls back to 4 KiB pages 64 times, buddyinfo
+    shows none left or `limit` bytes are mapped: (THPs taken, fallbacks)."""
+    r2 = mmap_aligned(limit)
+    madvise(r2, limit, MADV_HUGEPAGE)
+    buf = (ctypes.c_char * limit).from_address(r2)
+    thps, fallbacks, off = 0, 0, 0
+    while off < limit and free_huge(buddyinfo()) > 0 and fallbacks < 64:
+        if meminfo_kb("MemFree") < 1 << 20:  # never below 1 GiB free
+            break
+        buf[off] = b"\x01"
+        e = int(pagemap(pm_fd, r2 + off, 1)[0])
+        pfn = e & PFN_MASK
+        flags = int.from_bytes(os.pread(kpf, 8, pfn * 8), "little") if pfn else 0
+        if pfn % 512 == 0 and flags & KPF_COMPOUND_HEAD and flags & KPF_THP:
+            pins.pin([r2 + off])
+            thps += 1
+        else:
+            fallbacks += 1
+        off += HPAGE
+    # Out of every khugepaged's way: the kernel's scans this process (registered by the
+    # MADV_HUGEPAGE above) at a cost of one progress unit per VMA.
+    if off < limit:
+        check(libc.munmap(ctypes.c_void_p(r2 + off), ctypes.c_size_t(limit - off)), "munmap")
+    if off:
+        madvise(r2, off, MADV_NOHUGEPAGE)
+    return thps, fallbacks
+
+
 def main() -> int:
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PDEATHSIG")
     with open("/proc/self/oom_score_adj", "w") as f:
@@ -189,32 +219,8 @@ def main() -> int:
     info["fragment_seconds"] = round(time.monotonic() - t0, 2)
 
     # 3. the remaining free 2 MiB blocks, as pinned THPs
-    check(libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0), "THP_ENABLE")
-    r2 = mmap_aligned(max_thp)
-    madvise(r2, max_thp, MADV_HUGEPAGE)
     kpf = os.open("/proc/kpageflags", os.O_RDONLY)
-    buf = (ctypes.c_char * max_thp).from_address(r2)
-    thps, fallbacks, off = 0, 0, 0
-    while off < max_thp and free_huge(buddyinfo()) > 0 and fallbacks < 64:
-        if meminfo_kb("MemFree") < 1 << 20:  # never below 1 GiB free
-            break
-        buf[off] = b"\x01"
-        e = int(pagemap(pm_fd, r2 + off, 1)[0])
-        pfn = e & PFN_MASK
-        flags = int.from_bytes(os.pread(kpf, 8, pfn * 8), "little") if pfn else 0
-        if pfn % 512 == 0 and flags & KPF_COMPOUND_HEAD and flags & KPF_THP:
-            pins.pin([r2 + off])
-            thps += 1
-        else:
-            fallbacks += 1
-        off += HPAGE
-    # Out of every khugepaged's way: the kernel's scans this process (registered by the
-    # MADV_HUGEPAGE above) at a cost of one progress unit per VMA.
-    if off < max_thp:
-        check(libc.munmap(ctypes.c_void_p(r2 + off), ctypes.c_size_t(max_thp - off)),
-              "munmap")
-    if off:
-        madvise(r2, off, MADV_NOHUGEPAGE)
+    thps, fallbacks = take_free_blocks(pins, pm_fd, kpf, max_thp)
     check(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0), "THP_DISABLE")
     info.update({"thp_taken": thps, "thp_fallbacks": fallbacks,
                  "pinned_pages": pins.count, "pipes": len(pins.pipes),
@@ -225,8 +231,18 @@ def main() -> int:
         info["pagetypeinfo"] = f.read()
     sys.stdout.write(json.dumps(info) + "\n")
     sys.stdout.flush()
+    hold = bool(args.get("hold"))
     while True:
-        r, _, _ = select.select([sys.stdin], [], [])
+        # "hold": free blocks that appear later (another process exits, compaction) are
+        # taken too, so the fragmentation lasts on a machine others share.
+        r, _, _ = select.select([sys.stdin], [], [], 0.2 if hold else None)
+        if not r:
+            if free_huge(buddyinfo()) > 0 and meminfo_kb("MemFree") >= 1 << 20:
+                check(libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0), "THP_ENABLE")
+                taken, _ = take_free_blocks(pins, pm_fd, kpf, 256 * MIB)
+                check(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0), "THP_DISABLE")
+                info["thp_taken_later"] = info.get("thp_taken_later", 0) + taken
+            continue
         line = sys.stdin.readline()
         if not line or line.strip() == "exit":
             return 0
