@@ -1,9 +1,13 @@
-"""An allocation back-off, for real: physical memory fragmented so that no huge page can be
-allocated (bench/scenarios/filler.py: one pinned page in every free 2 MiB block), two daemons
-that fail to collapse and back off, one uncapped and tuned to scan flat out, one at the
-defaults. In the back-off neither may burn the CPU (both were once found spinning); once the
-memory is freed both must collapse at once (the seed's story: a VM quits, the survivor gets
-its huge pages), whatever they spent failing before.
+"""An allocation back-off, for real: physical memory fragmented so that no free huge page is
+left (bench/scenarios/filler.py: one pinned page in every free 2 MiB block, and, holding,
+every block that comes free later), two daemons that back off, one uncapped and tuned to scan
+flat out, one at the defaults. Both run at defrag=0, which backs off on the free blocks the
+kernel reports rather than on a failed allocation: on a machine others use, compaction may
+still assemble a block from their movable pages, so a failed MADV_COLLAPSE cannot be forced;
+the back-off, its wait and its end are the same code either way. In the back-off neither
+may burn the CPU (both were once found spinning); once the memory is freed both must
+collapse at once (the seed's story: a VM quits, the survivor gets its huge pages), whatever
+they spent failing before.
 
 Asserted: what the daemon controls (its CPU while it waits; the first collapse within a poll
 and a pass of the memory coming back). The time to the first collapse is printed; its figures
@@ -53,8 +57,10 @@ def test_no_burn_in_a_backoff_and_a_collapse_as_soon_as_memory_comes_back():
             assert info.get("pid") == filler.pid, "the filler did not fragment memory"
             with Workload(regions=REGION) as a, Workload(regions=REGION) as b:
                 tuned = {"enabled": "madvise", "max_cpu_percent": 0, "pages_to_scan": 65536,
-                         "scan_sleep_millisecs": 0, "alloc_sleep_millisecs": LONG_BACKOFF}
-                defaults = {"enabled": "madvise", "alloc_sleep_millisecs": LONG_BACKOFF}
+                         "scan_sleep_millisecs": 0, "alloc_sleep_millisecs": LONG_BACKOFF,
+                         "defrag": 0}
+                defaults = {"enabled": "madvise", "alloc_sleep_millisecs": LONG_BACKOFF,
+                            "defrag": 0}
                 with Daemon([a.pid], sets=tuned, log_level="info") as da, \
                         Daemon([b.pid], sets=defaults, log_level="info") as db:
                     for d in (da, db):

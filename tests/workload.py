@@ -67,6 +67,8 @@ and commands on stdin, one per line, one JSON line answered for each:
                     pages that were not faulted in, so it does not change the layout;
                     cache_fill pages are read back through the file)
     touch NAME   -> {"ok": true}: rewrite the pattern of all touched pages of NAME
+    name HEX     -> {"ok": true}: prctl(PR_SET_NAME, bytes.fromhex(HEX)) (the process
+                    connector reports this one as a comm event)
     comm HEX     -> {"ok": true}: write bytes.fromhex(HEX) to /proc/self/comm (a name is data:
                     any bytes, newlines and escape sequences included)
     hugepage NAME, nohugepage NAME -> {"ok": true, "time": T}: MADV_HUGEPAGE / MADV_NOHUGEPAGE
@@ -123,6 +125,7 @@ MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
 PR_SET_PDEATHSIG = 1
 PR_SET_THP_DISABLE = 41
+PR_SET_NAME = 15
 
 # Pages handled per numpy operation when filling or verifying (4 MiB: stays in cache).
 CHUNK_PAGES = 1024
@@ -601,6 +604,11 @@ def serve(regions: list[Region]) -> None:
         elif cmd == "comm":
             with open("/proc/self/comm", "wb") as f:
                 f.write(bytes.fromhex(arg))
+            reply({"ok": True})
+        elif cmd == "name":
+            name = ctypes.create_string_buffer(bytes.fromhex(arg))
+            _check(_libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0),
+                   "prctl(PR_SET_NAME)")
             reply({"ok": True})
         elif cmd in ("hugepage", "nohugepage"):
             if arg not in by_name:

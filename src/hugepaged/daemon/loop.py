@@ -52,6 +52,7 @@ class EventLoop:
         self.connector: ProcConnector | None = None
         self.tracer = None  # kernel.tracepoints.SyscallTracer where the tracepoints exist
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._listening = True  # the connector and the syscall rings are in the selector
 
     # --- set-up and tear-down ----------------------------------------------------------
     def open(self) -> None:
@@ -150,6 +151,7 @@ class EventLoop:
     def _wait(self, timeout: float) -> None:
         if self.service.max_sleep is not None:
             timeout = min(timeout, self.service.max_sleep)
+        self._listen(self.core.collapser.budget.allows(time.monotonic()))
         self.phases.spent("loop")
         ready = self.sel.select(timeout)
         if any(key.data == "syscalls" for key, _ in ready):
@@ -162,6 +164,22 @@ class EventLoop:
             elif key.data == "connector":
                 self._on_events()
         self.phases.spent("events")
+
+    def _listen(self, allowed: bool) -> None:
+        """The event sources a flood could make expensive (the connector's fork and exec
+        events, the syscall records) are read only while the CPU cap allows work: a storm
+        then costs at most the cap. What they miss meanwhile is lost to them, not to the
+        daemon: the /proc walk and the lost-records fallback catch up."""
+        if allowed == self._listening:
+            return
+        self._listening = allowed
+        sources = [(self.connector, "connector")] if self.connector is not None else []
+        sources += [(fd, "syscalls") for fd in (self.tracer.fds() if self.tracer else ())]
+        for fileobj, data in sources:
+            if allowed:
+                self.sel.register(fileobj, selectors.EVENT_READ, data)
+            else:
+                self.sel.unregister(fileobj)
 
     def _drain_signals(self) -> None:
         while True:

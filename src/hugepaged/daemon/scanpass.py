@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from hugepaged.errors import AccessDenied, ProcessGone
+from hugepaged.errors import AccessDenied, HugepagedError, ProcessGone
 
 from . import schedule as sched
 from .collapser import Collapser, Halt
@@ -172,6 +172,8 @@ class ScanPass:
                                  or not due(slot, view, now)):  # waits for the last one
             self._advance(pid)
             return 1, False, False
+        if cur.address == 0 and self._renamed(slot, view, now):
+            return 1, False, False
         control = self.membership.control_for(slot)
         if control.target is not None and control.enabled == "never" \
                 and control.shmem_enabled in ("never", "deny"):
@@ -204,6 +206,18 @@ class ScanPass:
         if visit.finished:
             self._finished(slot, visit, now)
         return visit.progress, True, False
+
+    def _renamed(self, slot: MmSlot, view: ProcessView, now: float) -> bool:
+        """A name changed without an event (a write to /proc/PID/comm sends none; PR_SET_NAME
+        does): resolved as the connector's rename is, now. True if the slot went."""
+        try:
+            comm = view.stat().comm
+        except (HugepagedError, OSError):
+            return False
+        if comm == slot.comm:
+            return False
+        self.membership.on_rename(slot.pid)
+        return slot.pid not in self.registry
 
     def _finished(self, slot: MmSlot, visit: Visit, now: float) -> None:
         self.mthp.visited(slot, self.collapser.kpf, now)
