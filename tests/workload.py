@@ -67,6 +67,9 @@ and commands on stdin, one per line, one JSON line answered for each:
                     pages that were not faulted in, so it does not change the layout;
                     cache_fill pages are read back through the file)
     touch NAME   -> {"ok": true}: rewrite the pattern of all touched pages of NAME
+    purge NAME K -> {"ok": true}: MADV_DONTNEED the last K touched pages of every window of
+                    NAME (an allocator giving memory back: a huge page there is split);
+                    they are no longer touched (verify skips them)
     name HEX     -> {"ok": true}: prctl(PR_SET_NAME, bytes.fromhex(HEX)) (the process
                     connector reports this one as a comm event)
     comm HEX     -> {"ok": true}: write bytes.fromhex(HEX) to /proc/self/comm (a name is data:
@@ -119,6 +122,7 @@ MAP_NORESERVE = 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
+MADV_DONTNEED = 4
 MADV_COLD = 20
 MADV_PAGEOUT = 21
 MADV_POPULATE_WRITE = 23
@@ -333,6 +337,15 @@ class Region:
             self.write()
         finally:
             prctl(PR_SET_THP_DISABLE, 0)
+
+    def purge(self, k: int) -> None:
+        """An allocator giving memory back: MADV_DONTNEED of the last k touched pages of every
+        window (a huge page there is split, its PMD replaced by PTEs); they are no longer
+        touched, so verify() checks only what is left."""
+        gone, self.touched = self.touched[-k:], self.touched[:-k]
+        for w in range(self.windows):
+            for p in gone:
+                madvise(self.start + w * HPAGE + p * PAGE, PAGE, MADV_DONTNEED)
 
     def _chunks(self, npages: int):
         per = max(1, CHUNK_PAGES // max(1, npages))
@@ -600,6 +613,13 @@ def serve(regions: list[Region]) -> None:
                 reply({"ok": False, "error": f"no region {arg!r}"})
                 continue
             by_name[arg].remap()
+            reply({"ok": True})
+        elif cmd == "purge":
+            name, _, k = arg.partition(" ")
+            if name not in by_name:
+                reply({"ok": False, "error": f"no region {name!r}"})
+                continue
+            by_name[name].purge(int(k))
             reply({"ok": True})
         elif cmd == "comm":
             with open("/proc/self/comm", "wb") as f:

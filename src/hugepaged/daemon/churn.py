@@ -10,6 +10,11 @@ for good where its target says on_split = "leave". A split window whose zero-pag
 more than the kernel's max_ptes_none while the kernel's shrink_underused is on is what that
 shrinker splits: it is held (UNDERUSED_SPLIT) until its zero-filled share falls to what the
 shrinker leaves alone.
+
+A split is told apart from memory mapped anew at the same addresses (an allocator that
+unmaps and maps again, a remap) by the frames: a split huge page's pages keep the frames of
+the huge page the collapse made (`head`), new memory has others; a window whose pages are no
+longer that huge page's is forgotten, not counted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hugepaged.errors import HugepagedError
+from hugepaged.kernel.pagemap import PM_PFN_MASK
 from hugepaged.results import ScanResult
 
 log = logging.getLogger("hugepaged")
@@ -32,6 +39,7 @@ GONE = frozenset({ScanResult.PMD_NONE, ScanResult.PMD_NULL})  # freed whole: no 
 class Collapsed:
     """One window this daemon collapsed: PMD-mapped as collapsed, or split and held."""
 
+    head: int = 0  # the first frame of the huge page the collapse made (0: unknown)
     split: bool = False
     level: int = 0  # splits so far; the hold doubles with each
     until: float = 0.0  # held until then
@@ -60,14 +68,30 @@ class SplitWatch:
         return self._limit[1]
 
     def collapsed(self, slot, address: int, visit: int) -> None:
+        """Remember a window just collapsed, with the first frame of its huge page."""
+        head = self._head(slot, address)
         e = slot.collapsed.get(address)
         if e is None:
-            slot.collapsed[address] = Collapsed(seen=visit)
+            slot.collapsed[address] = Collapsed(head=head, seen=visit)
         else:
-            e.split, e.until, e.underused, e.seen = False, 0.0, False, visit
+            e.head, e.split, e.until, e.underused, e.seen = head, False, 0.0, False, visit
+
+    def _head(self, slot, address: int) -> int:
+        try:
+            with self.kernel.pagemap(slot.mm_pid or slot.pid) as pm:
+                entry = int(pm.read(address, address + self.kernel.geometry.page_size)[0])
+        except (HugepagedError, OSError, ValueError, IndexError):
+            return 0
+        return entry & PM_PFN_MASK if entry >> 63 else 0
+
+    def _same_pages(self, e: Collapsed, first_pfn: int | None) -> bool:
+        """Whether the window's pages are (still) those of the huge page collapsed there."""
+        if not e.head or not first_pfn:
+            return True  # unknown: take it for a split
+        return e.head <= first_pfn < e.head + self.kernel.geometry.pmd_nr
 
     def held(self, slot, state, control, address: int, code: int, zero: int | None,
-             visit: int) -> ScanResult | None:
+             visit: int, first_pfn: int | None = None) -> ScanResult | None:
         """This window's result if it is held back (SPLIT_BACKOFF, UNDERUSED_SPLIT), else
         None; a window found split since its collapse is counted here, once per split."""
         e = slot.collapsed.get(address)
@@ -77,7 +101,8 @@ class SplitWatch:
         if not e.split:
             if code == ScanResult.PMD_MAPPED:
                 return None
-            if code in GONE:  # the whole window was freed: nothing split, nothing to hold
+            if code in GONE or not self._same_pages(e, first_pfn):
+                # Freed whole, or other memory there now: nothing split, nothing to hold.
                 del slot.collapsed[address]
                 return None
             self._split(slot, state, control, address, e, zero)

@@ -125,9 +125,10 @@ class Khugepaged:
         self.schedule.set(sched.PASS, self.scan.after(worked, self.clock()))
 
     def admit(self, now: float) -> None:
-        """Fork events whose settle delay has passed become slots, within the CPU cap."""
+        """Fork events whose settle delay has passed become slots, and execs and renames
+        that have settled are resolved, within the CPU cap."""
         members, budget = self.membership, self.collapser.budget
-        if members.pending:
+        if members.pending or members.changed:
             if not budget.allows(now):
                 until = max(self.schedule.at(sched.CPU) or 0.0, now + budget.wait(now))
                 self.schedule.set(sched.CPU, until)

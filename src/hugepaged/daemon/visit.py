@@ -307,7 +307,7 @@ class Visitor:
         control = self.membership.control_for(slot)
         ledger = state.ledger if state is not None else None
         if slot.collapsed:  # windows it collapsed before: split since? held back?
-            self._held(slot, state, control, addr, codes, verdicts.zero)
+            self._held(slot, state, control, addr, codes, verdicts)
         out: list[ScanResult | None] = []
         i = 0
         while i < len(codes):
@@ -357,15 +357,18 @@ class Visitor:
         return out, None
 
     def _held(self, slot: MmSlot, state: TargetState | None, control, addr: int,
-              codes: list[int], zero) -> None:
+              codes: list[int], verdicts) -> None:
         """Collapsible windows the split watch holds back get its result instead (a run of
         collapsible windows then stops at them)."""
         size, watch = self.kernel.geometry.pmd_size, self.collapser.splits
-        zeros = zero.tolist() if zero is not None else [None] * len(codes)
+        none = [None] * len(codes)
+        zeros = verdicts.zero.tolist() if verdicts.zero is not None else none
+        firsts = verdicts.first_pfn.tolist() if verdicts.first_pfn is not None else none
         for k, code in enumerate(codes):
             a = addr + k * size
             if a in slot.collapsed:
-                held = watch.held(slot, state, control, a, code, zeros[k], slot.visits)
+                held = watch.held(slot, state, control, a, code, zeros[k], slot.visits,
+                                  firsts[k])
                 if held is not None and code in COLLAPSIBLE:
                     codes[k] = int(held)
 

@@ -25,7 +25,7 @@ from hugepaged.scan.decide import Verdicts, decide
 from hugepaged.scan.eligibility import uffd_armed
 
 _U = np.uint64
-_VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared", "zero")
+_VERDICT_FIELDS = ("codes", "present", "none", "swap", "shared", "zero", "first_pfn")
 
 
 def window_masks(regions: np.ndarray, start: int, nwin: int, shift: int
@@ -116,7 +116,7 @@ class AnonScanner:
         codes[huge] = int(ScanResult.PMD_MAPPED)
         zeros = np.zeros(nwin, dtype=np.int64)
         out = Verdicts(codes, zeros.copy(), zeros + self.nr, zeros.copy(), zeros.copy(),
-                       zero=zeros.copy())
+                       zero=zeros.copy(), first_pfn=zeros.copy())
         out.present[huge] = self.nr
         out.none[huge] = 0
         if detail.size == 0:
@@ -146,7 +146,8 @@ class AnonScanner:
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(np.full(n, int(ScanResult.PMD_MAPPED), dtype=np.int8),
                        zeros + self.nr, zeros.copy(), zeros.copy(), zeros.copy(),
-                       zero=zeros.copy())
+                       zero=zeros.copy(),
+                       first_pfn=(pm[:, 0] & _U(PM_PFN_MASK)).astype(np.int64))
         rest = np.flatnonzero(~pmd)
         if rest.size:
             v = self._decide(pm[rest], armed)

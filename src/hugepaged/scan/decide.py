@@ -23,6 +23,7 @@ from hugepaged.kernel.kpageflags import (
 from hugepaged.kernel.pagemap import (
     PM_FILE,
     PM_MMAP_EXCLUSIVE,
+    PM_PFN_MASK,
     PM_PRESENT,
     PM_SWAP,
     PM_UFFD_WP,
@@ -48,6 +49,9 @@ class Verdicts:
     # PTE rules only: of `none`, the PTEs mapping the shared zero page (what the kernel's
     # underused-THP shrinker maps in place of zero-filled pages when it splits a THP).
     zero: np.ndarray | None = None
+    # PTE rules only: the frame of the window's first normal page, 0 if none: which folio
+    # its pages belong to (a split huge page keeps its frames; memory mapped anew does not).
+    first_pfn: np.ndarray | None = None
 
 
 def window_slice(v: Verdicts, start: int, end: int | None = None) -> Verdicts:
@@ -55,7 +59,8 @@ def window_slice(v: Verdicts, start: int, end: int | None = None) -> Verdicts:
     cut = slice(start, end)
     return Verdicts(v.codes[cut], v.present[cut], v.none[cut], v.swap[cut], v.shared[cut],
                     None if v.mapped is None else v.mapped[cut],
-                    None if v.zero is None else v.zero[cut])
+                    None if v.zero is None else v.zero[cut],
+                    None if v.first_pfn is None else v.first_pfn[cut])
 
 
 def _bit(a: np.ndarray, mask: int) -> np.ndarray:
@@ -130,7 +135,8 @@ def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
         zeros = np.zeros(n, dtype=np.int64)
         out = Verdicts(codes=np.full(n, int(R.SUCCEED), dtype=np.int8),
                        present=zeros + pagemap.shape[1], none=zeros, swap=zeros.copy(),
-                       shared=zeros.copy(), zero=zeros.copy())
+                       shared=zeros.copy(), zero=zeros.copy(),
+                       first_pfn=(pagemap[:, 0] & _U(PM_PFN_MASK)).astype(np.int64))
         if referenced is not None and limits.khugepaged:
             # Every PTE is a normal page and none is swapped: lacking means none referenced.
             out.codes[fast & ~np.asarray(referenced, dtype=bool).any(axis=1)] = \
@@ -140,7 +146,7 @@ def decide(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits, *,
             rest = _decide_checks(pagemap[slow], kflags[slow], limits,
                                   None if referenced is None else referenced[slow],
                                   armed[slow])
-            for name in ("codes", "present", "none", "swap", "shared", "zero"):
+            for name in ("codes", "present", "none", "swap", "shared", "zero", "first_pfn"):
                 getattr(out, name)[slow] = getattr(rest, name)
     return out
 
@@ -189,5 +195,9 @@ def _decide_checks(pagemap: np.ndarray, kflags: np.ndarray, limits: Limits,
         lack = (nref == 0) | ((unmapped > 0) & (nref < pagemap.shape[1] // 2))
         codes[~failed & lack] = int(R.LACK_REFERENCED_PAGE)
     codes[~(present | swapped).any(axis=1)] = int(R.PMD_NONE)
+    first = normal.argmax(axis=1)
+    first_pfn = np.where(normal.any(axis=1),
+                         pagemap[np.arange(n), first] & _U(PM_PFN_MASK), _U(0)).astype(np.int64)
     return Verdicts(codes=codes, present=normal.sum(axis=1), none=none.sum(axis=1),
-                    swap=swapped.sum(axis=1), shared=shared.sum(axis=1), zero=zero.sum(axis=1))
+                    swap=swapped.sum(axis=1), shared=shared.sum(axis=1), zero=zero.sum(axis=1),
+                    first_pfn=first_pfn)
