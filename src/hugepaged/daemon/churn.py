@@ -98,12 +98,12 @@ class SplitWatch:
         if e is None:
             return None
         e.seen = visit
+        if code in GONE or not self._same_pages(e, first_pfn):
+            # Freed whole, or other memory there now: nothing split, nothing to hold.
+            del slot.collapsed[address]
+            return None
         if not e.split:
             if code == ScanResult.PMD_MAPPED:
-                return None
-            if code in GONE or not self._same_pages(e, first_pfn):
-                # Freed whole, or other memory there now: nothing split, nothing to hold.
-                del slot.collapsed[address]
                 return None
             self._split(slot, state, control, address, e, zero)
         if e.underused:
