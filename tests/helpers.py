@@ -61,13 +61,16 @@ class Workload:
 
     ``Workload({"regions": [...], "fork_child": True})`` or ``Workload(regions=[...])``.
     Use as a context manager; the process (and its forked child) are gone after the block.
+    `preexec`: called in the child before it runs (to put it in a cgroup, say).
     """
 
-    def __init__(self, spec: dict | None = None, *, timeout: float = 120.0, **kwargs):
+    def __init__(self, spec: dict | None = None, *, timeout: float = 120.0, preexec=None,
+                 **kwargs):
         spec = dict(spec or {})
         spec.update(kwargs)
         self.spec = spec
         self.timeout = timeout
+        self.preexec = preexec
         self.proc: subprocess.Popen | None = None
         self.pid: int = 0
         self.child_pid: int | None = None
@@ -84,6 +87,7 @@ class Workload:
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKLOAD), json.dumps(self.spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            preexec_fn=self.preexec,
         )
         try:
             info = self._read_json(self.timeout)
