@@ -49,18 +49,21 @@ def test_no_burn_in_a_backoff_and_a_collapse_as_soon_as_memory_comes_back():
     # The kernel's khugepaged may act on neither workload; the filler takes the last free
     # blocks as THPs, which needs THP at madvise while it does.
     with saved_thp(enabled="madvise", pages_to_scan=8, scan_sleep_millisecs=4294967295):
-        filler = subprocess.Popen([sys.executable, str(FILLER), json.dumps({"hold": True})],
+        # Holding (free blocks that appear later are taken too) down to 256 MiB free.
+        filler = subprocess.Popen([sys.executable, str(FILLER),
+                                   json.dumps({"hold": True, "floor_mib": 256})],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             ready = select.select([filler.stdout], [], [], 240)[0]
             info = json.loads(filler.stdout.readline()) if ready else {}
             assert info.get("pid") == filler.pid, "the filler did not fragment memory"
             with Workload(regions=REGION) as a, Workload(regions=REGION) as b:
+                # Memory this full is memory pressure too: that pause is not under test.
                 tuned = {"enabled": "madvise", "max_cpu_percent": 0, "pages_to_scan": 65536,
                          "scan_sleep_millisecs": 0, "alloc_sleep_millisecs": LONG_BACKOFF,
-                         "defrag": 0}
+                         "defrag": 0, "max_memory_pressure": 0}
                 defaults = {"enabled": "madvise", "alloc_sleep_millisecs": LONG_BACKOFF,
-                            "defrag": 0}
+                            "defrag": 0, "max_memory_pressure": 0}
                 with Daemon([a.pid], sets=tuned, log_level="info") as da, \
                         Daemon([b.pid], sets=defaults, log_level="info") as db:
                     for d in (da, db):

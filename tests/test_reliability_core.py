@@ -39,7 +39,7 @@ def covered(w: Workload, name: str = "heap") -> bool:
 
 @kernel_test
 def test_workers_resized_every_20_ms_while_collapsing_keep_the_daemon_alive():
-    """collapse_workers set to 1, 2, 3, 4, 1, ... every 20 ms for 5 s while the daemon
+    """collapse_workers set to 1, 2, 3, 4, 1, ... every 20 ms for 3 s while the daemon
     collapses (its workloads given back their 4 KiB pages whenever they are covered): the
     pool is resized on the loop's thread between passes, never under a pass handing it work
     (this once killed the daemon: `cannot schedule new futures after shutdown`)."""
@@ -60,12 +60,12 @@ def test_workers_resized_every_20_ms_while_collapsing_keep_the_daemon_alive():
         t = threading.Thread(target=churn)
         t.start()
         try:
-            again = keep_busy([a, b], time.monotonic() + 5.0)
+            again = keep_busy([a, b], time.monotonic() + 3.0)
         finally:
             stop.set()
             t.join()
         assert d.alive(), d.log_tail()
-        assert len(answers) > 50 and all(r["ok"] for r in answers)
+        assert len(answers) > 30 and all(r["ok"] for r in answers)
         assert again >= 2  # collapses went on throughout
         deadline = time.monotonic() + 15
         while not (covered(a) and covered(b)) and time.monotonic() < deadline:
@@ -186,7 +186,7 @@ def test_a_madvise_flood_from_another_user_costs_at_most_the_cap():
                                             log_level="info") as d:
         time.sleep(2.0)  # start-up scanning over
         rss0, cpu0 = rss_kb(d.pid), cpu_seconds(d.pid)
-        seconds = 20.0
+        seconds = 8.0
         flood = subprocess.Popen(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
                                   "--clear-groups", sys.executable, "-c", FLOOD,
                                   str(seconds)], stdout=subprocess.PIPE, text=True)
@@ -281,7 +281,7 @@ def test_a_process_that_execs_itself_all_the_time_costs_little(tmp_path):
                                                 log_level="info") as d:
             time.sleep(2.0)
             cpu0, t0 = cpu_seconds(d.pid), time.monotonic()
-            time.sleep(10.0)
+            time.sleep(5.0)
             spent, elapsed = cpu_seconds(d.pid) - cpu0, time.monotonic() - t0
             assert d.alive() and storm.poll() is None
     finally:

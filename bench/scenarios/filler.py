@@ -141,16 +141,18 @@ def pagemap(fd: int, start: int, npages: int) -> np.ndarray:
     return out
 
 
-def take_free_blocks(pins: Pins, pm_fd: int, kpf: int, limit: int) -> tuple[int, int]:
+def take_free_blocks(pins: Pins, pm_fd: int, kpf: int, limit: int,
+                     floor_kb: int = 1 << 20) -> tuple[int, int]:
     """Free 2 MiB blocks taken as THPs (MADV_HUGEPAGE faults; needs THP enabled=madvise),
     one page of each pinned, until a fault falls back to 4 KiB pages 64 times, buddyinfo
-    shows none left or `limit` bytes are mapped: (THPs taken, fallbacks)."""
+    shows none left, `limit` bytes are mapped, or MemFree would go under `floor_kb`:
+    (THPs taken, fallbacks)."""
     r2 = mmap_aligned(limit)
     madvise(r2, limit, MADV_HUGEPAGE)
     buf = (ctypes.c_char * limit).from_address(r2)
     thps, fallbacks, off = 0, 0, 0
     while off < limit and free_huge(buddyinfo()) > 0 and fallbacks < 64:
-        if meminfo_kb("MemFree") < 1 << 20:  # never below 1 GiB free
+        if meminfo_kb("MemFree") < floor_kb:  # never below the floor (default 1 GiB)
             break
         buf[off] = b"\x01"
         e = int(pagemap(pm_fd, r2 + off, 1)[0])
@@ -220,7 +222,8 @@ def main() -> int:
 
     # 3. the remaining free 2 MiB blocks, as pinned THPs
     kpf = os.open("/proc/kpageflags", os.O_RDONLY)
-    thps, fallbacks = take_free_blocks(pins, pm_fd, kpf, max_thp)
+    floor_kb = int(args.get("floor_mib", 1024)) * 1024
+    thps, fallbacks = take_free_blocks(pins, pm_fd, kpf, max_thp, floor_kb)
     check(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0), "THP_DISABLE")
     info.update({"thp_taken": thps, "thp_fallbacks": fallbacks,
                  "pinned_pages": pins.count, "pipes": len(pins.pipes),
@@ -237,9 +240,9 @@ def main() -> int:
         # taken too, so the fragmentation lasts on a machine others share.
         r, _, _ = select.select([sys.stdin], [], [], 0.2 if hold else None)
         if not r:
-            if free_huge(buddyinfo()) > 0 and meminfo_kb("MemFree") >= 1 << 20:
+            if free_huge(buddyinfo()) > 0 and meminfo_kb("MemFree") >= floor_kb:
                 check(libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0), "THP_ENABLE")
-                taken, _ = take_free_blocks(pins, pm_fd, kpf, 256 * MIB)
+                taken, _ = take_free_blocks(pins, pm_fd, kpf, 256 * MIB, floor_kb)
                 check(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0), "THP_DISABLE")
                 info["thp_taken_later"] = info.get("thp_taken_later", 0) + taken
             continue

@@ -92,7 +92,7 @@ TARGET_FIELDS = [
     ("priority", int, 0),
     ("max_bloat_mb", int | None, None),
     ("min_coverage", int | None, None),  # percent huge, promised (daemon/promise.py)
-    ("coverage_deadline", int, 60),  # seconds short of it before the promise is broken
+    ("coverage_deadline", int | None, None),  # seconds short of it before it is broken (60)
 ]
 Target = make_dataclass(
     "Target", [*TARGET_FIELDS,

@@ -166,16 +166,16 @@ class EventLoop:
         self.phases.spent("events")
 
     def _listen(self, allowed: bool) -> None:
-        """The event sources a flood could make expensive (the connector's fork and exec
-        events, the syscall records) are read only while the CPU cap allows work: a storm
-        then costs at most the cap. What they miss meanwhile is lost to them, not to the
-        daemon: the /proc walk and the lost-records fallback catch up."""
+        """The syscall records, which any process can make arrive by the hundred thousand a
+        second, are read only while the CPU cap allows work: a flood of advice then costs at
+        most the cap, and what the rings lose meanwhile the lost-records fallback catches up.
+        (The connector is always read: the kernel bounds forks and execs, and its events cost
+        a dictionary entry each until they settle.)"""
         if allowed == self._listening:
             return
         self._listening = allowed
-        sources = [(self.connector, "connector")] if self.connector is not None else []
-        sources += [(fd, "syscalls") for fd in (self.tracer.fds() if self.tracer else ())]
-        for fileobj, data in sources:
+        for fileobj, data in [(fd, "syscalls") for fd in (self.tracer.fds() if self.tracer
+                                                          else ())]:
             if allowed:
                 self.sel.register(fileobj, selectors.EVENT_READ, data)
             else:

@@ -51,7 +51,8 @@ class MthpSampler:
             slot.anon_mthp_kb = {}
             return
         try:
-            counts = anon_mthp_kb(self.kernel, slot.mm_pid or slot.pid, slot.visit[1], kpf)
+            counts = anon_mthp_kb(self.kernel, slot.mm_pid or slot.pid,
+                                  [*slot.visit[1], *slot.small_anon], kpf)
         except (HugepagedError, OSError, ValueError):  # gone, unreadable: the next visit tells
             return
         slot.anon_mthp_kb = dict(counts)

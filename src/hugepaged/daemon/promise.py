@@ -16,6 +16,7 @@ from collections.abc import Callable
 log = logging.getLogger("hugepaged")
 EVERY = 1.0  # seconds between two looks at the targets' coverage
 BOOST = 10_000  # added to the priority of a short target's processes (priorities: +-1000)
+DEADLINE = 60  # seconds, where a target promises coverage and names no coverage_deadline
 
 
 class Promises:
@@ -58,14 +59,15 @@ class Promises:
             return
         if st.short_since is None:
             st.short_since = now
-        if now - st.short_since <= t.coverage_deadline:
+        deadline = t.coverage_deadline or DEADLINE
+        if now - st.short_since <= deadline:
             st.promise = "pending"
             return
         if st.promise != "broken":
             st.broken += 1
             why = st.obstacle or "no collapsible window found (not eligible?)"
             log.warning("target %s: promise broken: %.1f%% huge after %d s short of %d%%: %s",
-                        t.name, st.coverage, t.coverage_deadline, t.min_coverage, why,
+                        t.name, st.coverage, deadline, t.min_coverage, why,
                         extra={"event": "promise_broken", "target": t.name,
                                "coverage_pct": round(st.coverage, 1),
                                "promised_pct": t.min_coverage, "why": why})

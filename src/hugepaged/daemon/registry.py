@@ -85,6 +85,7 @@ class MmSlot:
     # (daemon/churn.py).
     collapsed: dict = field(default_factory=dict)
     visits: int = 0  # visits started (a window no visit meets is forgotten)
+    small_anon: list = field(default_factory=list)  # small VMAs with anonymous memory
     hold_until: float = 0.0  # when the first held window's hold ends: a visit is due then
     waiting: str = ""  # what a visit left early waits for: "share", "lane", "pressure"
     cgroup2: str | None = None  # its cgroup2 group (read once: memory pressure by cgroup)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from hugepaged.collapse import BloatLedger, Pace
 
+from .promise import DEADLINE as PROMISE_DEADLINE
+
 
 @dataclass
 class TargetState:
@@ -119,7 +121,8 @@ def summaries(targets: list, states: TargetStates, slots) -> list[dict]:
             "results": dict(sorted(st.results.items())) if st else {},
             "pages_split_after_collapse": st.splits if st else 0,
             "promise": None if t.min_coverage is None else {
-                "min_coverage": t.min_coverage, "deadline_seconds": t.coverage_deadline,
+                "min_coverage": t.min_coverage,
+                "deadline_seconds": t.coverage_deadline or PROMISE_DEADLINE,
                 "state": st.promise if st else "", "broken": st.broken if st else 0,
                 "obstacle": st.obstacle if st else ""},
         })

@@ -29,6 +29,7 @@ from .registry import MmSlot
 from .targets import TargetState
 
 LANE_FULL = Hold(Halt.DRY, 0.0, "lane")
+SMALL_ANON = 4096  # small VMAs with anonymous memory kept per process for mTHP counting
 # Verdicts a paced pass decided and could not use yet are taken by the next passes for this
 # long (their process not having faulted since): a CPU cap then pays for reading the page
 # state once per several calls, not once per call. The kernel re-checks every window when it
@@ -136,8 +137,15 @@ def memory_map(slot: MmSlot, view: ProcessView, geometry) -> tuple[bool, list, i
         every = view.procfs.smaps(mm_pid)
         slot.anon_kb = sum(v.anonymous_kb for v in every)
         slot.anon_huge_kb = sum(v.anon_huge_kb for v in every)
-        vmas = [v for v in every if geometry.aligned(v.start, v.end)[1] >
-                geometry.aligned(v.start, v.end)[0]]
+        vmas, slot.small_anon = [], []
+        for v in every:
+            start, end = geometry.aligned(v.start, v.end)
+            if end > start:
+                vmas.append(v)
+            elif v.anonymous_kb and len(slot.small_anon) < SMALL_ANON:
+                # Small VMAs with anonymous memory can still hold mTHP folios
+                # (daemon/mthp.py counts them): a bounded few are kept.
+                slot.small_anon.append(v)
         small = len(every) - len(vmas)
         del every
     for start, end in advice:
