@@ -1,10 +1,10 @@
 """Memory pressure and the kernel's underused-THP shrinker, for real, in a memory cgroup at
 its limit (v1 memory controller, cgroup2 for PSI: this machine's hybrid layout).
 
-1. A process thrashing the page cache in a cgroup whose limit is far below its file: its
-   cgroup2 group's `memory.pressure` climbs; a workload in the same group, under a target
-   matched by that cgroup, is not collapsed while the pressure is above the target's
-   max_memory_pressure, and is once it falls.
+1. A process thrashing its anonymous memory in a cgroup whose limit is far below it (zram
+   swap on for the test): its cgroup2 group's `memory.pressure` climbs; a workload in the
+   same group, under a target matched by that cgroup, is not collapsed while the pressure
+   is above the target's max_memory_pressure, and is once it falls.
 2. hugepaged collapses sparse windows (its own max_ptes_none 511); the kernel's max_ptes_none
    is 64, so each resulting huge page holds more zero-filled pages than the kernel's shrinker
    allows; memory in the cgroup runs short, the shrinker splits them (thp_underused_split_page)
@@ -19,22 +19,23 @@ import time
 
 from . import cgroups
 from .daemon_runner import Daemon
-from .helpers import Workload, pmd_mapped_windows, saved_thp
+from .helpers import Workload, pmd_mapped_windows, saved_thp, zram_swap
 from .marks import kernel_test
 
 MIB = 1 << 20
+# Anonymous memory larger than its cgroup's limit, touched over and over: with swap on, every
+# touch of a page swapped out waits for it (a memory stall, as PSI counts it).
 THRASH = r"""
-import os, sys
-path, size = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    block = os.urandom(1 << 20)
-    for _ in range(size >> 20):
-        f.write(block)
-fd = os.open(path, os.O_RDONLY)
+import mmap, os, sys
+size = int(sys.argv[1])
+m = mmap.mmap(-1, size)
+block = os.urandom(4096)  # incompressible: zram gains nothing on it
+for off in range(0, size, 4096):
+    m[off:off + 4096] = block
 print("ready", flush=True)
 while True:
-    for off in range(0, size, 1 << 20):
-        os.pread(fd, 1 << 20, off)
+    for off in range(0, size, 4096):
+        m[off] = (m[off] + 1) & 0xFF
 """
 
 
@@ -51,9 +52,9 @@ def huge(w: Workload) -> list[bool]:
 @kernel_test
 def test_collapses_pause_under_the_targets_own_cgroup_pressure_and_resume(tmp_path):
     spec = [{"name": "heap", "windows": 8, "fill": "all", "hugepage": True}]
-    with saved_thp(enabled="never"), cgroups.group(48 * MIB) as g:
+    with saved_thp(enabled="never"), zram_swap("1G"), cgroups.group(48 * MIB) as g:
         thrash = subprocess.Popen(
-            [sys.executable, "-c", THRASH, str(tmp_path / "file"), str(256 * MIB)],
+            [sys.executable, "-c", THRASH, str(128 * MIB)],
             stdout=subprocess.PIPE, text=True, preexec_fn=lambda: g.add(os.getpid()))
         assert thrash.stdout.readline() == "ready\n"
         deadline = time.monotonic() + 30
