@@ -235,6 +235,7 @@ class Visitor:
                     kept = self._kept(slot, addr, n)
                     if kept is not None:  # what the last pass decided, still fresh
                         verdicts, read_at = kept
+                        n = verdicts.codes.size  # it may have kept fewer than n windows
                     else:
                         verdicts = mm.decide_range(vma, addr, addr + n * geo.pmd_size)
                         read_at = self.collapser.clock()
