@@ -859,3 +859,25 @@ def test_stopping_ends_the_pass_at_the_current_window(world, sleepers):
     assert len(world.collapses) == 3
     assert core.registry.cursor.address == hg.start + 3 * HP
     core.close()
+
+
+def test_a_paced_pass_keeps_its_verdicts_for_the_next_and_skips_no_window(world, sleepers):
+    """Under a CPU cap a pass collapses one call's windows and keeps what it decided beyond
+    them: the next passes take those verdicts instead of reading the page state again, and
+    every window is collapsed exactly once."""
+    (pid,) = sleepers(1)
+    _, hg = layout(world, pid, windows=20)
+    core = world.make_core(pages_to_scan=65536, max_stall_ms=0)  # one window a call
+    core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
+    core.discover()
+    passes = 0
+    while len(world.collapses) < 20 and passes < 200:
+        core.do_scan()
+        world.clock.now += 0.05
+        passes += 1
+    want = [(pid, a) for a in range(hg.start, hg.end, HP)]
+    assert world.collapses == want  # each once, in address order: none skipped and left
+    # for a later visit
+    reads = [s for s in world.kernel.scans if s[0] == pid and hg.start <= s[1] < hg.end]
+    assert len(reads) < len(want) // 2, (len(reads), passes)
+    core.close()
