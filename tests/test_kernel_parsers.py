@@ -591,3 +591,39 @@ def test_effective_enabled_combines_global_and_pmd_size(sysroot, global_mode, pm
     thp = ThpSysfs(str(sysroot))
     assert thp.pmd_enabled() == pmd_mode
     assert thp.effective_enabled() == want
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel's own mTHP collapse (Linux 7.2), probed on a fixture tree and on this kernel
+
+
+def _mthp_tree(root, collapse_stats: bool, sizes: dict[int, str]):
+    thp = root / "kernel/mm/transparent_hugepage"
+    (thp / "khugepaged").mkdir(parents=True)
+    (thp / "hpage_pmd_size").write_text("2097152\n")
+    (thp / "khugepaged" / "max_ptes_none").write_text("511\n")
+    for kb, mode in {**sizes, 2048: "inherit"}.items():
+        d = thp / f"hugepages-{kb}kB"
+        (d / "stats").mkdir(parents=True)
+        words = ["always", "inherit", "madvise", "never"]
+        (d / "enabled").write_text(" ".join(f"[{w}]" if w == mode else w for w in words) + "\n")
+        if collapse_stats and kb < 2048:
+            (d / "stats" / "collapse_exceed_none_pte").write_text("0\n")
+
+
+def test_the_kernels_mthp_collapse_is_probed_not_read_from_a_version(tmp_path):
+    from hugepaged.kernel import Kernel
+    from hugepaged.scan.mthp_kernel import describe, kernel_mthp_collapse
+
+    _mthp_tree(tmp_path / "new", True, {64: "madvise", 16: "never"})
+    new = kernel_mthp_collapse(Kernel(sys_root=str(tmp_path / "new")))
+    assert new == {"supported": True, "sizes": {"64kB": "madvise"}, "max_ptes_none": 511,
+                   "refused": False}
+    assert "collapses to 64kB (madvise) itself" in describe(new)
+    refused = kernel_mthp_collapse(Kernel(sys_root=str(tmp_path / "new")), max_ptes_none=100)
+    assert refused["refused"] and "collapses nothing to those sizes" in describe(refused)
+    _mthp_tree(tmp_path / "old", False, {64: "madvise"})
+    assert kernel_mthp_collapse(Kernel(sys_root=str(tmp_path / "old"))) == {"supported": False}
+    # This 6.18 kernel has per-size controls but no mTHP collapse in its khugepaged.
+    this = kernel_mthp_collapse(Kernel())
+    assert this == {"supported": False} and describe(this) is None

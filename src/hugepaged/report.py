@@ -137,7 +137,8 @@ def thp_detail(s: ProcessScan) -> str:
     return "; ".join(parts)
 
 
-def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
+def print_scan(scans: list[ProcessScan], skipped: list[str], notes: tuple[str, ...] = ()
+               ) -> None:
     table = Table(box=None, pad_edge=False)
     for col, just in (("PID", "right"), ("COMMAND", "left"), ("ANON", "right"),
                       ("THP", "right"), ("COVER", "right"), ("SHMEM", "right"),
@@ -175,6 +176,8 @@ def print_scan(scans: list[ProcessScan], skipped: list[str]) -> None:
             out.print(f"{s.pid}: {detail}", markup=False)
     known = bool(scans) and all(s.referenced_known for s in scans)
     out.print(REFERENCED_KNOWN if known else REFERENCED_UNKNOWN)
+    for note in notes:
+        out.print(note, markup=False)
     for line in skipped:
         out.print(printable(line), markup=False)
 
@@ -268,6 +271,11 @@ def print_status(st: dict[str, Any]) -> None:
     if "referenced_source" in st:
         out.print(f"referenced pages (LACK_REFERENCED_PAGE) seen by: {st['referenced_source']}")
     out.print("  ".join(f"{name} {value}" for name, value in c.items()))  # every counter
+    from hugepaged.scan.mthp_kernel import describe as mthp_note
+
+    note = mthp_note(st.get("kernel_mthp_collapse") or {})
+    if note:
+        out.print(note)
     if st.get("cpu_by_activity"):
         out.print("CPU by activity: " + ", ".join(
             f"{what} {seconds:.2f} s" for what, seconds in st["cpu_by_activity"].items()))

@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hugepaged import report
+    from hugepaged.scan.mthp_kernel import describe, kernel_mthp_collapse
     from hugepaged.scan.process import scan_processes
 
     kernel = kernel_of(args)
@@ -46,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cgroup is not None:
         pids = in_cgroup(kernel, pids, args.cgroup)
     scans, skipped = scan_processes(kernel, pids, control_for, explicit=explicit, usage=True)
+    mthp = kernel_mthp_collapse(kernel)
     if args.json:
         doc = report.scan_json(scans, tunables.as_dict(), skipped,
                                target=target.name if target else None)
+        doc["kernel_mthp_collapse"] = mthp
         if args.vmas:
             doc["vmas"] = {str(s.pid): report.vmas_json(s) for s in scans}
         report.print_json(doc)
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         for s in scans:
             report.print_vmas(s)
     else:
-        report.print_scan(scans, skipped)
+        note = describe(mthp)
+        report.print_scan(scans, skipped, (note,) if note else ())
     return 0
 
 

@@ -20,6 +20,7 @@ from hugepaged.config import Config, DaemonOptions, check_pattern, load_config
 from hugepaged.errors import HugepagedError, InvalidTunable
 from hugepaged.kernel import Kernel
 from hugepaged.kernel.limits import nofile_soft
+from hugepaged.scan.mthp_kernel import kernel_mthp_collapse
 from hugepaged.tunables import NAMES, Tunables, parse, resolve
 
 from .counters import COUNTERS
@@ -191,6 +192,7 @@ class Service:
             "cursor": {"pid": reg.cursor.pid, "address": hex(reg.cursor.address)},
             "held_windows": core.collapser.splits.held_counts(slots),
             "kernel_shrinker": self._shrinker(),
+            "kernel_mthp_collapse": kernel_mthp_collapse(self.kernel),
             "free_huge_blocks": self.kernel.mm.free_huge_blocks(),
             "connector": loop is not None and loop.connector is not None,
             "madvise_source": "tracepoints" if loop is not None and loop.tracer is not None

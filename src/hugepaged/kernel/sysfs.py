@@ -115,6 +115,32 @@ class ThpSysfs:
         except FileNotFoundError:
             return "inherit"
 
+    def mthp_sizes(self) -> dict[int, str]:
+        """Anonymous folio sizes below the PMD size (kB) and their `enabled` mode."""
+        pmd_kb = running_geometry(self.sys_root).pmd_size >> 10
+        out: dict[int, str] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.dir):
+                m = re.fullmatch(r"hugepages-(\d+)kB", name)
+                if m is None or int(m.group(1)) >= pmd_kb:
+                    continue
+                with contextlib.suppress(OSError), open(f"{self.dir}/{name}/enabled") as f:
+                    out[int(m.group(1))] = _bracketed(f.read())
+        return dict(sorted(out.items()))
+
+    def khugepaged_collapses_mthp(self) -> bool:
+        """Whether the kernel's khugepaged collapses to folio sizes below the PMD (Linux
+        7.2's mTHP collapse), probed, not read from a version: those kernels count per size
+        what stops such a collapse (stats/collapse_exceed_none_pte)."""
+        pmd_kb = running_geometry(self.sys_root).pmd_size >> 10
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.dir):
+                m = re.fullmatch(r"hugepages-(\d+)kB", name)
+                if m and int(m.group(1)) < pmd_kb and \
+                        os.path.exists(f"{self.dir}/{name}/stats/collapse_exceed_none_pte"):
+                    return True
+        return False
+
     def nr_anon(self) -> dict[int, int]:
         """Anonymous THP folios on the machine per folio kB, the kernel's own count
         (hugepages-<size>kB/stats/nr_anon, 6.11+); empty where the kernel has none."""
