@@ -62,14 +62,18 @@ def machine() -> dict:
     h = hashlib.sha256()
     for p in sorted((ROOT / "src" / "hugepaged").rglob("*.py")):
         h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
-    import matplotlib
+    try:  # only the plots need it (the `bench` extra); the record says which, if any
+        import matplotlib
+        mpl = matplotlib.__version__
+    except ImportError:
+        mpl = None
     return {
         "hostname": socket.gethostname(), "uname": " ".join(u), "kernel": u.release,
         "arch": u.machine, "cpu_model": cpu, "cpus": os.cpu_count(),
         "mem_total_gib": round(meminfo_kb("MemTotal") / (1 << 20), 2),
         "swap_total_gib": round(meminfo_kb("SwapTotal") / (1 << 20), 2),
         "python": platform.python_version(), "numpy": np.__version__,
-        "matplotlib": matplotlib.__version__,
+        "matplotlib": mpl,
         "git_commit": git("rev-parse", "--short", "HEAD"),
         "src_sha256": h.hexdigest()[:16],  # the tree measured, uncommitted changes included
         "git_dirty_files": [ln[3:] for ln in git("status", "--porcelain").splitlines()
