@@ -481,7 +481,8 @@ def main(argv=None) -> int:
     locks: list = []
     given = sys.argv[1:] if argv is None else argv
     doc = {"command": "python bench/bench_apps.py " + " ".join(given),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": describe_machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": describe_machine(),
            "args": vars(args), "sets": sets, "apps": {}, "lock_phases": locks}
     for a in args.apps.split(","):
         log(f"{a}")

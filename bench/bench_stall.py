@@ -246,6 +246,7 @@ def churn(redis: Redis, col: Collapser, args, exe: str) -> dict:
     """After coverage: the write load for --churn-seconds; the daemon's CPU meanwhile."""
     st0 = col.status().get("counters") or {}
     v0 = vmstat("thp_split_pmd", "thp_deferred_split_page", "thp_underused_split_page")
+    anon0 = rollup_anon(redis.pid)
     cov0, cpu0, t0 = anon_coverage(redis.pid), col.cpu(), time.monotonic()
     out = subprocess.run(taskset(CLIENT_CPU, [exe, "churn", str(redis.port),
                                               str(args.churn_seconds), str(redis.keys),
@@ -259,6 +260,7 @@ def churn(redis: Redis, col: Collapser, args, exe: str) -> dict:
            "daemon_cpu_s": round(cpu, 3), "daemon_cpu_percent": round(100 * cpu / secs, 3),
            "coverage_before": round(cov0, 4), "coverage_after": round(anon_coverage(redis.pid),
                                                                       4),
+           "anon_mib_before": anon0 >> 10, "anon_mib_after": rollup_anon(redis.pid) >> 10,
            "vmstat": {k: v1[k] - v0[k] for k in v0},
            "daemon_counters": {k: st1[k] - st0.get(k, 0) for k in st1
                                if isinstance(st1.get(k), int)}}
@@ -267,7 +269,8 @@ def churn(redis: Redis, col: Collapser, args, exe: str) -> dict:
     log(f"    churn {secs:.0f} s: daemon {res['daemon_cpu_percent']:.2f}% of a core, "
         f"thp_split_pmd +{res['vmstat']['thp_split_pmd']}, "
         f"{res['daemon_counters'].get('pages_collapsed', 0)} collapses, coverage "
-        f"{cov0:.1%} -> {res['coverage_after']:.1%}")
+        f"{cov0:.1%} -> {res['coverage_after']:.1%}, anonymous {res['anon_mib_before']} -> "
+        f"{res['anon_mib_after']} MiB")
     return res
 
 
