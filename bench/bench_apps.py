@@ -324,16 +324,17 @@ def run_app(app_cls, args, sets: dict, work: str, locks: list) -> dict:
     pids: dict[str, int] = {}
     daemon = None
     try:
-        with phase(f"{app.name}: start copies", locks):
-            for key in keys:
+        for key in keys:  # one lock phase per copy: PostgreSQL's load takes minutes
+            with phase(f"{app.name}: start {key}", locks):
                 t0 = time.monotonic()
-                if key == "always" and app.name != "pg":
-                    H.write_knob("enabled", "always")
+                H.write_knob("enabled", "always" if key == "always" and app.name != "pg"
+                             else "madvise")
                 pids[key] = app.start(key)
                 H.write_knob("enabled", "madvise")
                 res["setup"][key] = {"pid": pids[key], "start_s": round(time.monotonic() - t0,
                                                                           1)}
                 log(f"  {app.name} {key}: pid {pids[key]} ({time.monotonic() - t0:.0f} s)")
+        with phase(f"{app.name}: collapse and daemon", locks):
             if "force" in keys:
                 res["setup"]["force"]["collapse"] = hugepaged_collapse(pids["force"],
                                                                        *app.force_args())
