@@ -26,10 +26,12 @@ Redis and of the bystander, during coverage and before; seconds to 50/90/95% cov
 collapser's CPU (the daemon's /proc/PID/stat, or the [khugepaged] thread's) until 95%; the
 achieved pace (windows per second).
 
-Churn (hugepaged runs only): once the Redis is covered, a write load (redis_probe `churn`:
-SETs of random keys with values of random size, 64-1984 bytes, --churn-rate a second) makes
-jemalloc free and purge pages, which splits huge pages (vmstat thp_split_pmd); over
---churn-seconds the daemon's CPU (% of a core), its collapses, the splits and the coverage.
+Churn (hugepaged runs only): once the Redis is covered, an eviction-and-refill load
+(redis_probe `churn`: DEL --churn-rate keys a second in DEBUG POPULATE's order, default 0.5%
+of the keys, each SET back with its original value 15 s later) makes jemalloc purge what was
+freed (its dirty decay is 10 s), which splits the huge pages it lies in (vmstat
+thp_split_pmd); memory stays about constant. Over --churn-seconds: the daemon's CPU (% of a
+core), its collapses, the splits, the coverage.
 
 Rounds alternate the order (hugepaged first, then kernel first ...); each run is one phase
 under the machine lock (at most about 5 minutes), every THP knob restored after it.
@@ -347,8 +349,9 @@ def report(doc: dict, args) -> list[str]:
                     for r in doc["runs"] if r.get("kernel_pace")})
     used = ", ".join(f"pages_to_scan={p}, scan_sleep_millisecs={s}" for p, s in paces)
     lines += ["", f"Kernel pace used: {used or '—'}. "
-              f"Churn: {args.churn_seconds:.0f} s of `redis_probe churn` at {args.churn_rate} "
-              "SET/s after coverage (hugepaged runs only).", "",
+              f"Churn: {args.churn_seconds:.0f} s of `redis_probe churn` (eviction and refill, "
+              f"{args.churn_rate or '0.5% of the'} keys a second, each set back 15 s later) "
+              "after coverage (hugepaged runs only).", "",
               "| run | kind | t95 (s) | CPU (s) | collapsed max / p99 (ms) | bystander max / p99 "
               "(ms) |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(doc["runs"]):
@@ -372,7 +375,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", type=float)
     ap.add_argument("--cover-limit", type=float, default=200.0)
     ap.add_argument("--churn-seconds", type=float)
-    ap.add_argument("--churn-rate", type=int, default=20000)
+    ap.add_argument("--churn-rate", type=int, default=0,
+                    help="keys deleted (and set back 15 s later) a second; 0: 0.5%% of them")
     ap.add_argument("--kernel-pace", help="PAGES,SLEEP_MS for the kernel's khugepaged "
                     "(default: matched to the daemon's measured rate)")
     ap.add_argument("--kinds", default="hugepaged,kernel")

@@ -7,11 +7,10 @@
  *                                         one connection: throughput (every GET a hit, where
  *                                         redis-benchmark's 12-digit key names would all miss
  *                                         the keys DEBUG POPULATE makes)
- *   redis_probe churn PORT SECONDS KEYS RATE
- *                                         SET key:<random> with a value of random size (64 to
- *                                         1984 bytes: about the 1 KiB DEBUG POPULATE wrote, in
- *                                         other size classes), pipelined 32 deep, RATE SETs a
- *                                         second (0: as fast as it goes)
+ *   redis_probe churn PORT SECONDS KEYS RATE [LAG]
+ *                                         eviction and refill: DEL RATE keys a second in
+ *                                         DEBUG POPULATE's order, SET each back LAG (15) s
+ *                                         later with its original value (0: KEYS/200 a second)
  *
  * Runs until SECONDS have passed or SIGTERM/SIGINT, then prints one JSON line. The probe's:
  * requests, p50/p99/p999/max latency in microseconds, the start (CLOCK_MONOTONIC seconds, the
@@ -162,35 +161,78 @@ static int bench(int port, double seconds, long keys, int depth) {
     return 0;
 }
 
-static int churn(int port, double seconds, long keys, double rate) {
+static int churn(int port, double seconds, long keys, double rate, double lag) {
+    /* Cache-like eviction and refill: a cursor walks the key space in DEBUG POPULATE's order
+     * (so what it frees lies together in memory) deleting RATE keys a second; the keys it
+     * deleted LAG seconds earlier are SET back with the value DEBUG POPULATE gave them
+     * ("value:N" padded with NULs to 1024 bytes). Memory stays about constant, and what was
+     * freed stays free for LAG seconds, longer than jemalloc's 10 s dirty decay: it is purged,
+     * which splits the huge pages it lies in. */
     int fd = connect_to(port);
-    static char value[2048], buf[1 << 17];
-    memset(value, 'v', sizeof value);
-    const int depth = 32;
-    size_t ops = 0;
+    static char buf[1 << 18], value[1024];
+    const int batch = 64;
+    long del_cur = 0, set_cur = 0;
+    size_t dels = 0, sets = 0;
     double t0 = now(), t = t0;
+    if (rate <= 0) rate = keys / 200.0;
     while (!stop && t - t0 < seconds) {
+        double el = t - t0;
+        long want_del = (long)(el * rate) + batch, want_set = (long)((el - lag) * rate);
+        if ((long)dels < want_del) {
+            size_t len = snprintf(buf, sizeof buf, "*%d\r\n$3\r\nDEL\r\n", batch + 1);
+            for (int i = 0; i < batch; i++) {
+                char key[32];
+                int kl = snprintf(key, sizeof key, "key:%ld", (del_cur + i) % keys);
+                len += snprintf(buf + len, sizeof buf - len, "$%d\r\n%s\r\n", kl, key);
+            }
+            write_all(fd, buf, len);
+            read_reply(fd);
+            del_cur += batch; dels += batch;
+        }
+        if ((long)sets < want_set) {
+            size_t len = 0;
+            for (int i = 0; i < batch; i++) {
+                long k = (set_cur + i) % keys;
+                char key[32];
+                int kl = snprintf(key, sizeof key, "key:%ld", k);
+                memset(value, 0, sizeof value);
+                snprintf(value, sizeof value, "value:%ld", k);
+                len += snprintf(buf + len, sizeof buf - len,
+                                "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1024\r\n", kl, key);
+                memcpy(buf + len, value, 1024); len += 1024;
+                memcpy(buf + len, "\r\n", 2); len += 2;
+            }
+            write_all(fd, buf, len);
+            for (int i = 0; i < batch; i++) read_reply(fd);
+            set_cur += batch; sets += batch;
+        }
+        if ((long)dels >= want_del && (long)sets >= want_set) {
+            struct timespec ts = {0, 5000000};
+            nanosleep(&ts, NULL);
+        }
+        t = now();
+    }
+    /* Put back every key still deleted, so that the contents are whole again. */
+    while (set_cur < del_cur) {
         size_t len = 0;
-        for (int i = 0; i < depth; i++) {
-            unsigned long k = next_rand() % (unsigned long)keys;
-            int vl = 64 + (int)(next_rand() % 1921);
+        int n = 0;
+        for (; n < batch && set_cur + n < del_cur; n++) {
+            long k = (set_cur + n) % keys;
             char key[32];
-            int kl = snprintf(key, sizeof key, "key:%lu", k);
-            len += snprintf(buf + len, sizeof buf - len, "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n",
-                            kl, key, vl);
-            memcpy(buf + len, value, vl); len += vl;
+            int kl = snprintf(key, sizeof key, "key:%ld", k);
+            memset(value, 0, sizeof value);
+            snprintf(value, sizeof value, "value:%ld", k);
+            len += snprintf(buf + len, sizeof buf - len,
+                            "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1024\r\n", kl, key);
+            memcpy(buf + len, value, 1024); len += 1024;
             memcpy(buf + len, "\r\n", 2); len += 2;
         }
         write_all(fd, buf, len);
-        for (int i = 0; i < depth; i++) read_reply(fd);
-        ops += depth;
-        t = now();
-        if (rate > 0) {
-            double due = t0 + ops / rate;
-            if (due > t) { struct timespec ts = {(time_t)(due - t), (long)((due - t - (time_t)(due - t)) * 1e9)}; nanosleep(&ts, NULL); t = now(); }
-        }
+        for (int i = 0; i < n; i++) read_reply(fd);
+        set_cur += n;
     }
-    printf("{\"sets\": %zu, \"seconds\": %.3f, \"sets_per_s\": %.0f}\n", ops, t - t0, ops / (t - t0));
+    printf("{\"deleted\": %zu, \"set_back\": %zu, \"seconds\": %.3f, \"keys_per_s\": %.0f, "
+           "\"lag_s\": %.1f}\n", dels, sets, t - t0, dels / (t - t0), lag);
     return 0;
 }
 
@@ -206,7 +248,8 @@ int main(int argc, char **argv) {
     if (keys <= 0) { fprintf(stderr, "KEYS must be > 0\n"); return 1; }
     if (!strcmp(argv[1], "probe")) return probe(port, seconds, keys);
     if (!strcmp(argv[1], "bench")) return bench(port, seconds, keys, argc > 5 ? atoi(argv[5]) : 16);
-    if (!strcmp(argv[1], "churn")) return churn(port, seconds, keys, argc > 5 ? atof(argv[5]) : 0);
+    if (!strcmp(argv[1], "churn"))
+        return churn(port, seconds, keys, argc > 5 ? atof(argv[5]) : 0, argc > 6 ? atof(argv[6]) : 15);
     fprintf(stderr, "unknown mode %s\n", argv[1]);
     return 1;
 }
