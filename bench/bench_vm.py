@@ -273,6 +273,11 @@ def report(doc: dict, args) -> list[str]:
     lines += ["", "A '—' means the level was not reached before the bound. Per run (B's "
               "coverage just before A's exit; free 2 MiB blocks before and after the exit):", ""]
     for r in doc["runs"]:
+        if "times" in r and r["b_coverage_at_exit"] > 0.1:
+            lines.append(f"- **{r['backend']}/{r['contender']} does not tell the story**: B was "
+                         f"{r['b_coverage_at_exit']:.1%} PMD-mapped before A's exit, so free "
+                         "huge pages were to be had (compaction of another process's movable "
+                         "memory, or reclaim): run nothing else meanwhile.")
         if "times" in r:
             lines.append(f"- {r['backend']}/{r['contender']}: B {r['b_coverage_at_exit']:.1%} "
                          f"before; free huge blocks {r['free_huge_blocks_before_exit']} -> "
