@@ -439,9 +439,10 @@ def report(doc: dict, args) -> list[str]:
                 f"{fmt_range(f['coverage'], '{:.1%}')} |")
         t = res["setup"].get("target", {}).get("coverage_wait")
         if t:
-            lines += ["", f"Target coverage before the rounds: {t['coverage']} after "
-                      f"{t['seconds']} s, {t['daemon_cpu_s']} s of daemon CPU"
-                      f"{' (settled)' if t['settled'] else ''}."]
+            lines += ["", f"Target coverage before the rounds: {t['coverage']}, "
+                      f"{t['daemon_cpu_s']} s of daemon CPU{' (settled)' if t['settled'] else ''}"
+                      f"; reached within {t['seconds']} s, which includes waiting for the "
+                      "machine lock (bench_stall.py measures the time to coverage)."]
         c = res["setup"].get("force", {}).get("collapse")
         if c:
             lines.append(f"`collapse --force`: {c.get('collapsed')} windows in "
