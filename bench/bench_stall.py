@@ -435,6 +435,8 @@ def main(argv=None) -> int:
                 doc["runs"].append(r)
                 if kind == "hugepaged" and "windows_per_s" in r:
                     rates.append(r["windows_per_s"])
+                doc["figures"] = figures(doc["runs"])  # kept after every run: a cut-short
+                write_results(name, doc, report(doc, args), quiet=True)  # run leaves data
     finally:
         bystander.close()
     doc["figures"] = figures(doc["runs"])

@@ -347,6 +347,8 @@ def main(argv=None) -> int:
                     r = {"contender": key, "backend": backend, "error": repr(err)[:600]}
                 r["round"] = rnd + 1
                 doc["runs"].append(r)
+                doc["figures"] = figures(doc["runs"])  # kept after every run: a cut-short
+                write_results(name, doc, report(doc, args), quiet=True)  # run leaves data
     doc["figures"] = figures(doc["runs"])
     write_results(name, doc, report(doc, args))
     return 0

@@ -39,9 +39,11 @@ def require(*modules: str, extra: str = "bench") -> None:
                  f"pip install -e '.[{extra}]' (in the repository's root)")
 
 
-def write_results(name: str, doc: dict, lines: list[str]) -> None:
-    """bench/results/NAME.json (the figures) and NAME.md (the table), and the table printed."""
+def write_results(name: str, doc: dict, lines: list[str], quiet: bool = False) -> None:
+    """bench/results/NAME.json (the figures) and NAME.md (the table), and the table printed
+    (unless quiet: the partial results a long benchmark keeps after each run)."""
     out = ROOT / "bench" / "results"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
