@@ -132,6 +132,18 @@ class Collapser:
         self.daemon = None
         self.pid = None
 
+    def register(self, redis: Redis) -> None:
+        """Kernel: before the probes start, make the kernel register Redis's mm (it does when
+        the mm maps or faults memory that is eligible: at `always` a 16 MiB DEBUG POPULATE),
+        with khugepaged asleep for an hour; the DEBUG POPULATE itself blocks Redis for up
+        to ~140 ms, which is no collapse's doing."""
+        if self.kind != "kernel":
+            return
+        H.write_knob("pages_to_scan", self.pace[0])
+        H.write_knob("scan_sleep_millisecs", 3_600_000)
+        H.write_knob("enabled", "always")
+        redis.command("DEBUG", "POPULATE", 16384, "khugepaged-registration", 1024)
+
     def start(self, redis: Redis) -> None:
         if self.kind == "hugepaged":
             self.daemon = target_daemon(self.work, [redis.pid], {"enabled": "always"},
@@ -140,17 +152,11 @@ class Collapser:
             self.pid = self.daemon.pid
             self.cpu0 = stat_cpu(self.pid)
         else:
-            pages, sleep_ms = self.pace
-            H.write_knob("pages_to_scan", pages)
-            H.write_knob("scan_sleep_millisecs", sleep_ms)
-            H.write_knob("enabled", "always")
             self.pid = find_khugepaged()
             if self.pid is None:
                 raise RuntimeError("no [khugepaged] thread at enabled=always")
             self.cpu0 = stat_cpu(self.pid)
-            # Register Redis's mm with khugepaged: it is registered when it maps or faults
-            # memory that is eligible; at `always` a little more data does it.
-            redis.command("DEBUG", "POPULATE", 16384, "khugepaged-registration", 1024)
+            H.write_knob("scan_sleep_millisecs", self.pace[1])  # wakes the thread
 
     def cpu(self) -> float:
         return stat_cpu(self.pid) - self.cpu0
@@ -189,6 +195,7 @@ def cover_run(kind: str, args, sets: dict, pace, bystander: Redis, probe_exe: st
         res["populate_s"] = round(time.monotonic() - t0, 1)
         res["anon_mib"] = round(rollup_anon(redis.pid) / 1024)
         servers = {"collapsed": redis, "bystander": bystander}
+        col.register(redis)
         probes = Probes(probe_exe, servers, args.baseline)
         time.sleep(args.baseline + 0.5)
         res["before"] = probes.stop()
@@ -287,6 +294,24 @@ def kernel_pace(rates: list[float], fixed: str | None) -> tuple[int, int]:
     return 512 * per_wake, max(1, round(1000 * per_wake / max(rate, 0.01)))
 
 
+SKIP_S = 0.5
+
+
+def worst_ms(d: dict, skip: float = SKIP_S) -> float:
+    """The worst request that started at least `skip` s into the probe: what the collapser
+    did, not what starting it did (runs before the kernel's registration was moved ahead of
+    the probes had its 16 MiB DEBUG POPULATE in their first 0.1 s). From the ten worst kept
+    (all over 10 ms), else the maximum of all when none was slow."""
+    t0 = d.get("t0", 0)
+    worst = d.get("worst", [])
+    late = [us for t, us in worst if t - t0 >= skip]
+    if late:
+        return max(late) / 1e3
+    if worst:  # every slow request kept was early: the whole seconds after
+        return max(d.get("per_second_max_us", [])[int(skip) + 1:], default=0) / 1e3
+    return d["max_us"] / 1e3
+
+
 def figures(runs: list[dict]) -> dict:
     out = {}
     for kind in ("hugepaged", "kernel"):
@@ -296,7 +321,7 @@ def figures(runs: list[dict]) -> dict:
         f = {}
         for who in ("collapsed", "bystander"):
             for when in ("during", "before"):
-                f[f"{who}_{when}_max_ms"] = summary([r[when][who]["max_us"] / 1e3 for r in rs])
+                f[f"{who}_{when}_max_ms"] = summary([worst_ms(r[when][who]) for r in rs])
                 f[f"{who}_{when}_p99_ms"] = summary([r[when][who]["p99_us"] / 1e3 for r in rs])
             f[f"{who}_during_over_50ms"] = summary([r["during"][who]["over_50ms"] for r in rs])
         f["t95_s"] = summary([r["times"].get("0.95", {}).get("s") for r in rs])
@@ -321,8 +346,8 @@ def report(doc: dict, args) -> list[str]:
              f"CPU {CLIENT_CPU}; hugepaged --set: {doc['sets'] or 'none (defaults)'}; "
              f"{args.rounds} round(s), order alternating.", "",
              "Median (min–max) over the runs. `during`: from the collapser's start until 95% "
-             "of the Redis is PMD-mapped; `before`: the same probes for "
-             f"{args.baseline:.0f} s before the collapser starts.", "",
+             "of the Redis is PMD-mapped (worst request: from 0.5 s after it); `before`: the "
+             f"same probes for {args.baseline:.0f} s before the collapser starts.", "",
              "| figure | hugepaged | kernel khugepaged, same pace |", "|---|---|---|"]
     rows = [("collapsed Redis: worst request, during (ms)", "collapsed_during_max_ms", "{:.1f}"),
             ("collapsed Redis: p99, during (ms)", "collapsed_during_p99_ms", "{:.2f}"),
@@ -360,8 +385,8 @@ def report(doc: dict, args) -> list[str]:
             continue
         d = r["during"]
         lines.append(f"| {i + 1} | {r['kind']} | {r['times'].get('0.95', {}).get('s', '—')} | "
-                     f"{r['collapser_cpu_s']} | {d['collapsed']['max_us'] / 1e3:.1f} / "
-                     f"{d['collapsed']['p99_us'] / 1e3:.2f} | {d['bystander']['max_us'] / 1e3:.1f}"
+                     f"{r['collapser_cpu_s']} | {worst_ms(d['collapsed']):.1f} / "
+                     f"{d['collapsed']['p99_us'] / 1e3:.2f} | {worst_ms(d['bystander']):.1f}"
                      f" / {d['bystander']['p99_us'] / 1e3:.2f} |")
     return lines
 
