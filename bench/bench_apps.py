@@ -60,6 +60,7 @@ from scenarios.realapps import (
     log,
     no_swap,
     parse_sets,
+    parse_target_sets,
     phase,
     pin,
     require_root,
@@ -343,7 +344,8 @@ def run_app(app_cls, args, sets: dict, work: str, locks: list) -> dict:
                                                                        *app.force_args())
                 log(f"  collapse --force: {res['setup']['force']['collapse']}")
             if "target" in keys:
-                daemon = target_daemon(work, [pids["target"]], app.target(), sets,
+                daemon = target_daemon(work, [pids["target"]],
+                                       {**app.target(), **args.target_sets}, sets,
                                        name=app.name)
                 daemon.start(timeout=60)
                 res["setup"]["target"]["daemon_sets"] = sets
@@ -466,6 +468,8 @@ def main(argv=None) -> int:
                     help="seconds to wait for the target's coverage (in two lock phases)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="passed to the hugepaged daemon (repeatable)")
+    ap.add_argument("--target-set", action="append", metavar="KEY=VALUE",
+                    help="more settings of the daemon's [[target]] (e.g. max_stall_ms=20)")
     ap.add_argument("--name")
     args = ap.parse_args(argv)
     require_root("bench_apps.py")
@@ -480,6 +484,7 @@ def main(argv=None) -> int:
     if bad:
         sys.exit(f"--apps: unknown {bad}; known: {sorted(APPS)}")
     sets = parse_sets(args.set)
+    args.target_sets = parse_target_sets(args.target_set)
     install_signals()
     name = args.name or time.strftime("%Y-%m-%d") + "-apps" + ("-quick" if q else "")
     work = tempfile.mkdtemp(prefix="hugepaged-apps-")

@@ -61,6 +61,7 @@ from scenarios.realapps import (
     log,
     no_swap,
     parse_sets,
+    parse_target_sets,
     phase,
     require_root,
     stat_cpu,
@@ -129,6 +130,7 @@ class Collapser:
 
     def __init__(self, kind: str, work: str, sets: dict, pace: tuple[int, int] | None) -> None:
         self.kind, self.work, self.sets, self.pace = kind, work, sets, pace
+        self.target_sets: dict = {}
         self.daemon = None
         self.pid = None
 
@@ -146,8 +148,9 @@ class Collapser:
 
     def start(self, redis: Redis) -> None:
         if self.kind == "hugepaged":
-            self.daemon = target_daemon(self.work, [redis.pid], {"enabled": "always"},
-                                        self.sets, name="redis")
+            self.daemon = target_daemon(self.work, [redis.pid],
+                                        {"enabled": "always", **self.target_sets}, self.sets,
+                                        name="redis")
             self.daemon.start(timeout=60)
             self.pid = self.daemon.pid
             self.cpu0 = stat_cpu(self.pid)
@@ -186,6 +189,7 @@ def cover_run(kind: str, args, sets: dict, pace, bystander: Redis, probe_exe: st
     redis = Redis()
     redis.cmd = taskset(SERVER_CPU, redis.cmd)
     col = Collapser(kind, work, sets, pace)
+    col.target_sets = args.target_sets
     probes = None
     try:
         H.write_knob("enabled", "madvise")
@@ -343,7 +347,8 @@ def report(doc: dict, args) -> list[str]:
              f"`{doc['command']}`  ",
              f"Linux {doc['machine']['kernel']}, {doc['machine']['cpus']} CPUs, code "
              f"{doc['machine']['commit']}; both Redis servers on CPU {SERVER_CPU}, probes on "
-             f"CPU {CLIENT_CPU}; hugepaged --set: {doc['sets'] or 'none (defaults)'}; "
+             f"CPU {CLIENT_CPU}; hugepaged --set: {doc['sets'] or 'none (defaults)'}, target "
+             f"extras: {getattr(args, 'target_sets', None) or 'none'}; "
              f"{args.rounds} round(s), order alternating.", "",
              "Median (min–max) over the runs. `during`: from the collapser's start until 95% "
              "of the Redis is PMD-mapped (worst request: from 0.5 s after it); `before`: the "
@@ -407,6 +412,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="hugepaged,kernel")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="passed to the hugepaged daemon (repeatable)")
+    ap.add_argument("--target-set", action="append", metavar="KEY=VALUE",
+                    help="more settings of the daemon's [[target]] (e.g. max_stall_ms=20)")
     ap.add_argument("--name")
     args = ap.parse_args(argv)
     require_root("bench_stall.py")
@@ -419,6 +426,7 @@ def main(argv=None) -> int:
     if q:
         args.bystander_mb = min(args.bystander_mb, 256)
     sets = parse_sets(args.set)
+    args.target_sets = parse_target_sets(args.target_set)
     kinds = args.kinds.split(",")
     install_signals()
     name = args.name or time.strftime("%Y-%m-%d") + "-stall" + ("-quick" if q else "")

@@ -185,6 +185,23 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def parse_target_sets(items: list[str] | None) -> dict:
+    """--target-set KEY=VALUE pairs: more settings for the benchmark's [[target]] (e.g.
+    max_stall_ms=20, on_split=leave); numbers are written as TOML numbers, the rest as
+    strings."""
+    out: dict = {}
+    for k, v in parse_sets(items).items():
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
 def summary(values: list[float]) -> dict:
     """Median and range of a list of figures (None left out)."""
     v = [x for x in values if x is not None]
