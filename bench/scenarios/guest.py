@@ -142,7 +142,7 @@ class Guest:
                 parts = line.split()
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 path = parts[5] if len(parts) > 5 else ""
-                if self.memfd and "memfd:ram" not in path:
+                if self.memfd and "/memfd:" not in path:  # "/memfd:memory-backend-memfd"
                     continue
                 if hi - lo >= want and (best is None or hi - lo < best[1] - best[0]):
                     best = (lo, hi)
