@@ -411,3 +411,19 @@ def test_building_the_command_line_loads_no_heavy_module():
             "for m in sys.modules if m.startswith(heavy)}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
+
+
+@pytest.mark.parametrize("cmd", [
+    ["run", "--page-idle", "/tmp/hugepaged-no-such-bitmap", "--config", "/nonexistent.toml"],
+    ["scan", "--proc-root", "/tmp"], ["scan", "--sys-root", "/tmp"],
+    ["collapse", "--pid", "1", "--dry-run", "--page-idle", "/etc/shadow"],
+    ["top", "--iterations", "1", "--proc-root", "/tmp"],
+    ["restore-kernel", "--sys-root", "/tmp"], ["restore-kernel", "--proc-root", "/tmp"],
+])
+def test_the_installed_command_offers_no_fixture_roots(cmd):
+    """A root command told to mark idle bits in a file of the caller's choosing wrote it, and
+    one given a 0600 file quoted it in an error: only tests/hugepaged_fixture.py has them."""
+    res = hugepaged(*cmd)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "unrecognized arguments" in res.stderr and "Traceback" not in res.stderr
+    assert not os.path.exists("/tmp/hugepaged-no-such-bitmap")

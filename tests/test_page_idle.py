@@ -13,6 +13,7 @@ mark one window only, whose words no other write touches.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 
 from hugepaged.kernel.pageidle import PageIdle, open_page_idle
 
-from .daemon_runner import Daemon, hugepaged_cli, settled
+from .daemon_runner import Daemon, settled
 from .helpers import (
     HPAGE,
     KHUGEPAGED_PAUSED,
@@ -32,12 +33,19 @@ from .helpers import (
     pmd_mapped_windows,
     saved_thp,
 )
+from .hugepaged_fixture import fixture_command
 from .marks import kernel_test
 
 PFN_MASK = (1 << 55) - 1
 PRESENT = 1 << 63
 BITMAP_BYTES = 4 << 20  # PFNs up to 2**25: 128 GiB of RAM, more than this machine has
 FAST = {"enabled": "madvise", "max_cpu_percent": 0, "scan_sleep_millisecs": 0}
+
+
+def fixture_cli(*args: str) -> subprocess.CompletedProcess:
+    """`hugepaged ARGS...` with --page-idle, which only the tests' entry point offers."""
+    return subprocess.run(fixture_command(*args), capture_output=True, text=True, timeout=60,
+                          cwd="/", stdin=subprocess.DEVNULL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def test_scan_agrees_with_khugepaged_on_a_cold_window(tmp_path):
             drain_lru()  # MADV_COLD deactivates through a per-CPU batch
             set_bits(path, frames(w, "cold") + frames(w, "warm"), idle=True)
             before = path.read_bytes()
-            res = hugepaged_cli("scan", "--pid", str(w.pid), "--json", "--page-idle", str(path))
+            res = fixture_cli("scan", "--pid", str(w.pid), "--json", "--page-idle", str(path))
             assert res.returncode == 0, res.stderr
             doc = json.loads(res.stdout)
             assert doc["referenced_known"] is True
@@ -135,7 +143,7 @@ def test_scan_agrees_with_khugepaged_on_a_cold_window(tmp_path):
             assert results.get("LACK_REFERENCED_PAGE") == 1, results
             assert results.get("SUCCEED", 0) >= 1, results
             assert path.read_bytes() == before  # scan marked nothing
-            text = hugepaged_cli("scan", "--pid", str(w.pid), "--page-idle", str(path))
+            text = fixture_cli("scan", "--pid", str(w.pid), "--page-idle", str(path))
             assert "referenced: from idle page tracking" in text.stdout
 
             # The kernel's khugepaged: it collapses the warm window and leaves the cold one.
@@ -144,7 +152,7 @@ def test_scan_agrees_with_khugepaged_on_a_cold_window(tmp_path):
             assert mapped(w, "cold") == [False]
             w.verify()
 
-            res = hugepaged_cli("collapse", "--pid", str(w.pid), "--page-idle", str(path))
+            res = fixture_cli("collapse", "--pid", str(w.pid), "--page-idle", str(path))
             assert res.returncode == 0, res.stderr
             assert mapped(w, "cold") == [True]
             w.verify()
@@ -166,7 +174,7 @@ def test_daemon_marks_what_it_leaves_and_skips_it_until_touched(tmp_path):
         # Visit 1: the full windows collapse (never marked, and PG_referenced); the sparse
         # one (MADV_COLD: PG_referenced cleared) fails on its empty PTEs and is marked.
         with Daemon(pids=[w.pid], sets={**FAST, "max_ptes_none": 64},
-                    args=["--page-idle", str(path)]) as d:
+                    args=["--page-idle", str(path)], command=fixture_command()) as d:
             assert d.status()["referenced_source"] == "page_idle"
             st = d.wait_for(lambda st: settled(st, w.pid), timeout=30, what="first visit")
             assert st["results"].get("EXCEED_NONE_PTE", 0) >= 1

@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None,
+         parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; `parser` is build_parser()'s unless a caller extends it (the tests'
+    fixture entry point adds fixture roots the installed command does not offer)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     args.parser = parser  # completion and manpage describe it (without importing this module)
     try:

@@ -16,10 +16,6 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="assignments", action="append", default=[],
                    metavar="KEY=VALUE", help="set a tunable for this run (repeatable); "
                    f"keys: {', '.join(SPECS)}")
-    p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
-    p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
-    # The idle page tracking bitmap alone, for tests on a kernel without it (a fixture file).
-    p.add_argument("--page-idle", default="", help=argparse.SUPPRESS)
 
 
 def add_socket(p: argparse.ArgumentParser) -> None:
@@ -28,9 +24,13 @@ def add_socket(p: argparse.ArgumentParser) -> None:
 
 
 def kernel_of(args: argparse.Namespace) -> "Kernel":
+    """The running kernel. The installed command has no option to point it elsewhere (a root
+    daemon told to write a file of the caller's choosing is a hole): tests that need fixture
+    roots run tests/hugepaged_fixture.py, whose parser sets proc_root, sys_root, page_idle."""
     from hugepaged.kernel import Kernel
 
-    return Kernel(proc_root=args.proc_root, sys_root=args.sys_root,
+    return Kernel(proc_root=getattr(args, "proc_root", "/proc"),
+                  sys_root=getattr(args, "sys_root", "/sys"),
                   page_idle_path=getattr(args, "page_idle", ""))
 
 

@@ -13,8 +13,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "that could not restore them (e.g. after SIGKILL); only knobs "
                             "still at the quiet values are written")
     p.add_argument("--state-file", default=STATE_FILE, help="(default %(default)s)")
-    p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
-    p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
