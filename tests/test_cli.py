@@ -427,3 +427,27 @@ def test_the_installed_command_offers_no_fixture_roots(cmd):
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "unrecognized arguments" in res.stderr and "Traceback" not in res.stderr
     assert not os.path.exists("/tmp/hugepaged-no-such-bitmap")
+
+
+THREADED = ("import threading, time, os, sys\n"
+            "t = threading.Thread(target=time.sleep, args=(60,), daemon=True); t.start()\n"
+            "print(t.native_id, flush=True); sys.stdin.read()\n")
+
+
+@pytest.mark.parametrize("cmd", [["scan"], ["collapse", "--dry-run"], ["top", "--iterations", "1"],
+                                 ["run", "--config", "/nonexistent.toml"]], ids=lambda c: c[0])
+def test_pid_of_a_thread_or_a_kernel_thread_says_what_it_is(cmd):
+    """Once: `collapse --pid TID` and `--pid 2` said "process has exited", `scan --pid TID`
+    showed the thread as a process."""
+    proc = subprocess.Popen([sys.executable, "-c", THREADED], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        tid = int(proc.stdout.readline())
+        res = hugepaged(cmd[0], "--pid", str(tid), *cmd[1:])
+        assert_one_line_error(res, 2, f"--pid {tid}: a thread of process {proc.pid}, not a "
+                                      f"process (give --pid {proc.pid})")
+    finally:
+        proc.kill()
+        proc.wait()
+    res = hugepaged(cmd[0], "--pid", "2", *cmd[1:])
+    assert_one_line_error(res, 2, "--pid 2: kthreadd is a kernel thread")

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -203,6 +204,119 @@ def test_client_errors(served, tmp_path):
     with pytest.raises(InvalidTunable, match="unknown key"):
         client_request(srv.path, {"cmd": "get", "key": "bogus"})
     assert client_request(srv.path, {"cmd": "get", "key": "enabled"})["value"] == "madvise"
+
+
+# --------------------------------------------------------------------------------------------
+# Whatever answers on the socket path: the client checks the reply like any other input
+
+
+@contextlib.contextmanager
+def fake_daemon(reply: bytes):
+    """A Unix socket that answers every request with `reply` (raw bytes), then closes."""
+    where = tempfile.mkdtemp(prefix="hugepaged-fake-")
+    path = os.path.join(where, "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    listener.settimeout(0.02)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+MALFORMED_REPLIES = [
+    b"", b"garbage\n", b"\xff\xfe\n", b"[]\n", b"null\n", b"7\n", b'"ok"\n',
+    b"[" * 100000 + b"\n", b"{}\n", b'{"ok": "yes"}\n', b'{"ok": true}\n',
+    b'{"ok": true, "value": null, "status": null}\n',
+    b'{"ok": true, "value": [1], "status": []}\n',
+    b'{"ok": true, "value": true, "status": {"tunables": {}}}\n',
+    b'{"ok": false, "error": {"x": 1}}\n', b'{"ok": false, "error": "x", "kind": 3}\n',
+]
+
+
+@pytest.mark.parametrize("reply", MALFORMED_REPLIES, ids=range(len(MALFORMED_REPLIES)))
+@pytest.mark.parametrize("cmd", [["status"], ["status", "--json"], ["get", "max_ptes_none"],
+                                 ["set", "max_ptes_none", "5"]], ids=" ".join)
+def test_a_malformed_reply_is_a_one_line_error(capsys, cmd, reply):
+    """Tracebacks once (AttributeError on `[]`, KeyError on `{"ok": true}`, RecursionError):
+    now exit 6 with one line naming the socket."""
+    with fake_daemon(reply) as path:
+        code = cli_main([*cmd, "--socket", path])
+    out, err = capsys.readouterr()
+    assert code == 6, (code, out, err)
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"hugepaged: {path}: "), err
+
+
+def test_a_status_missing_what_the_text_needs_is_a_one_line_error(capsys):
+    with fake_daemon(b'{"ok": true, "status": {"tunables": {}, "counters": {}}}\n') as path:
+        code = cli_main(["status", "--socket", path])
+    _, err = capsys.readouterr()
+    assert code == 6 and err.startswith(f"hugepaged: {path}: malformed status"), err
+
+
+def test_get_prints_the_value_as_data(capsys):
+    """An escape sequence or a newline in a value is printed escaped, as names are."""
+    with fake_daemon(b'{"ok": true, "value": "\\u001b[2Jred\\nline\\u0007"}\n') as path:
+        assert cli_main(["get", "enabled", "--socket", path]) == 0
+    out, _ = capsys.readouterr()
+    assert out == "\\x1b[2Jred\\x0aline\\x07\n"
+    with fake_daemon(b'{"ok": false, "error": "no\\nway\\u001b[31m"}\n') as path:
+        assert cli_main(["get", "enabled", "--socket", path]) == 6
+    _, err = capsys.readouterr()
+    assert err == "hugepaged: no\\x0away\\x1b[31m\n"
+
+
+def test_a_reply_that_never_ends_is_cut_off(monkeypatch):
+    """A server that trickles bytes without a newline cannot hold the client past its
+    deadline (each read alone would have reset the timeout)."""
+    from hugepaged.control import client as client_mod
+
+    monkeypatch.setattr(client_mod, "DEADLINE", 1.0)
+    where = tempfile.mkdtemp(prefix="hugepaged-fake-")
+    path = os.path.join(where, "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn, contextlib.suppress(OSError):
+            for _ in range(40):
+                conn.sendall(b"{")
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DaemonUnreachable, match="no whole reply within 1 s"):
+            client_request(path, {"cmd": "status"})
+    finally:
+        listener.close()
+        thread.join(5)
+        shutil.rmtree(where, ignore_errors=True)
+    assert time.monotonic() - t0 < 2.5
 
 
 # --------------------------------------------------------------------------------------------

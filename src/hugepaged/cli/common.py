@@ -41,11 +41,27 @@ def tunables_of(args: argparse.Namespace, kernel: "Kernel", *layers: dict) -> Tu
 
 
 def check_pids(kernel: "Kernel", pids: list[int]) -> list[int]:
-    """--pid values a process can have: 1 .. pid_max-1 (the kernel's bound, read live)."""
+    """--pid values that name a process: 1 .. pid_max-1 (the kernel's bound, read live), and
+    not a thread id of another process or a kernel thread (both once said "process has
+    exited"). A pid that cannot be read is left to the command (it says gone)."""
+    from hugepaged.errors import HugepagedError
+    from hugepaged.names import printable
+
     top = kernel.procfs.pid_max()
     for pid in pids:
         if not 0 < pid < top:
             raise UsageError(f"--pid {pid}: not a process id (1..{top - 1})")
+        try:
+            st = kernel.procfs.stat(pid)
+            tgid = kernel.procfs.status(pid).tgid
+        except (HugepagedError, OSError, ValueError, IndexError):
+            continue
+        if st.is_kernel_thread:
+            raise UsageError(f"--pid {pid}: {printable(st.comm)} is a kernel thread "
+                             "(no user memory to collapse)")
+        if tgid and tgid != pid:
+            raise UsageError(f"--pid {pid}: a thread of process {tgid}, not a process "
+                             f"(give --pid {tgid})")
     return pids
 
 

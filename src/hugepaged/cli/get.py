@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_socket(args.socket)
     from hugepaged.control.client import request
+    from hugepaged.names import printable
 
-    print(request(args.socket, {"cmd": "get", "key": args.key})["value"])
+    # Data, not terminal input: whatever holds the socket may send control characters.
+    print(printable(str(request(args.socket, {"cmd": "get", "key": args.key})["value"])))
     return 0

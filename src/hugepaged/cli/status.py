@@ -20,6 +20,12 @@ def run(args: argparse.Namespace) -> int:
     status = request(args.socket, {"cmd": "status"})["status"]
     if args.json:
         report.print_json(status)
-    else:
+        return 0
+    try:
         report.print_status(status)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        from hugepaged.errors import DaemonUnreachable
+
+        raise DaemonUnreachable(f"{args.socket}: malformed status: {type(err).__name__}: "
+                                f"{err}") from None
     return 0
