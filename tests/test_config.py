@@ -60,6 +60,8 @@ def test_a_full_file_parses():
     ('log_level = 3\n', 1, "log_level: expected a str"),
     ('log_level = "loud"\n', 1, "log_level: one of debug, info, warning, error"),
     ('metrics_top_processes = "x"\n', 1, "expected a int"),
+    ('socket_group_may_set = "yes"\n', 1, "socket_group_may_set: expected a boolean"),
+    ('socket_group_may_set = 1\n', 1, "socket_group_may_set: expected a boolean"),
     ('max_ptes_none = 1\n\n[khugepaged]\npages_to_scan = 1\n', 3, "unknown key 'khugepaged'"),
     ('"quoted" = 1\n', 1, "unknown key 'quoted'"),
     ('a.b = 1\n', 1, "unknown key 'a'"),

@@ -384,6 +384,37 @@ def test_run_as_non_root_exits_3_with_one_line(tmp_path):
     assert not (tmp_path / "s.sock").exists()
 
 
+@needs_root
+@pytest.mark.parametrize("may_set", [False, True])
+def test_socket_group_reads_and_sets_only_when_allowed(tmp_path, may_set):
+    """A member of socket_group could once `set kernel_khugepaged quiet` or lift the CPU cap:
+    now the group reads (status, get) and only root sets, unless socket_group_may_set."""
+    config = tmp_path / "hugepaged.toml"
+    config.write_text(f'socket_group = "{grp.getgrgid(NOBODY).gr_name}"\n'
+                      f"socket_group_may_set = {str(may_set).lower()}\n")
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        with Daemon(pids=[sleeper.pid], config=str(config)) as d:
+            before = d.get("max_cpu_percent")
+            code, out = as_nobody(lambda: cli_main(["get", "max_cpu_percent",
+                                                    "--socket", d.socket]))
+            assert (code, out) == (0, f"{before}\n")
+            code, out = as_nobody(lambda: cli_main(["status", "--json", "--socket", d.socket]))
+            assert code == 0 and json.loads(out)["pid"] == d.pid, out
+            code, out = as_nobody(lambda: cli_main(["set", "max_cpu_percent", "0",
+                                                    "--socket", d.socket]))
+            if may_set:
+                assert (code, out) == (0, "") and d.get("max_cpu_percent") == 0
+            else:
+                assert code == 6, out
+                assert out.startswith("hugepaged: permission denied: only root may set"), out
+                assert out.count("\n") == 1 and d.get("max_cpu_percent") == before
+            assert d.set("max_cpu_percent", 7)["ok"]  # root sets either way
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # --------------------------------------------------------------------------------------------
 # The real daemon
 

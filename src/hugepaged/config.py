@@ -227,8 +227,9 @@ def _tunable(key: str, value: object, where: str) -> str:
 
 def _option(key: str, value: object, where: str) -> object:
     opt = OPTIONS[key]
-    if not isinstance(value, opt.type) or isinstance(value, bool):
-        raise ConfigError(f"{where}: {key}: expected a {opt.type.__name__}")
+    if not isinstance(value, opt.type) or (isinstance(value, bool) and opt.type is not bool):
+        what = "boolean (true or false)" if opt.type is bool else opt.type.__name__
+        raise ConfigError(f"{where}: {key}: expected a {what}")
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{where}: {key}: one of {', '.join(opt.choices)}")
     if opt.range and not opt.range[0] <= value <= opt.range[1]:  # type: ignore[operator]

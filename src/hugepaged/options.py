@@ -37,6 +37,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            doc="control socket path"),
     Option("socket_group", str, doc="a group whose members may use the control socket "
                                     "(mode 0660); default: root only (0600)"),
+    Option("socket_group_may_set", bool, False,
+           doc="members of socket_group may also set tunables (default: they may read: "
+               "status, get; only root sets)"),
     Option("metrics", str, flag=True, metavar="HOST:PORT",
            doc="serve Prometheus metrics (a bare PORT or :PORT binds 127.0.0.1)"),
     Option("metrics_top_processes", int, 20, range=(0, 100000), flag=True, metavar="N",

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
                       state_file=args.state_file)
     require_collapse_support(kernel)
     setup_logging(service.options.log_format, service.options.log_level)
-    control = ControlServer(service.options.socket, service, service.options.socket_group)
+    control = ControlServer(service.options.socket, service, service.options.socket_group,
+                            group_may_set=service.options.socket_group_may_set)
     metrics = None
     notifier = SdNotify.from_environ()
     try:

@@ -48,10 +48,14 @@ class _Conn:
 
 
 class ControlServer:
-    """A listening Unix socket, mode 0600 (0660 with a group), root or that group only."""
+    """A listening Unix socket, mode 0600 (0660 with a group): root may read and set; the
+    group's members may read (status, get), and set only with socket_group_may_set, since a
+    set can quiet the kernel's khugepaged or lift the CPU cap (max_cpu_percent = 0)."""
 
-    def __init__(self, path: str, target: Controlled, group: str | None = None) -> None:
+    def __init__(self, path: str, target: Controlled, group: str | None = None,
+                 group_may_set: bool = False) -> None:
         self.path, self.target = check_socket_path(path), target
+        self.group_may_set = group_may_set
         try:
             self.gid = grp.getgrnam(group).gr_gid if group else None
         except KeyError:
@@ -244,15 +248,27 @@ class ControlServer:
             os.close(fd)
 
     # --- one request ---------------------------------------------------------------------
-    def allowed(self, conn: socket.socket) -> bool:
+    def allowed(self, conn: socket.socket) -> str | None:
+        """The peer's role: "set" (root; socket_group too with socket_group_may_set), "read"
+        (socket_group: status and get), None (refused)."""
         _, uid, gids = peer_credentials(conn)
-        return uid == 0 or (self.gid is not None and self.gid in gids)
+        if uid == 0:
+            return "set"
+        if self.gid is not None and self.gid in gids:
+            return "set" if self.group_may_set else "read"
+        return None
 
     def answer(self, conn: socket.socket, data: bytes) -> dict[str, Any]:
         try:
-            if not self.allowed(conn):
+            role = self.allowed(conn)
+            if role is None:
                 return {"ok": False, "error": "permission denied", "kind": "denied"}
-            return self.dispatch(decode_request(data))
+            msg = decode_request(data)
+            if msg["cmd"] == "set" and role != "set":
+                return {"ok": False, "kind": "denied", "error": "permission denied: only root "
+                        "may set (socket_group members read; socket_group_may_set = true "
+                        "lets them set)"}
+            return self.dispatch(msg)
         except InvalidTunable as err:  # refused as sysfs refuses: the client exits 2
             return {"ok": False, "error": str(err), "kind": "invalid"}
         except (ProtocolError, HugepagedError) as err:
