@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hugepaged import config as config_mod
-from hugepaged.config import ConfigError, load_config, parse_config
+from hugepaged.config import ConfigError, check_pattern, load_config, parse_config
 from hugepaged.daemon.service import Service
 from hugepaged.errors import InvalidTunable
 from hugepaged.kernel import Kernel
@@ -220,3 +220,66 @@ def test_sighup_reloads_and_refuses_a_broken_file(tmp_path):
         assert st["tunables"]["scan_sleep_millisecs"] == 1000
         time.sleep(0.1)
         assert d.alive()
+
+
+# --------------------------------------------------------------------------------------------
+# A comm pattern is matched against names any user chooses: bounded at load (regex_bound)
+
+SLOW_PATTERNS = {
+    r"^(((a+)+)+)+$": "nested quantifiers",  # 11.9 s on 'aaaaaaaaaaaaaa!' once
+    r"^(a+)+$": "nested quantifiers",
+    "a*" * 8 + "$": "quantifiers or alternatives that can match the same characters",
+    r"^(a|a?)+$": "quantifiers or alternatives that can match the same characters",
+    "(?:){100000}": "quantifiers or alternatives",
+}
+USUAL_PATTERNS = [r"^redis-server$", r"(postgres|redis-server)", r"qemu-.*", r"^java$",
+                  r"^kworker/\d+:\d+", r"[a-z]+-[0-9]+", r"^(\w+-)*\w+$", r".*foo.*bar.*",
+                  r"^(?:python3?|node|ruby)(\.\d+)?$", r"^(a|aa)+$", r"a{1000}"]
+
+
+@pytest.mark.parametrize("pattern", list(SLOW_PATTERNS))
+@pytest.mark.parametrize("where", ["exclude_comm", "target"])
+def test_a_pattern_that_can_backtrack_long_is_refused_at_load(pattern, where):
+    text = (f"exclude_comm = '{pattern}'\n" if where == "exclude_comm" else
+            f"[[target]]\nname = 'x'\ncomm = '{pattern}'\n")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "/etc/hugepaged/hugepaged.toml")
+    assert time.monotonic() - t0 < 1
+    msg = str(exc.value)
+    assert "\n" not in msg and exc.value.exit_status == 2
+    assert f"line {1 if where == 'exclude_comm' else 3}" in msg, msg
+    assert "could backtrack more than 1,000,000 steps on a 15-character name" in msg, msg
+    assert SLOW_PATTERNS[pattern] in msg, msg
+
+
+@pytest.mark.parametrize("pattern", USUAL_PATTERNS)
+def test_usual_patterns_are_accepted_and_match_fast(pattern):
+    cfg = parse_config(f"exclude_comm = '{pattern}'\n[[target]]\nname = 'x'\n"
+                       f"comm = '{pattern}'\n", "/etc/hugepaged/hugepaged.toml")
+    target = cfg.targets[0]
+    compiled = check_pattern(pattern)
+    for k in range(16):
+        for last in ("!", "-", "b", ""):
+            name = ("a" * k + last)[:15]
+            t0 = time.perf_counter()
+            target._comm_re.search(name)
+            compiled.fullmatch(name)
+            # not a benchmark: a backtracking blow-up takes seconds, these microseconds
+            assert time.perf_counter() - t0 < 0.5, (pattern, name)
+
+
+def test_the_bound_counts_what_backtracking_can_walk():
+    """Hand-counted cases: a literal is a step per start position; `a*` tries every length;
+    stacked and nested repeats multiply; an alternation adds."""
+    from hugepaged.regex_bound import COMM_CHARS, TooCostly, steps
+
+    starts = COMM_CHARS + 1
+    assert steps("a") == starts
+    assert steps("ab") == 2 * starts  # each partial path tries the next item
+    assert steps("a|b") == 2 * starts
+    assert steps("a*") == 15 * starts  # a step per iteration, 15 at most
+    assert steps("a*a*") > 8 * steps("a*")
+    assert steps("(?:a+)+") > 1000 * steps("a+")
+    with pytest.raises(TooCostly):
+        steps(r"^(((a+)+)+)+$", limit=10**9)

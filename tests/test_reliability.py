@@ -60,6 +60,27 @@ def test_a_malformed_config_is_refused_at_start_with_one_line(tmp_path, name):
     assert str(path) in line and words in line, line
 
 
+@needs_root
+def test_a_target_pattern_that_backtracks_for_seconds_is_refused_at_start(tmp_path):
+    """Once: a target `^(((a+)+)+)+$` and a process named `aaaaaaaaaaaaaa!` held the daemon's
+    loop 11.9 s per match (33 s without a watchdog ping)."""
+    path = tmp_path / "h.toml"
+    path.write_text("[[target]]\nname = 'a'\ncomm = '^(((a+)+)+)+$'\n")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        t0 = time.monotonic()
+        r = hugepaged_cli("run", "--config", str(path), "--socket", str(tmp_path / "s.sock"),
+                          "--pid", str(sleeper.pid), "--state-file", str(tmp_path / "st.json"),
+                          timeout=20)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    line = one_line_error(r)
+    assert time.monotonic() - t0 < 5
+    assert f"{path}, line 3: target a: comm: regular expression" in line, line
+    assert "nested quantifiers" in line, line
+
+
 def test_a_fifo_or_a_device_as_config_is_refused_at_once(tmp_path):
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)

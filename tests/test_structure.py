@@ -25,7 +25,7 @@ LAYERS = [
                     "hugepaged.results", "hugepaged.options")),
     ("kernel", ("hugepaged.kernel",)),
     ("policy", ("hugepaged.policy", "hugepaged.tunables", "hugepaged.targets",
-                "hugepaged.config", "hugepaged.preflight")),
+                "hugepaged.config", "hugepaged.preflight", "hugepaged.regex_bound")),
     ("scan", ("hugepaged.scan",)),
     ("collapse", ("hugepaged.collapse",)),
     ("daemon", ("hugepaged.daemon",)),

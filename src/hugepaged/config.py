@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from hugepaged import paths
 from hugepaged.errors import HugepagedError, InvalidTunable
 from hugepaged.options import OPTIONS, DaemonOptions
+from hugepaged.regex_bound import compile_bounded
 from hugepaged.targets import KEYS as TARGET_KEYS
 from hugepaged.targets import (
     MATCH_KEYS,
@@ -109,9 +110,11 @@ def _target_value(key: str, value: object) -> object:
             raise ValueError(f"comm: regular expression too long ({len(value)} characters, "
                              f"at most {MAX_PATTERN})")
         try:
-            re.compile(value)
+            compile_bounded(value)  # a name is anyone's input: refuse what backtracks long
         except (re.error, RecursionError, OverflowError) as err:
             raise ValueError(f"comm: invalid regular expression {value!r}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"comm: {err}") from None
         return value
     if key in ("exe", "cgroup"):
         if not isinstance(value, str) or not value.startswith("/"):
@@ -188,9 +191,11 @@ def check_pattern(pattern: str, where: str = "exclude_comm") -> re.Pattern:
         raise ConfigError(f"{where}: regular expression too long ({len(pattern)} characters, "
                           f"at most {MAX_PATTERN})")
     try:
-        return re.compile(pattern)
+        return compile_bounded(pattern)  # a name is anyone's input: refuse what backtracks long
     except (re.error, RecursionError, OverflowError) as err:
         raise ConfigError(f"{where}: invalid regular expression: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _loads(text: str, path: str) -> dict:

@@ -16,6 +16,7 @@ from functools import cached_property
 from hugepaged.errors import HugepagedError
 from hugepaged.kernel.procfs import ProcFS
 from hugepaged.policy import CollapseControl
+from hugepaged.regex_bound import COMM_CHARS, compile_bounded
 from hugepaged.tunables import SPECS, TARGET_KEYS
 
 MATCH_KEYS = ("comm", "exe", "cgroup", "pid")
@@ -38,7 +39,8 @@ class _Target:
 
     def __post_init__(self) -> None:
         if self.comm is not None and self._comm_re is None:
-            object.__setattr__(self, "_comm_re", re.compile(self.comm))
+            # Bounded: one search of a name takes at most regex_bound.MAX_STEPS steps.
+            object.__setattr__(self, "_comm_re", compile_bounded(self.comm))
 
     def matches(self, proc: "ProcessFacts") -> bool:
         """AND of the keys given; exe and cgroup are read only when asked for. A pid names
@@ -46,7 +48,8 @@ class _Target:
         same number (ProcessFacts.same_process)."""
         if self.pid is not None and (proc.pid not in self.pid or not proc.same_process()):
             return False
-        if self._comm_re is not None and not self._comm_re.search(proc.comm):
+        # A comm is at most COMM_CHARS characters: the length the pattern's bound holds for.
+        if self._comm_re is not None and not self._comm_re.search(proc.comm[:COMM_CHARS]):
             return False
         if self.exe is not None and proc.exe != self.exe:
             return False
