@@ -6,7 +6,9 @@ sees (exit status, stderr, stdout) and that the daemon is still there afterwards
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -523,6 +525,207 @@ def test_recovery_writes_back_only_knobs_still_quiet(tmp_path):
         KernelQuieter(thp, state).quiet()
     live.restore()
     assert thp.read("pages_to_scan") == 4096 and not os.path.exists(state)
+
+
+# --------------------------------------------------------------------------------------------
+# 7b. The state file and the lock files: hostile shapes and paths another user can change
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def fixture_thp(root: Path, pages_to_scan: int = 1, scan_sleep_millisecs: int = 2**32 - 1):
+    """A fixture sysfs with the kernel's khugepaged at these values (quiet by default)."""
+    from hugepaged.kernel.sysfs import ThpSysfs
+
+    d = root / "sys" / "kernel" / "mm" / "transparent_hugepage" / "khugepaged"
+    d.mkdir(parents=True)
+    (d.parent / "enabled").write_text("always [madvise] never\n")
+    for k, v in {"pages_to_scan": pages_to_scan,
+                 "scan_sleep_millisecs": scan_sleep_millisecs}.items():
+        (d / k).write_text(f"{v}\n")
+    return ThpSysfs(str(root / "sys"))
+
+
+def shared_dir() -> Path:
+    """A fresh directory under /tmp that user nobody can reach (pytest's tmp_path is 0700)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="hugepaged-hostile-"))
+    d.chmod(0o755)
+    return d
+
+
+def _bad_state(kind: str, where: Path) -> Path:
+    path = where / "state.json"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        (where / "elsewhere.json").write_text("{}")  # nothing to write back, if followed
+        path.symlink_to(where / "elsewhere.json")
+    return path
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_a_state_file_that_is_not_a_regular_file_is_refused_with_one_line(tmp_path, kind):
+    """Once: a traceback on every start (a directory), or no READY and a `restore-kernel`
+    that hung (a FIFO: opened for a blocking read)."""
+    from .hugepaged_fixture import fixture_command
+
+    state = _bad_state(kind, tmp_path)
+    thp = fixture_thp(tmp_path / "fixture")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        t0 = time.monotonic()
+        r = hugepaged_cli("run", "--socket", str(tmp_path / "s.sock"), "--state-file",
+                          str(state), "--pid", str(sleeper.pid), timeout=20)
+        line = one_line_error(r)
+        assert time.monotonic() - t0 < 10
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    words = {"directory": "a directory", "fifo": "a FIFO", "symlink": "a symbolic link"}
+    assert f"{state}: {words[kind]}, not a regular file" in line, line
+    r = subprocess.run(fixture_command("restore-kernel", "--state-file", str(state),
+                                       "--sys-root", thp.sys_root), capture_output=True,
+                       text=True, timeout=20)
+    assert one_line_error(r) == line
+    assert thp.read("pages_to_scan") == 1  # nothing written back
+    if kind == "symlink":
+        assert (tmp_path / "elsewhere.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(("content", "restored"), [
+    (b"1e999", {}), (b'{"pages_to_scan": 1e999}', {}), (b"[1, 2]", {}), (b"", {}),
+    (b"\xff\xfe{", {}), (b'{"pages_to_scan": true, "scan_sleep_millisecs": -1}', {}),
+    (b'{"pages_to_scan": 0, "scan_sleep_millisecs": 4294967296}', {}),
+    (b'{"pages_to_scan": "4096", "scan_sleep_millisecs": 10000}',
+     {"scan_sleep_millisecs": 10000}),
+    (b'{"pages_to_scan": 4096, "scan_sleep_millisecs": 10000}',
+     {"pages_to_scan": 4096, "scan_sleep_millisecs": 10000}),
+])
+def test_a_state_file_value_the_kernel_could_not_have_is_never_written_back(
+        tmp_path, content, restored):
+    from hugepaged.daemon.kernel_quiet import KernelQuieter
+
+    thp = fixture_thp(tmp_path)
+    state = tmp_path / "run" / "state.json"
+    state.parent.mkdir()
+    state.write_bytes(content)
+    assert KernelQuieter(thp, str(state)).recover() is bool(restored)
+    quiet = {"pages_to_scan": 1, "scan_sleep_millisecs": 2**32 - 1}
+    assert {k: thp.read(k) for k in quiet} == {**quiet, **restored}
+    assert not state.exists()
+
+
+@needs_root
+def test_the_state_file_is_replaced_atomically_and_never_through_a_symlink(tmp_path):
+    """Once: user nobody put a symlink at the state path in a world-writable (sticky)
+    directory and the quieting daemon, as root, wrote through it into a root-only file."""
+    from hugepaged.daemon.kernel_quiet import KernelQuieter
+    from hugepaged.errors import HugepagedError
+
+    thp = fixture_thp(tmp_path, pages_to_scan=4096, scan_sleep_millisecs=10000)
+    shared = shared_dir()
+    try:
+        public = shared / "public"
+        public.mkdir(mode=0o1777)
+        public.chmod(0o1777)
+        secret = tmp_path / "secret"
+        secret.write_text("root's\n")
+        secret.chmod(0o600)
+        subprocess.run([*AS_NOBODY, "ln", "-s", str(secret), str(public / "state.json")],
+                       check=True)
+        with pytest.raises(HugepagedError, match="a symbolic link, not a regular file"):
+            KernelQuieter(thp, str(public / "state.json")).quiet()
+        assert secret.read_text() == "root's\n" and thp.read("pages_to_scan") == 4096
+        # A state file of its own there is fine: written whole by rename, removed at restore.
+        q = KernelQuieter(thp, str(public / "mine.json"))
+        q.quiet()
+        st = os.stat(public / "mine.json")
+        assert st.st_uid == 0 and st.st_mode & 0o777 == 0o600
+        assert json.loads((public / "mine.json").read_text())["pages_to_scan"] == 4096
+        assert not [p for p in public.iterdir() if p.name.endswith(".tmp")]
+        q.restore()
+        assert not (public / "mine.json").exists() and thp.read("pages_to_scan") == 4096
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.parametrize("what", ["state", "socket"])
+def test_paths_in_a_directory_another_user_can_change_are_refused(tmp_path, what):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for mode, owner, words in [(0o777, 0, "is writable by every user without the sticky "
+                                    "bit"),
+                                   (0o755, 65534, "belongs to uid 65534")]:
+            d = tmp_path / f"d{mode:o}{owner}"
+            d.mkdir()
+            d.chmod(mode)
+            os.chown(d, owner, owner)
+            paths = {"state": (str(tmp_path / "s.sock"), str(d / "state.json")),
+                     "socket": (str(d / "s.sock"), str(tmp_path / "state.json"))}[what]
+            r = hugepaged_cli("run", "--socket", paths[0], "--state-file", paths[1],
+                              "--pid", str(sleeper.pid), timeout=20)
+            line = one_line_error(r)
+            assert f"{d} {words}" in line, line
+            assert list(d.iterdir()) == []  # nothing created there
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@needs_root
+def test_a_lock_names_its_real_holder_and_one_of_another_user_is_refused(tmp_path):
+    """Once: user nobody created the state file's lock in a sticky /tmp-like directory, held
+    it and wrote "1" in it: the daemon would not start and blamed pid 1."""
+    from hugepaged.daemon.kernel_quiet import KernelQuieter
+    from hugepaged.errors import AlreadyRunning, HugepagedError
+
+    thp = fixture_thp(tmp_path, pages_to_scan=4096, scan_sleep_millisecs=10000)
+    shared = shared_dir()
+    holders = []
+    try:
+        public = shared / "public"
+        public.mkdir()
+        public.chmod(0o1777)
+        lock = public / "state.json.lock"
+        holders.append(subprocess.Popen(
+            [*AS_NOBODY, "sh", "-c", f'echo 1 > {lock} && exec flock {lock} sleep 60']))
+        deadline = time.monotonic() + 10
+        while str(lock.stat().st_ino if lock.exists() else "") not in \
+                Path("/proc/locks").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(HugepagedError, match="belongs to uid 65534, not to uid 0"):
+            KernelQuieter(thp, str(public / "state.json")).quiet()
+        assert thp.read("pages_to_scan") == 4096
+        # A lock file of root's, held by another root process: that process is named.
+        mine = tmp_path / "mine.json.lock"
+        mine.write_text("1\n")
+        mine.chmod(0o600)
+        holders.append(subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); "
+             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+             str(mine)], stdout=subprocess.PIPE, text=True))
+        assert holders[-1].stdout.readline() == "held\n"
+        with pytest.raises(AlreadyRunning) as exc:
+            KernelQuieter(thp, str(tmp_path / "mine.json")).quiet()
+        assert f"(pid {holders[-1].pid}, python" in str(exc.value), exc.value
+        assert "pid 1)" not in str(exc.value)
+        holders.append(subprocess.Popen(["sleep", "60"]))
+        r = hugepaged_cli("run", "--socket", str(tmp_path / "mine.json"), "--pid",
+                          str(holders[-1].pid), "--state-file", str(tmp_path / "st.json"),
+                          timeout=20)
+        line = one_line_error(r, 6)
+        assert f"another hugepaged (pid {holders[-2].pid}, python" in line, line
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

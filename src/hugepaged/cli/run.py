@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hugepaged.preflight import require_root
+
+    require_root()  # first: before the daemon's modules load (and anything is created)
     from hugepaged.control.server import ControlServer
     from hugepaged.daemon.service import Service
     from hugepaged.kernel.limits import raise_nofile

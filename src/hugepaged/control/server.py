@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from hugepaged.config import check_socket_path
 from hugepaged.control.protocol import MAX_MESSAGE, ProtocolError, decode_request, encode
 from hugepaged.errors import AlreadyRunning, HugepagedError, InvalidTunable, UsageError
-from hugepaged.kernel.limits import LockHeld, try_lock
+from hugepaged.kernel.limits import LockHeld, check_private_dir, try_lock
 from hugepaged.kernel.peercred import peer_credentials
 
 log = logging.getLogger("hugepaged")
@@ -60,7 +60,9 @@ class ControlServer:
             self.gid = grp.getgrnam(group).gr_gid if group else None
         except KeyError:
             raise UsageError(f"socket_group: no such group '{group}'") from None
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        check_private_dir(directory, "socket")  # its lock file and socket are root's
         self.lock_fd = self._lock()
         try:
             self.sock = self._bind()
@@ -82,10 +84,9 @@ class ControlServer:
         lock = f"{self.path}.lock"
         try:
             return try_lock(lock)
-        except LockHeld as held:
-            who = f" (pid {held.owner})" if held.owner else ""
-            raise AlreadyRunning(f"{self.path}: another hugepaged{who} is serving this socket; "
-                                 "not started") from None
+        except LockHeld as held:  # the holder as the kernel reports it (/proc/locks)
+            raise AlreadyRunning(f"{self.path}: another hugepaged{held.describe()} is serving "
+                                 "this socket; not started") from None
         except OSError as err:
             raise UsageError(f"{lock}: {err.strerror}") from None
 
@@ -94,14 +95,14 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
+        # Created with its final mode; the group set without following a link.
+        old = os.umask(0o117 if self.gid is not None else 0o177)
         try:
             sock.bind(self.path)
         finally:
             os.umask(old)
         if self.gid is not None:
-            os.chown(self.path, 0, self.gid)
-            os.chmod(self.path, 0o660)
+            os.chown(self.path, 0, self.gid, follow_symlinks=False)
         sock.listen(BACKLOG)
         sock.setblocking(False)
         return sock
