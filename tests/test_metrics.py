@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import time
 import urllib.request
 from types import SimpleNamespace
 
@@ -208,3 +210,125 @@ def test_metrics_port_in_use_is_a_clear_error(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(
         f"hugepaged: --metrics {port}: cannot listen on 127.0.0.1:{port}")
+
+
+# --------------------------------------------------------------------------------------------
+# The endpoint under abuse: any local user can connect to 127.0.0.1
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """tid -> nice of every thread of `pid` (/proc/PID/task/TID/stat field 19)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+            out[int(tid)] = int(text[text.rindex(")") + 2:].split()[16])
+    return out
+
+
+def http(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """(head, body) of one raw HTTP exchange."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+@needs_root
+@needs_thp
+def test_idle_connections_and_scrape_loops_cost_no_thread_and_one_render_a_second(tmp_path):
+    """Once: a thread per connection, at nice 0 (273 idle connections = 276 threads), and
+    every scrape rendered anew (3 loops by user nobody: 190% of a core)."""
+    sleeper = subprocess.Popen(["sleep", "120"])
+    idle: list[socket.socket] = []
+    try:
+        with Daemon([sleeper.pid], args=["--metrics", ":0"]) as d:
+            port = d.wait_event("metrics_listen")["port"]
+            scrape(port)  # the server is up and has served once
+            before = thread_nices(d.pid)
+            for _ in range(200):  # more than the 128 open at once: the oldest make room
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            t0 = time.monotonic()
+            first = scrape(port)  # answered at once: the oldest idle one made room
+            second = scrape(port)
+            assert time.monotonic() - t0 < 1.0 and first == second  # one render, reused
+            nices = thread_nices(d.pid)
+            assert len(nices) == len(before), (before, nices)  # no thread per connection
+            # Every thread at the daemon's nice 19 but the control socket's (nice 0 on
+            # purpose: operators' latency).
+            assert sorted(nices.values())[1:] == [19] * (len(nices) - 1), nices
+            time.sleep(1.1)
+            assert scrape(port) != second  # rendered again after a second
+            # Idle connections are closed once they had 3 s to send a request.
+            time.sleep(3.5)
+            for s in idle[-20:]:
+                s.settimeout(2)
+                assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+@needs_root
+@needs_thp
+def test_the_endpoint_answers_only_get_and_head_of_the_metrics(tmp_path):
+    import gzip
+
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        with Daemon([sleeper.pid], args=["--metrics", ":0"]) as d:
+            port = d.wait_event("metrics_listen")["port"]
+            head, body = http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+                                    b"Accept-Encoding: gzip\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Encoding: gzip" in head
+            assert b"hugepaged_pages_collapsed_total" in gzip.decompress(body)
+            head, body = http(port, b"GET / HTTP/1.1\r\nAccept: application/openmetrics-text;"
+                                    b" version=1.0.0\r\n\r\n")
+            assert b"Content-Type: application/openmetrics-text" in head and \
+                body.endswith(b"# EOF\n")
+            head, body = http(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b""
+            for request, status in [(b"GET /etc/passwd HTTP/1.1\r\n\r\n", b"404"),
+                                    (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+                                    (b"hello\r\n\r\n", b"400"),
+                                    (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000, b"431")]:
+                head, _ = http(port, request)
+                assert head.split()[1] == status, (request[:30], head)
+            assert d.alive() and not d.events("metrics_error")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@needs_root
+@needs_thp
+def test_a_flood_of_requests_is_accepted_at_a_bounded_rate(tmp_path):
+    """Past a burst of 256, 50 connections a second: 350 requests at once cannot all be
+    answered in less than (350 - 256) / 50 = 1.9 s, however fast the machine (the 94 past
+    the burst wait in the listen backlog of 128: no connect is retried)."""
+    from hugepaged.metrics_http import MAX_BURST, MAX_RATE
+
+    sleeper = subprocess.Popen(["sleep", "120"])
+    conns: list[socket.socket] = []
+    try:
+        with Daemon([sleeper.pid], args=["--metrics", ":0"]) as d:
+            port = d.wait_event("metrics_listen")["port"]
+            t0 = time.monotonic()
+            for _ in range(350):
+                s = socket.create_connection(("127.0.0.1", port), timeout=20)
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                conns.append(s)
+            for s in conns:
+                assert s.recv(12) == b"HTTP/1.1 200"
+            assert time.monotonic() - t0 >= (350 - MAX_BURST) / MAX_RATE * 0.9
+    finally:
+        for s in conns:
+            s.close()
+        sleeper.kill()
+        sleeper.wait()

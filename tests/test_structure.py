@@ -29,7 +29,8 @@ LAYERS = [
     ("scan", ("hugepaged.scan",)),
     ("collapse", ("hugepaged.collapse",)),
     ("daemon", ("hugepaged.daemon",)),
-    ("faces", ("hugepaged.control", "hugepaged.cli", "hugepaged.metrics", "hugepaged.report",
+    ("faces", ("hugepaged.control", "hugepaged.cli", "hugepaged.metrics",
+               "hugepaged.metrics_http", "hugepaged.report",
                "hugepaged.topview", "hugepaged.logs", "hugepaged.sdnotify",
                "hugepaged.__main__", "hugepaged.firstrun")),
 ]

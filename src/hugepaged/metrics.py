@@ -23,7 +23,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import choose_encoder
 
 from hugepaged import __version__
 from hugepaged.daemon.counters import COUNTERS
@@ -323,25 +323,30 @@ def build_registry(service, top_processes: int | None = None) -> CollectorRegist
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server on its own thread; `close()` stops it."""
+    """The exposition of build_registry() over HTTP (metrics_http: one thread at nice 19,
+    bounded connections, rendered at most once a second); `close()` stops it."""
 
     def __init__(self, service, listen: str) -> None:
+        from hugepaged.metrics_http import MetricsHTTPServer
+
         self.host, self.port = parse_listen(listen)
         self.registry = build_registry(service)
         try:
-            self.httpd, self.thread = start_http_server(self.port, self.host,
-                                                        registry=self.registry)
+            self.httpd = MetricsHTTPServer(self.host, self.port, self.render)
         except (OSError, socket.gaierror) as err:
             raise UsageError(f"--metrics {listen}: cannot listen on "
                              f"{self.host}:{self.port}: {err.strerror or err}") from err
-        self.port = self.httpd.server_port
+        self.port = self.httpd.port
         log.info("metrics on http://%s:%d/metrics", _url_host(self.host), self.port,
                  extra={"event": "metrics_listen", "host": self.host, "port": self.port})
 
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition in the format the scraper accepts (text, or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.httpd.close()
 
 
 def _url_host(host: str) -> str:

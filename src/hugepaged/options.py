@@ -42,9 +42,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                "status, get; only root sets)"),
     Option("metrics", str, flag=True, metavar="HOST:PORT",
            doc="serve Prometheus metrics (a bare PORT or :PORT binds 127.0.0.1)"),
-    Option("metrics_top_processes", int, 20, range=(0, 100000), flag=True, metavar="N",
-           doc="per-process coverage metrics for the N largest registered processes "
-               "(0: none)"),
+    Option("metrics_top_processes", int, 0, range=(0, 100000), flag=True, metavar="N",
+           doc="per-process coverage metrics (pid, comm, memory) for the N largest "
+               "registered processes; anyone who can reach --metrics reads them (0: none)"),
     Option("log_format", str, "text", choices=("text", "json"), flag=True,
            doc="human lines, or one JSON object per line"),
     Option("log_level", str, "info", choices=("debug", "info", "warning", "error"),
