@@ -55,14 +55,18 @@ def phase(src: str, seconds: float) -> dict:
             c0, t0 = cpu_seconds(d.pid), time.monotonic()
             for i in range(3):
                 # One curl walking a numbered URL range: back-to-back requests without a
-                # process start each (the query string is ignored); a dot per scrape.
-                script = (f"exec curl -s -N -o /dev/null -w . --max-time 1000 "
+                # process start each (the query string is ignored); a status line each.
+                script = (f"exec stdbuf -o0 curl -s -o /dev/null -w '%{{http_code}}\\n' "
+                          f"--max-time 1000 "
                           f"'{url}?n=[1-100000000]' > {counts}/{i}")
                 loops.append(subprocess.Popen([*AS_NOBODY, "sh", "-c", script]))
             time.sleep(seconds)
             cpu = cpu_seconds(d.pid) - c0
             elapsed = time.monotonic() - t0
             threads = len(os.listdir(f"/proc/{d.pid}/task"))
+            for p in loops:  # before the daemon stops (each URL left would fail at once)
+                p.kill()
+                p.wait()
     finally:
         for p in loops:
             p.kill()
@@ -71,7 +75,8 @@ def phase(src: str, seconds: float) -> dict:
             s.close()
         sleeper.kill()
         sleeper.wait()
-    scrapes = sum((counts / f).stat().st_size for f in os.listdir(counts))
+    codes = [c for f in os.listdir(counts) for c in (counts / f).read_text().split()]
+    scrapes = codes.count("200")
     return {"cpu_pct": 100 * cpu / elapsed, "threads": threads, "scrapes_per_s":
             scrapes / elapsed}
 
