@@ -36,8 +36,9 @@ def nofile_soft() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class UnsafePath(UsageError):
-    """A state or lock path another user could change, or that is not a regular file."""
+# A state or lock path another user could change, or that is not a regular file, is bad
+# input (UsageError, exit 2). No subclass: the man page lists the error classes' docstrings.
+UnsafePath = UsageError
 
 
 def _kind(mode: int) -> str:
