@@ -62,10 +62,10 @@ def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | Non
     if ev.what == "madvise" and ev.value == MADV_NOHUGEPAGE and slot is not None:
         slot.forget_map()  # VM_NOHUGEPAGE: the next visit reads the flags afresh
         return None
-    if ev.what == "mremap" and slot is not None:
-        # A mapping moved: its flags go with it, to addresses a kept map gives to another.
-        slot.forget_map()
-        slot.visit = slot.kept = None
+    if ev.what in ("mremap", "mmap") and slot is not None:
+        # A mapping moved (its flags go with it, to addresses a kept map gives to another) or
+        # was replaced in place by one without them: the map kept for the visit is stale.
+        forget_layout(slot)
         return None
     if ev.what == "prctl" and ev.value == PR_SET_THP_DISABLE and slot is not None:
         # The visit in progress re-reads THP_enabled; memory allowed again is looked at now.
@@ -91,7 +91,17 @@ def on_lost(members: Membership, lost: int, now: float) -> bool:
                 extra={"event": "syscall_records_lost", "lost": members.lost_records})
     members.lost_records, members.lost_woken = 0, now
     members.wake_all()
+    for slot in list(members.registry.slots.values()):  # what was lost may have moved maps
+        forget_layout(slot)
     return True
+
+
+def forget_layout(slot) -> None:
+    """The memory map kept for the slot's visit, and the verdicts read under it, are stale:
+    the next step reads them again (a visit trusts its map while the traced calls say it
+    holds: daemon/visit.py)."""
+    slot.forget_map()
+    slot.visit = slot.kept = None
 
 
 def merged(ranges: list[tuple[int, int]], rng: tuple[int, int]) -> list[tuple[int, int]]:

@@ -98,6 +98,11 @@ class Khugepaged:
         return self.scan.do_scan()
 
     # --- what the loop asks and tells ------------------------------------------------
+    def trace_layouts(self) -> None:
+        """The calls that change VM flags in place are traced from now on: a visit keeps its
+        memory map while the process faults (daemon/visit.py)."""
+        self.scan.visitor.layout_traced = True
+
     def kick(self) -> None:
         """The next pass is due now."""
         self.schedule.set(sched.PASS, 0.0)

@@ -92,6 +92,7 @@ class EventLoop:
             return
         for fd in self.tracer.fds():
             self.sel.register(fd, selectors.EVENT_READ, "syscalls")
+        self.core.trace_layouts()
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)

@@ -2,9 +2,13 @@
 `oneshot` is the model): /proc/PID/stat for the due check, the fingerprint and the leader's
 state, then status and smaps for the memory map.
 
-A settled process is visited when due and only if its counters moved; a visit that resumes
-mid-process re-reads the counters before it collapses, because the VMAs it kept may be stale
-(hugepage_vma_revalidate).
+A settled process is visited when due and only if its counters moved. A visit spans passes
+and keeps the memory map it read (smaps walks every page table: tens of milliseconds for a few
+GiB); before it collapses it checks that the map still holds (hugepage_vma_revalidate). Where
+the syscall tracepoints show every call that changes VM flags without changing
+/proc/PID/maps (advice, PR_SET_THP_DISABLE, a moving mremap, a MAP_FIXED mmap: daemon/advice.py
+drops the kept map), the map holds while /proc/PID/maps reads the same; without them, while
+the process has not faulted, which a busy process always has.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ProcessView:
     def __init__(self, procfs, pid: int) -> None:
         self.procfs, self.pid = procfs, pid
         self._stat: ProcStat | None = None
+        self._layout: int | None = None
 
     def stat(self) -> ProcStat:
         if self._stat is None:
@@ -55,10 +60,19 @@ class ProcessView:
         self._stat = None
         return self.stat()
 
-    def moved_since(self, faults: tuple) -> bool:
-        """Read the counters afresh: have they moved since `faults` was taken?"""
-        self.refresh()
-        return self.faults() != faults
+    def layout(self, traced: bool) -> object:
+        """What says the kept memory map still holds: /proc/PID/maps when the calls that change
+        flags only are traced (a process that faults keeps its map), else the fault counters."""
+        if not traced:
+            return self.faults()
+        if self._layout is None:
+            self._layout = hash(self.procfs.maps_text(self.pid))
+        return self._layout
+
+    def relayout(self, traced: bool) -> object:
+        """layout(), read afresh."""
+        self._stat = self._layout = None
+        return self.layout(traced)
 
     def faults(self) -> tuple:
         """The fault counters and RSS: moved means the page tables may have changed."""
@@ -179,6 +193,9 @@ class Visitor:
         self.collapsed_ranges = RangeMemo()
         self.scanner = ProcessScanner
         self._chunk: dict[int, int] = {}  # pid -> windows its next read may decide
+        # The syscalls that change VM flags without changing /proc/PID/maps are traced
+        # (set by the loop when its tracer opens): a kept map holds while maps reads the same.
+        self.layout_traced = False
 
     def forget(self, pid: int) -> None:
         self._chunk.pop(pid, None)
@@ -193,11 +210,13 @@ class Visitor:
             self.collapser.ramp[pid] = self._chunk[pid] = 1  # its first collapse comes sooner
             slot.visit_wakes = slot.wakes
             slot.visits += 1
-        fresh = cur.address == 0 or slot.visit is None or view.faults() != slot.visit_fp
+        traced = self.layout_traced
+        fresh = cur.address == 0 or slot.visit is None or \
+            view.layout(traced) != slot.visit_fp
         visit = Visit(progress=1)
-        if fresh:  # a resumed visit whose process faulted since may have a new memory map
+        if fresh:  # a resumed visit whose memory map may have changed reads it again
             slot.kept = None
-            slot.visit_fp = view.faults()
+            slot.visit_fp = view.layout(traced)
             thp_enabled, vmas, small = memory_map(slot, view, geo)
             slot.visit = (thp_enabled, vmas)
             if cur.address == 0:
@@ -241,9 +260,9 @@ class Visitor:
                         read_at = self.collapser.clock()
                     if kept is None and not fresh and \
                             (verdicts.codes == ScanResult.SUCCEED).any() and \
-                            view.moved_since(slot.visit_fp):
-                        # hugepage_vma_revalidate: the process faulted since its VMAs were
-                        # read (a region may have been replaced by a fresh mapping without
+                            view.relayout(traced) != slot.visit_fp:
+                        # hugepage_vma_revalidate: the map may have changed since its VMAs
+                        # were read (a region replaced by a fresh mapping without
                         # MADV_HUGEPAGE): read them again before collapsing here.
                         cur.address, slot.visit = addr, None
                         return visit

@@ -29,6 +29,7 @@ MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 PR_SET_THP_DISABLE = 41
 MREMAP_MOVES = (1, 3, 5, 7)  # MREMAP_MAYMOVE alone, with MREMAP_FIXED, MREMAP_DONTUNMAP
+MAP_FIXED = 0x10
 PERF_TYPE_TRACEPOINT = 2
 PERF_SAMPLE_TID = 1 << 1
 PERF_SAMPLE_RAW = 1 << 10
@@ -59,8 +60,8 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 @dataclass(frozen=True)
 class SyscallEvent:
     """One traced call: 'madvise' (value = the advice, over [start, start + length)),
-    'prctl' (value = the option, arg = its arg2) or 'mremap' (value = its flags), by thread
-    `tid` of process `pid`."""
+    'prctl' (value = the option, arg = its arg2), 'mremap' or 'mmap' (value = its flags), by
+    thread `tid` of process `pid`."""
 
     what: str
     pid: int
@@ -204,20 +205,25 @@ class _Ring:
 
 
 class SyscallTracer:
-    """madvise(MADV_HUGEPAGE) and prctl(PR_SET_THP_DISABLE) in every process, per CPU.
+    """madvise(MADV_HUGEPAGE), prctl(PR_SET_THP_DISABLE), a moving mremap and a MAP_FIXED
+    mmap in every process, per CPU.
 
     fds() go into a selector; events() drains every ring. Raises Unsupported (or OSError)
     where the tracepoints or perf_event_open are not to be had, so the caller falls back.
     """
 
     # mremap moving a mapping (MREMAP_MAYMOVE, with FIXED or DONTUNMAP): the VMAs a kept
-    # memory map names may be elsewhere now, with no fault counter moved.
+    # memory map names may be elsewhere now. mmap with MAP_FIXED: a fresh mapping may
+    # replace one in place, bounds and permissions alike, its flags (VM_HUGEPAGE) not
+    # (/proc/PID/maps shows no difference). Values are compared with ==; a mask (an int, not
+    # a tuple) is tested with &.
     SOURCES = {"madvise": ("sys_enter_madvise", "behavior", (MADV_HUGEPAGE, MADV_NOHUGEPAGE)),
                "prctl": ("sys_enter_prctl", "option", (PR_SET_THP_DISABLE,)),
-               "mremap": ("sys_enter_mremap", "flags", MREMAP_MOVES)}
+               "mremap": ("sys_enter_mremap", "flags", MREMAP_MOVES),
+               "mmap": ("sys_enter_mmap", "flags", MAP_FIXED)}
 
     def __init__(self, sys_root: str = "/sys", ring_pages: int = 8,
-                 values: dict[str, tuple[int, ...]] | None = None) -> None:
+                 values: dict[str, tuple[int, ...] | int] | None = None) -> None:
         self.tracefs = TraceFS(sys_root)
         self.rings: list[tuple[str, _Ring]] = []
         self.lost = 0
@@ -225,7 +231,8 @@ class SyscallTracer:
             for what, (event, field, default) in self.SOURCES.items():
                 tp = self.tracefs.tracepoint("syscalls", event)
                 wanted = (values or {}).get(what, default)
-                expr = " || ".join(f"{field} == {v}" for v in wanted).encode()
+                expr = (f"{field} & {wanted}" if isinstance(wanted, int) else
+                        " || ".join(f"{field} == {v}" for v in wanted)).encode()
                 for cpu in online_cpus(sys_root):
                     fd = perf_event_open(tp.id, cpu)
                     try:
