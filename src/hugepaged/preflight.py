@@ -22,10 +22,12 @@ def require_scan_support(kernel: Kernel) -> None:
 
 
 def require_collapse_support(kernel: Kernel) -> None:
-    """What `collapse` and the daemon need besides: MADV_COLLAPSE and kpageflags."""
-    from hugepaged.kernel.madvise import require_collapse_support as madv_collapse
+    """What `collapse` and the daemon need besides: kpageflags, and MADV_COLLAPSE through
+    process_madvise, tried on a page of our own rather than inferred from the kernel's
+    version (backports exist; seccomp filters refuse what a version promises)."""
+    from hugepaged.kernel.madvise import probe_collapse
 
     require_scan_support(kernel)
-    madv_collapse()
     if not os.path.exists(f"{kernel.proc_root}/kpageflags"):
         raise Unsupported(f"{kernel.proc_root}/kpageflags is missing (CONFIG_PROC_PAGE_MONITOR)")
+    probe_collapse(kernel.geometry.pmd_size)

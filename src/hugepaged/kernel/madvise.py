@@ -1,7 +1,12 @@
-"""pidfds and process_madvise(MADV_COLLAPSE) through ctypes."""
+"""pidfds and process_madvise(MADV_COLLAPSE) through ctypes.
+
+ctypes and not a library: the stdlib has os.pidfd_open but no process_madvise, and no package
+on PyPI wraps it; the call is one syscall with one iovec.
+"""
 
 import contextlib
 import ctypes
+import errno
 import os
 import platform
 import select
@@ -14,7 +19,6 @@ MADV_NOHUGEPAGE = 15
 MADV_COLLAPSE = 25
 _SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440, "arm64": 440, "riscv64": 440,
                         "ppc64le": 440, "s390x": 440}
-MIN_KERNEL = (6, 1)
 
 
 class _IoVec(ctypes.Structure):
@@ -25,20 +29,65 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def kernel_release() -> tuple[int, int]:
-    """The running kernel's (major, minor)."""
-    parts = platform.release().split(".")
-    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+# What a failed probe means, by errno: the call's own refusals first (see probe_collapse).
+_PROBE_HINTS = {
+    errno.ENOSYS: "no process_madvise syscall (Linux 5.10+), or a seccomp filter refuses it",
+    errno.EINVAL: "MADV_COLLAPSE is not an advice this kernel knows for process_madvise "
+                  "(mainline 6.1+, or a backport)",
+    errno.EPERM: "not permitted: CAP_SYS_NICE is missing, or a seccomp filter "
+                 "(SystemCallFilter=) refuses process_madvise",
+}
+# The advice was understood and the collapse itself failed: the feature is there.
+_PROBE_UNDERSTOOD = (errno.ENOMEM, errno.EAGAIN, errno.EBUSY)
 
 
-def require_collapse_support() -> None:
-    """MADV_COLLAPSE came in 6.1; process_madvise needs a known syscall number."""
-    release = kernel_release()
-    if release < MIN_KERNEL:
-        raise Unsupported(f"Linux {release[0]}.{release[1]} has no MADV_COLLAPSE "
-                          f"(needs {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later)")
-    if platform.machine() not in _SYS_PROCESS_MADVISE:
+def _syscall_number() -> int:
+    nr = _SYS_PROCESS_MADVISE.get(platform.machine())
+    if nr is None:
         raise Unsupported(f"process_madvise syscall number unknown on {platform.machine()}")
+    return nr
+
+
+def probe_collapse(pmd_size: int) -> int:
+    """Try what hugepaged stands on, instead of guessing from the kernel's version (a
+    distribution kernel may carry a backport; a seccomp filter may refuse what the version
+    promises): process_madvise(pidfd of our own, one window, MADV_COLLAPSE) on a scratch
+    mapping with one page written. Returns 0 when the kernel collapsed it, else the errno
+    of a collapse that was understood but failed (ENOMEM, EAGAIN, EBUSY: no huge page free
+    just now, which is no reason to refuse); raises Unsupported naming the exact errno
+    otherwise. THP disabled for ourselves (PR_SET_THP_DISABLE, inherited) would answer
+    EINVAL whatever the kernel supports, so it is lifted for the probe and put back after:
+    LruDrain lifts it for good, and says so, when the daemon first needs it."""
+    import mmap
+
+    nr = _syscall_number()
+    size = 2 * pmd_size
+    scratch = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    disabled = thp_disabled_for_self()
+    pidfd = -1
+    try:
+        if disabled:
+            _libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(scratch))
+        window = (base + pmd_size - 1) & ~(pmd_size - 1)
+        scratch[window - base] = 1  # a present page: an empty window is EINVAL by itself
+        pidfd = os.pidfd_open(os.getpid())
+        iov = _IoVec(window, pmd_size)
+        ret = _libc.syscall(nr, pidfd, ctypes.byref(iov), 1, MADV_COLLAPSE, 0)
+        err = ctypes.get_errno() if ret < 0 else 0
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+        if disabled:
+            _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        with contextlib.suppress(BufferError):  # a ctypes view may still pin it: GC frees it
+            scratch.close()
+    if err == 0 or err in _PROBE_UNDERSTOOD:
+        return err
+    name = errno.errorcode.get(err, str(err))
+    hint = _PROBE_HINTS.get(err, os.strerror(err))
+    raise Unsupported(f"process_madvise(MADV_COLLAPSE) on a page of hugepaged's own failed "
+                      f"with {name}: {hint}")
 
 
 PIDFD_THREAD = os.O_EXCL  # Linux 6.9: a pidfd for one thread, not its thread group
@@ -59,8 +108,7 @@ def pidfd_exited(pidfd: int) -> bool:
 def process_madvise(pidfd: int, start: int, length: int, advice: int = MADV_COLLAPSE) -> int:
     """One iovec; returns bytes advised, or -errno (the caller maps errno to meaning)."""
     iov = _IoVec(start, length)
-    nr = _SYS_PROCESS_MADVISE.get(platform.machine(), 440)
-    ret = _libc.syscall(nr, pidfd, ctypes.byref(iov), 1, advice, 0)
+    ret = _libc.syscall(_syscall_number(), pidfd, ctypes.byref(iov), 1, advice, 0)
     if ret < 0:
         return -ctypes.get_errno()
     return ret
@@ -85,8 +133,7 @@ def process_madvise_windows(pidfd: int, starts: list[int], length: int,
     so a short count means the window after the last full one failed (its errno is lost).
     """
     iov = (_IoVec * len(starts))(*[(s, length) for s in starts])
-    nr = _SYS_PROCESS_MADVISE.get(platform.machine(), 440)
-    ret = _libc.syscall(nr, pidfd, iov, len(starts), advice, 0)
+    ret = _libc.syscall(_syscall_number(), pidfd, iov, len(starts), advice, 0)
     if ret < 0:
         return -ctypes.get_errno()
     return ret
