@@ -47,7 +47,10 @@ def main(argv: Sequence[str] | None = None,
     try:
         return int(args.run(args) or 0)
     except HugepagedError as err:
-        print(f"hugepaged: {printable(str(err))}", file=sys.stderr)
+        from hugepaged.logs import journal_prefix
+
+        print(f"{journal_prefix(sys.stderr, 3)}hugepaged: {printable(str(err))}",
+              file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         return 130
