@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from hugepaged.errors import HugepagedError
 from hugepaged.kernel import Kernel
+from hugepaged.kernel.geometry import Geometry
+from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.scan.eligibility import MemoryKind, ineligible, memory_kind
 from hugepaged.scan.shmem import ShmemModes
@@ -74,17 +76,28 @@ def candidates(kernel: Kernel, pids: list[int] | None = None) -> list[tuple[int,
 def look(kernel: Kernel, pid: int, comm: str, control: CollapseControl,
          shmem: ShmemModes) -> Look | None:
     """One process judged VMA by VMA from its smaps; None if it is gone or unreadable."""
+    read = read_vmas(kernel, pid)
+    return None if read is None else judge(pid, comm, *read, control, shmem, kernel.geometry)
+
+
+def read_vmas(kernel: Kernel, pid: int) -> tuple[list[Vma], bool] | None:
+    """(its VMAs, THP disabled for it) or None if it is gone or unreadable."""
     try:
         thp_disabled = not kernel.procfs.status(pid).thp_enabled
-        vmas = kernel.procfs.smaps(pid)
+        return kernel.procfs.smaps(pid), thp_disabled
     except (HugepagedError, OSError):
         return None
+
+
+def judge(pid: int, comm: str, vmas: list[Vma], thp_disabled: bool,
+          control: CollapseControl, shmem: ShmemModes, geometry: Geometry) -> Look:
+    """What `control` would take of these VMAs, and why not the rest."""
     out = Look(pid, comm, target=control.target)
     for vma in vmas:
         kind = memory_kind(vma)
         if kind not in (MemoryKind.ANON, MemoryKind.SHMEM):
             continue
-        why = ineligible(vma, control, thp_disabled, kernel.geometry,
+        why = ineligible(vma, control, thp_disabled, geometry,
                          shmem if kind is MemoryKind.SHMEM else None)
         if kind is MemoryKind.ANON:
             out.anon_kb += vma.anonymous_kb
