@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 
 import pytest
@@ -106,7 +107,7 @@ def unescaped_page() -> str:
 
 def test_man_page_names_every_command_option_and_tunable():
     text = unescaped_page()
-    assert text.startswith(".TH HUGEPAGED \"1\"")
+    assert text.startswith(".TH HUGEPAGED \"8\"")
     for name, sub in commands().items():
         assert f"hugepaged {name}" in text, name
         for opt in options(sub):
@@ -137,3 +138,62 @@ def test_man_page_renders_without_warnings(tmp_path):
 def test_cli_prints_the_man_page():
     r = hugepaged_cli("manpage")
     assert r.returncode == 0 and r.stdout == page(build_parser())
+
+
+# --------------------------------------------------------------------------------------------
+# hugepaged.toml(5)
+
+
+def config_sections() -> dict[str, str]:
+    """Section name -> its roff text, of the configuration page."""
+    from hugepaged.cli.config_page import page as config_page
+
+    text = config_page().replace("\\-", "-")
+    parts = re.split(r"^\.SH (.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def terms(roff: str) -> list[str]:
+    return re.findall(r"^\.TP\n\\fB(.+?)\\fR$", roff, re.M)
+
+
+def test_config_page_documents_every_key_the_configuration_accepts():
+    """Keys from what the parser accepts, not from the page's own lists: a tunable is any
+    SPECS key; an option any DaemonOptions field; a target key whatever the parser names
+    when it refuses an unknown one."""
+    from dataclasses import fields
+
+    from hugepaged.config import ConfigError, DaemonOptions, parse_config
+
+    s = config_sections()
+    assert terms(s["TUNABLES"]) == list(SPECS)
+    assert terms(s["DAEMON OPTIONS"]) == [f.name for f in fields(DaemonOptions)]
+    with pytest.raises(ConfigError) as refused:
+        parse_config('[[target]]\nname = "x"\ncomm = "y"\nbogus = 1\n', "t.toml")
+    known = re.search(r"\(known: (.+)\)", str(refused.value)).group(1).split(", ")
+    assert sorted(terms(s["TARGETS"])) == sorted(known)
+    for key, spec in SPECS.items():  # each with its range or choices
+        body = s["TUNABLES"].split(f"\\fB{key}\\fR\n", 1)[1].split(".TP", 1)[0]
+        assert (spec.choices[0] if spec.choices else f"{spec.lo}..{spec.hi}") in body, key
+    assert '"text", "json"' in s["DAEMON OPTIONS"]  # log_format's choices
+    example = re.search(r"^\.nf\n(.*?)^\.fi$", s["EXAMPLE"], re.M | re.S).group(1)
+    cfg = parse_config(example, "example.toml")  # the page's example is a valid file
+    assert [t.name for t in cfg.targets] == ["redis"]
+
+
+def test_config_page_renders_without_warnings(tmp_path):
+    groff = require_tool("groff", "apt-get install groff-base")
+    r = hugepaged_cli("manpage", "hugepaged.toml")
+    assert r.returncode == 0 and r.stdout.startswith('.TH HUGEPAGED.TOML "5"'), r.stderr
+    (tmp_path / "hugepaged.toml.5").write_text(r.stdout)
+    r = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", str(tmp_path / "hugepaged.toml.5")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_an_undocumented_key_stops_the_page(monkeypatch):
+    from hugepaged.cli import config_page
+
+    monkeypatch.delitem(config_page.OPTION_DOCS, "socket_group")
+    with pytest.raises(KeyError, match="option 'socket_group' has no description"):
+        config_page.page()

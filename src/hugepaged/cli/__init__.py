@@ -9,20 +9,23 @@ from hugepaged.cli import (
     collapse,
     completion,
     get,
+    install,
     manpage,
     restore_kernel,
     run,
     scan,
     set,
     status,
+    suggest,
     top,
+    uninstall,
     unit,
 )
 from hugepaged.errors import HugepagedError
 from hugepaged.names import printable
 
-COMMANDS = [scan, collapse, run, status, top, get, set, restore_kernel, unit, completion,
-            manpage]
+COMMANDS = [scan, collapse, run, status, top, get, set, suggest, restore_kernel, install,
+            uninstall, unit, completion, manpage]
 
 
 def build_parser() -> argparse.ArgumentParser:

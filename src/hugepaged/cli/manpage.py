@@ -1,4 +1,13 @@
-"""`hugepaged manpage`: hugepaged(1) in roff, generated from the argparse definitions."""
+"""`hugepaged manpage`: hugepaged(8) and hugepaged.toml(5) in roff, generated from the code.
+
+hugepaged(8) comes from the argparse definitions (argparse-manpage), hugepaged.toml(5) from
+the tables the configuration is checked against: every tunable of tunables.SPECS with its
+range, every daemon option of config.DaemonOptions with its type and default, every key of a
+[[target]] table. The prose for an option or a target key is kept here, in OPTION_DOCS and
+TARGET_DOCS; a key the configuration accepts and these do not describe stops the page from
+being generated (a test generates it), so the page cannot fall behind the code.
+Section 8: the daemon and its commands are for the administrator (as khugepaged's knobs are).
+"""
 
 import argparse
 import re
@@ -13,11 +22,19 @@ from hugepaged.tunables import SPECS
 SUMMARY = "collapse anonymous memory into transparent huge pages (khugepaged in userspace)"
 
 
+PAGES = {"hugepaged": ("hugepaged.8", 8), "hugepaged.toml": ("hugepaged.toml.5", 5)}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("manpage", help="print the hugepaged(1) manual page (roff)",
-                       description="Print the manual page, generated from hugepaged's own "
-                                   "command definitions. View it with "
-                                   "hugepaged manpage | man -l -")
+    p = sub.add_parser("manpage", help="print a manual page (roff): hugepaged(8) or "
+                                       "hugepaged.toml(5)",
+                       description="Print a manual page, generated from hugepaged's own "
+                                   "command definitions (hugepaged, section 8) or "
+                                   "configuration tables (hugepaged.toml, section 5). View it "
+                                   "with hugepaged manpage | man -l -; hugepaged install "
+                                   "puts both where man finds them.")
+    p.add_argument("page", nargs="?", choices=tuple(PAGES), default="hugepaged",
+                   help="which page (default %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -66,7 +83,8 @@ def sections() -> list[tuple[str, str]]:
         ("tunables", ".PP\nSet in the configuration file, with \\fB\\-\\-set KEY=VALUE\\fR, or "
                      "live with \\fBhugepaged set\\fR. Names and refusals are the kernel's "
                      "(/sys/kernel/mm/transparent_hugepage/khugepaged).\n" + tunables),
-        ("files", _tp(DEFAULT_PATH, "configuration (TOML): tunables and daemon options")
+        ("files", _tp(DEFAULT_PATH, "configuration (TOML): tunables, daemon options and "
+                                    "targets; see hugepaged.toml(5)")
          + _tp(DEFAULT_SOCKET, "control socket of the daemon (status, get, set, top)")
          + _tp(STATE_FILE, "kernel khugepaged values saved while kernel_khugepaged=quiet; "
                            "restored by the next start or by hugepaged restore-kernel")),
@@ -78,7 +96,8 @@ def sections() -> list[tuple[str, str]]:
          + _tp("WATCHDOG_USEC", "set by systemd (WatchdogSec=): WATCHDOG=1 is sent at half "
                                 "of it")),
         ("exit status", _exit_statuses()),
-        ("see also", "\\fBprocess_madvise\\fR(2), \\fBmadvise\\fR(2), "
+        ("see also", "\\fBhugepaged.toml\\fR(5), \\fBprocess_madvise\\fR(2), "
+                     "\\fBmadvise\\fR(2), "
                      "\\fBsystemd.service\\fR(5), \\fBproc\\fR(5)"),
     ]
 
@@ -93,11 +112,14 @@ def page(parser: argparse.ArgumentParser) -> str:
     man.description = SUMMARY
     man.source = f"hugepaged {__version__}"
     man.manual = "hugepaged manual"
+    man.section = 8
     for heading, content in sections():
         man.add_section(heading, "=", content.rstrip("\n"))
     return str(man)
 
 
 def run(args: argparse.Namespace) -> int:
-    sys.stdout.write(page(args.parser))
+    from hugepaged.cli import config_page
+
+    sys.stdout.write(page(args.parser) if args.page == "hugepaged" else config_page.page())
     return 0

@@ -1,4 +1,9 @@
-"""`hugepaged restore-kernel`: put back kernel khugepaged values a killed daemon left quiet."""
+"""`hugepaged restore-kernel`: put back kernel khugepaged values a killed daemon left quiet.
+
+Leaves nothing behind: the state file goes once its values are back, and so does its lock
+file when no daemon holds it (kernel.limits.remove_lock), as does a lock the command itself
+had to create to look.
+"""
 
 import argparse
 
@@ -16,15 +21,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    require_root()
+def restore(args: argparse.Namespace) -> str:
+    """What `restore-kernel` does, as one line to print (`uninstall` does it too)."""
+    import os
+
     from hugepaged.daemon.kernel_quiet import KernelQuieter
+    from hugepaged.kernel.limits import remove_lock
 
     quieter = KernelQuieter(kernel_of(args).thp, args.state_file)
+    if not os.path.lexists(args.state_file) and not os.path.lexists(quieter.lock_file):
+        return "nothing to restore"
     restored = quieter.recover()
     if not restored and getattr(quieter, "holder", None) is not None:
-        print(f"nothing to restore: a running hugepaged{quieter.holder_text()} holds "
-              f"{args.state_file}")
-        return 0
-    print("restored" if restored else "nothing to restore")
+        return (f"nothing to restore: a running hugepaged{quieter.holder_text()} holds "
+                f"{args.state_file}")
+    remove_lock(quieter.lock_file)  # a daemon that took it meanwhile keeps it
+    return "restored" if restored else "nothing to restore"
+
+
+def run(args: argparse.Namespace) -> int:
+    require_root()
+    print(restore(args))
     return 0

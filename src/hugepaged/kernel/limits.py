@@ -166,22 +166,53 @@ class LockHeld(Exception):
 def try_lock(path: str, proc_root: str = "/proc") -> int:
     """flock(LOCK_EX | LOCK_NB) on `path` (a regular file of ours, created 0600 O_EXCL when
     absent); our pid is written in it for a reader's information; the fd holds the lock until
-    closed. The file is never unlinked: unlinking a lock file lets two processes each lock a
-    different inode. Raises LockHeld naming the holder the kernel reports."""
-    fd = open_own(path, os.O_RDWR, create=True)
-    assert fd is not None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        held = err.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-        holder = lock_holder(fd, proc_root) if held else None
-        os.close(fd)
-        if held:
-            raise LockHeld(path, *holder) if holder else LockHeld(path, None) from None
-        raise
+    closed. Raises LockHeld naming the holder the kernel reports. A lock file may be removed
+    by whoever holds it (remove_lock): a process that opened it before, and locks the unlinked
+    inode after, sees that `path` is no longer its file and tries again, so no two processes
+    ever hold two inodes."""
+    while True:
+        fd = open_own(path, os.O_RDWR, create=True)
+        assert fd is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            held = err.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+            holder = lock_holder(fd, proc_root) if held else None
+            os.close(fd)
+            if held:
+                raise LockHeld(path, *holder) if holder else LockHeld(path, None) from None
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # removed (or replaced) between our open and our lock
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def remove_lock(path: str) -> bool:
+    """Remove a lock file nobody holds (taken, unlinked, released); False if someone holds
+    it, True if it is gone (or was never there)."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        fd = try_lock(path)
+    except LockHeld:
+        return False
+    try:
+        os.unlink(path)
+    finally:
+        os.close(fd)
+    return True
 
 
 def lock_holder(fd: int, proc_root: str = "/proc") -> tuple[int, str | None, int | None] | None:
