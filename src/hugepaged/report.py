@@ -23,11 +23,17 @@ REFERENCED_KNOWN = ("referenced: from idle page tracking (frames the daemon mark
                     "nothing touched since are not referenced)")
 
 
-def console() -> Console:
-    """Wide when piped and lines never broken there, so scripts that grep find whole lines
-    and tables are not cut."""
+# Piped, a table is as wide as its widest row needs: rich fits tables to the console's width
+# by cutting cells ("12…"), so the width is made larger than any row.
+PIPED_WIDTH = 1 << 16
+
+
+def console(markup: bool = True) -> Console:
+    """The terminal's width on a terminal; piped, no width at all: lines never broken and
+    no cell cut, so scripts (grep, awk, head) see every value whole."""
     tty = sys.stdout.isatty()
-    return Console(width=None if tty else 160, highlight=False, soft_wrap=not tty)
+    return Console(width=None if tty else PIPED_WIDTH, highlight=False, soft_wrap=not tty,
+                   markup=markup)
 
 
 def human_kb(kb: int) -> str:
@@ -236,28 +242,40 @@ def print_json(doc: Any) -> None:
     sys.stdout.write("\n")
 
 
-def targets_table(targets: list[dict[str, Any]]) -> Table:
-    """One row per configured target, in the configuration file's order."""
+# The per-target policy columns of status: (header, key); what a target leaves out is the
+# global value, shown with a "*".
+POLICY_COLUMNS = (("ENABLED", "enabled"), ("SHMEM", "shmem_enabled"),
+                  ("NONE", "max_ptes_none"), ("SWAP", "max_ptes_swap"),
+                  ("SHARED", "max_ptes_shared"))
+
+
+def targets_table(targets: list[dict[str, Any]], tunables: dict[str, Any]) -> Table:
+    """One row per configured target, in the configuration file's order: the policy as it
+    applies to its processes (its own settings, the global ones marked *), its coverage."""
     table = Table(box=None, pad_edge=False)
-    for col in ("TARGET", "PRIO", "ENABLED", "SHMEM", "PROCS", "ANON", "THP", "COVER",
-                "COLLAPSED", "BLOAT", "CPU"):
-        table.add_column(col, justify="left" if col in ("TARGET", "ENABLED", "SHMEM")
-                         else "right", no_wrap=True)
+    left = ("TARGET", "ENABLED", "SHMEM")
+    for col in ("TARGET", "PRIO", *(h for h, _ in POLICY_COLUMNS), "PROCS", "ANON", "THP",
+                "COVER", "COLLAPSED", "BLOAT", "CPU"):
+        table.add_column(col, justify="left" if col in left else "right", no_wrap=True)
     for t in targets:
+        policy = t.get("policy")
+        if policy is None:  # a daemon from before status carried the policy
+            policy = {k: t.get(k) for _, k in POLICY_COLUMNS if t.get(k) is not None}
+        applied = [str(policy[k]) if k in policy else f"{tunables.get(k, '-')}*"
+                   for _, k in POLICY_COLUMNS]
         limit = t["bloat_limit_kb"]
         bloat = human_kb(t["bloat_used_kb"]) + "/" + (human_kb(limit) if limit is not None
                                                       else "-")
         cpu = f"{t['cpu_seconds']:.2f} s" + (f" ({t['max_cpu_percent']}%)"
                                              if t["max_cpu_percent"] else "")
-        table.add_row(t["name"], str(t["priority"]), t["enabled"] or "(global)",
-                      t.get("shmem_enabled") or "(global)", str(t["processes"]),
+        table.add_row(t["name"], str(t["priority"]), *applied, str(t["processes"]),
                       human_kb(t["anon_kb"]), human_kb(t["anon_huge_kb"]),
                       f"{t['coverage_pct']:.1f}%", str(t["windows_collapsed"]), bloat, cpu)
     return table
 
 
 def print_status(st: dict[str, Any]) -> None:
-    out = Console(width=None if sys.stdout.isatty() else 160, highlight=False, markup=False)
+    out = console(markup=False)
     c = st["counters"]
     out.print(f"hugepaged {st['version']} pid {st['pid']}: {st['state']}, up "
               f"{st['uptime_seconds']:.0f} s, {st['cpu_seconds']:.2f} s CPU, "
@@ -285,7 +303,8 @@ def print_status(st: dict[str, Any]) -> None:
         out.print("collapse failures: "
                   + " ".join(f"{k}:{v}" for k, v in st["collapse_failures"].items()))
     if st.get("targets"):
-        out.print(targets_table(st["targets"]))
+        out.print(targets_table(st["targets"], st["tunables"]))
+        out.print("* the global value (TUNABLE below): the target does not set it")
     table = Table(box=None, pad_edge=False, title=None)
     table.add_column("TUNABLE")
     table.add_column("VALUE", justify="right")
