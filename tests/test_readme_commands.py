@@ -63,7 +63,7 @@ MOVED = ("/opt/hugepaged", "/opt/pipx", "/usr/local/bin", "/etc/hugepaged")
 SYSTEMCTL = {"daemon-reload", "enable --now hugepaged", "reload hugepaged"}
 
 
-def test_command_packages() -> set[str]:
+def readme_test_packages() -> set[str]:
     block = re.search(r"<!-- test-command -->\s*```sh\n(.+?)\n```",
                       (ROOT / "README.md").read_text(), re.S).group(1)
     return set(re.search(r"apt-get install ([^>&]+)", block).group(1).split())
@@ -245,7 +245,7 @@ def missing_line(packages: str) -> list[str]:
 def check_apt(command: str) -> None:
     """Not run: each package is one CI installs (the README's test command) and here."""
     packages = [w for w in shlex.split(command)[2:] if not w.startswith("-")]
-    missing = set(packages) - test_command_packages()
+    missing = set(packages) - readme_test_packages()
     assert not missing, f"{command}: {missing} not in the README's test command"
     for p in packages:
         r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
