@@ -1,4 +1,12 @@
-"""The configuration file: TOML, tunables by their kernel names plus the daemon's options."""
+"""The configuration file: TOML, tunables by their kernel names plus the daemon's options.
+
+The stdlib's tomllib parses; the checks after it are hand-written on purpose: they are the
+kernel's refusals in the kernel's words (tunables.parse), regular expressions, socket paths.
+A schema library (pydantic, jsonschema) would still need each of them as a custom validator,
+and would add a dependency and its import time to every command that reads a configuration.
+tomllib reports no positions for keys (nor does tomlkit), so the line an error names is found
+in the text (_line_of, _target_lines).
+"""
 
 import os
 import re

@@ -4,6 +4,13 @@ systemd passes $NOTIFY_SOCKET (a path, or "@name" for the abstract namespace) an
 WatchdogSec=, $WATCHDOG_USEC (and $WATCHDOG_PID). Each message is one datagram of
 newline-separated KEY=VALUE assignments. Without $NOTIFY_SOCKET everything here is a no-op,
 so the daemon behaves the same outside systemd.
+
+Why not a library: what one would replace is SdNotify's sendto() (the rest, when to kick the
+watchdog, how the loop's sleep is capped for it, what STATUS says, is the daemon's own).
+systemd-python and cysystemd are extensions built against libsystemd (pip needs a compiler
+and libsystemd's headers on a stock machine); the pure-Python sdnotify (last released 2017)
+sends a string and reads neither WATCHDOG_USEC nor WATCHDOG_PID. None is worth a dependency
+for one datagram.
 """
 
 from __future__ import annotations
