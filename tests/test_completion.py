@@ -164,6 +164,7 @@ def test_config_page_documents_every_key_the_configuration_accepts():
     from dataclasses import fields
 
     from hugepaged.config import ConfigError, DaemonOptions, parse_config
+    from hugepaged.kernel.geometry import running_geometry
 
     s = config_sections()
     assert terms(s["TUNABLES"]) == list(SPECS)
@@ -174,7 +175,9 @@ def test_config_page_documents_every_key_the_configuration_accepts():
     assert sorted(terms(s["TARGETS"])) == sorted(known)
     for key, spec in SPECS.items():  # each with its range or choices
         body = s["TUNABLES"].split(f"\\fB{key}\\fR\n", 1)[1].split(".TP", 1)[0]
-        assert (spec.choices[0] if spec.choices else f"{spec.lo}..{spec.hi}") in body, key
+        lo, hi = spec.bounds(running_geometry()) if spec.type is int else (None, None)
+        assert (spec.choices[0] if spec.choices else f"{lo}..{hi}" if lo is not None
+                else "CPU") in body, key
     assert '"text", "json"' in s["DAEMON OPTIONS"]  # log_format's choices
     example = re.search(r"^\.nf\n(.*?)^\.fi$", s["EXAMPLE"], re.M | re.S).group(1)
     cfg = parse_config(example, "example.toml")  # the page's example is a valid file
@@ -194,6 +197,6 @@ def test_config_page_renders_without_warnings(tmp_path):
 def test_an_undocumented_key_stops_the_page(monkeypatch):
     from hugepaged.cli import config_page
 
-    monkeypatch.delitem(config_page.OPTION_DOCS, "socket_group")
-    with pytest.raises(KeyError, match="option 'socket_group' has no description"):
+    monkeypatch.delitem(config_page.TARGET_DOCS, "priority")
+    with pytest.raises(KeyError, match="target key .priority. has no description"):
         config_page.page()

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from hugepaged.firstrun import explain
+from hugepaged.daemon.firstrun import explain
 from hugepaged.kernel import Kernel
 from hugepaged.targets import Target
 from hugepaged.tunables import Tunables

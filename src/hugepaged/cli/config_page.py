@@ -1,31 +1,20 @@
 """hugepaged.toml(5): the configuration file's manual page, generated from the code's tables.
 
-Keys, types, ranges, choices and defaults come from where the configuration is checked:
-tunables.SPECS and Tunables (tunables), config.DaemonOptions (daemon options),
-targets.MATCH_KEYS and POLICY_KEYS (a [[target]] table). Only the prose for the keys that
-are not tunables lives here (OPTION_DOCS, TARGET_DOCS); a key without it raises, so a new
-option cannot ship undocumented. Not a command of its own: `hugepaged manpage hugepaged.toml`.
+Keys, types, ranges, choices, defaults and the tunables' and options' prose come from where
+the configuration is checked: tunables.SPECS, options.OPTIONS, targets.TARGET_FIELDS (every
+key of a [[target]] table). Only the prose for the target keys that are not tunables lives
+here (TARGET_DOCS); a key without it raises, so a new one cannot ship undocumented.
+Not a command of its own: `hugepaged manpage hugepaged.toml`.
 """
 
-from dataclasses import MISSING, fields
+import json
 
 from hugepaged import paths
-from hugepaged.cli.manpage import _esc, _tp
-from hugepaged.tunables import INHERITED, SPECS, UINT_MAX, Tunables
+from hugepaged.cli.roff import esc as _esc
+from hugepaged.cli.roff import tp as _tp
+from hugepaged.kernel.geometry import running_geometry
+from hugepaged.tunables import SPECS, UINT_MAX
 
-OPTION_DOCS = {
-    "socket": "path of the control socket (status, get, set, top talk to the daemon there)",
-    "socket_group": "a group whose members may use the control socket (mode 0660, the "
-                    "peer's credentials checked); without it only root may",
-    "metrics": "serve Prometheus metrics on HOST:PORT (a bare PORT or :PORT binds "
-               "127.0.0.1); without it no port is opened",
-    "metrics_top_processes": "per-process coverage metrics for the N largest registered "
-                             "processes (0..100000; 0: none)",
-    "log_format": "text: human lines; json: one object per line",
-    "log_level": "the least severe level logged; info logs no line per window or process",
-    "exclude_comm": "a regular expression: a process whose whole /proc/PID/comm matches is "
-                    "not registered (checked at registration and at every exec)",
-}
 TARGET_DOCS = {
     "name": "the target's name: [a-z0-9_-], 1 to 32 characters, unique; the label in "
             "status, metrics and logs (required)",
@@ -40,34 +29,34 @@ TARGET_DOCS = {
     "shmem_enabled": "the target's shared memory, by the kernel's shmem_enabled modes",
     "max_cpu_percent": "the target's share of the global max_cpu_percent cap, percent of "
                        "one core (0: no share of its own)",
-    "priority": "higher is visited first in a pass (default 0)",
+    "priority": "higher is visited first in a pass",
     "max_bloat_mb": "MiB of RSS the target's live processes may gain from collapses that "
                     "fill empty or zero-page PTEs; a collapse past it is refused",
+    "min_coverage": "percent (0..100) of the target's processes' anonymous memory promised "
+                    "in huge pages: while it is short, they are visited before every other "
+                    "process; short for longer than coverage_deadline, the promise is broken "
+                    "(a warning naming the last obstacle, a counter, a metric)",
+    "coverage_deadline": "seconds (1..86400) the target may be short of min_coverage before "
+                         "its promise counts as broken",
 }
 
 
-def _option_keys() -> list[tuple[str, object, str]]:
-    """(key, default, type name) of every daemon option, from DaemonOptions itself."""
-    from hugepaged.config import DaemonOptions
-
-    out = []
-    for f in fields(DaemonOptions):
-        default = f.default if f.default is not MISSING else None
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        out.append((f.name, default, kind.replace(" | None", "")))
-    return out
-
-
-def _choices(key: str) -> tuple[str, ...]:
-    import hugepaged.config as config
-
-    return tuple(getattr(config, "_CHOICES", {}).get(key, ()))
+def cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def target_keys() -> tuple[str, ...]:
-    from hugepaged.targets import MATCH_KEYS, POLICY_KEYS
+    from hugepaged.targets import KEYS
 
-    return ("name", *MATCH_KEYS, *POLICY_KEYS)
+    return KEYS
+
+
+def _target_default(key: str) -> object:
+    """The default of a [[target]] key, from the table Target is made from (None: unset)."""
+    from hugepaged.targets import TARGET_FIELDS
+
+    row = next(f for f in TARGET_FIELDS if f[0] == key)
+    return row[2] if len(row) > 2 else None
 
 
 def _doc(table: dict[str, str], key: str, where: str) -> str:
@@ -78,27 +67,32 @@ def _doc(table: dict[str, str], key: str, where: str) -> str:
 
 
 def _tunables() -> str:
-    defaults = Tunables()
+    geometry = running_geometry()
     out = ""
     for s in SPECS.values():
-        default = ("the kernel's current value" if s.name in INHERITED
-                   else repr(getattr(defaults, s.name)).replace("'", '"'))
-        kind = f"A string, {s.describe()}" if s.choices else s.describe().capitalize()
-        out += _tp(s.name, f"{s.doc}. {kind}; default "
-                           f"{default}" + ("" if s.kernel else "; hugepaged's own"))
+        default = ("the kernel's current value" if s.inherited
+                   else json.dumps(s.default_for(geometry)))
+        kind = f"A string, {s.describe(geometry)}" if s.type is str \
+            else cap(s.describe(geometry))
+        out += _tp(s.name, f"{s.doc}. {kind}; default {default}"
+                   + ("" if s.kernel else "; hugepaged's own"))
     return out
 
 
 def _options() -> str:
+    from hugepaged.options import OPTIONS
+
     out = ""
-    for key, default, kind in _option_keys():
-        choices = _choices(key)
-        what = ("one of " + ", ".join(f'"{c}"' for c in choices)) if choices else \
-            ("an integer" if kind == "int" else "a string")
-        shown = "none" if default is None else (f'"{default}"' if isinstance(default, str)
-                                                else str(default))
-        out += _tp(key, f"{_doc(OPTION_DOCS, key, 'option')}. {what[0].upper()}{what[1:]}; "
-                        f"default {shown}")
+    for o in OPTIONS.values():
+        if o.choices:
+            what = "one of " + ", ".join(json.dumps(c) for c in o.choices)
+        elif o.range is not None:
+            what = f"an integer {o.range[0]}..{o.range[1]}"
+        else:
+            what = "an integer" if o.type is int else "a string"
+        shown = "none" if o.default is None else json.dumps(o.default)
+        flag = f"; on the command line {o.cli}" if o.flag else ""
+        out += _tp(o.name, f"{o.doc}. {cap(what)}; default {shown}{flag}")
     return out
 
 
@@ -112,14 +106,18 @@ def _targets() -> str:
            "registers, when it execs and on every reload.\n")
     for key in target_keys():
         if key in TUNABLE_KEYS:
-            doc = TARGET_DOCS.get(key) or f"the target's own {key}: {SPECS[key].doc}"
-            doc += f". {SPECS[key].describe()[0].upper()}{SPECS[key].describe()[1:]}"
+            spec = SPECS[key]
+            doc = TARGET_DOCS.get(key) or f"the target's own {key}: {spec.doc}"
+            doc += f". {cap(spec.describe())}"
         else:
             doc = _doc(TARGET_DOCS, key, "target key")
             if key == "priority":
                 doc += f". An integer {PRIORITY_RANGE[0]}..{PRIORITY_RANGE[1]}"
             elif key == "max_bloat_mb":
                 doc += f". An integer 0..{UINT_MAX}; default: no limit"
+        default = _target_default(key)
+        if default is not None:
+            doc += f"; default {json.dumps(default)}"
         out += _tp(key, doc)
     return out
 

@@ -1,11 +1,8 @@
 """`hugepaged manpage`: hugepaged(8) and hugepaged.toml(5) in roff, generated from the code.
 
-hugepaged(8) comes from the argparse definitions (argparse-manpage), hugepaged.toml(5) from
-the tables the configuration is checked against: every tunable of tunables.SPECS with its
-range, every daemon option of config.DaemonOptions with its type and default, every key of a
-[[target]] table. The prose for an option or a target key is kept here, in OPTION_DOCS and
-TARGET_DOCS; a key the configuration accepts and these do not describe stops the page from
-being generated (a test generates it), so the page cannot fall behind the code.
+hugepaged(8) comes from the argparse definitions (argparse-manpage), hugepaged.toml(5)
+(cli/config_page.py) from the tables the configuration is checked against: every tunable of
+tunables.SPECS, every daemon option of options.OPTIONS, every key of a [[target]] table.
 Section 8: the daemon and its commands are for the administrator (as khugepaged's knobs are).
 """
 
@@ -14,6 +11,7 @@ import re
 import sys
 
 from hugepaged import errors
+from hugepaged.cli.roff import tp as _tp
 from hugepaged.paths import CONFIG as DEFAULT_PATH
 from hugepaged.paths import SOCKET as DEFAULT_SOCKET
 from hugepaged.paths import STATE_FILE
@@ -38,12 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _esc(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("-", "\\-")
-
-
-def _tp(term: str, body: str) -> str:
-    return f".TP\n\\fB{_esc(term)}\\fR\n{_esc(body)}\n"
 
 
 def _words(name: str) -> str:

@@ -81,7 +81,7 @@ def target_name(comm: str, taken: set[str]) -> str:
 
 
 def size_text(kb: int) -> str:
-    from hugepaged.firstrun import size_text as text
+    from hugepaged.daemon.firstrun import size_text as text
 
     return text(kb)
 
@@ -89,7 +89,7 @@ def size_text(kb: int) -> str:
 def survey_groups(kernel, cfg, tunables) -> tuple[list[Group], list[tuple[int, str, int]]]:
     """(groups by what they gain, largest first; (pid, comm, kB) of THP-disabled ones)."""
     from hugepaged.policy import CollapseControl
-    from hugepaged.survey import candidates, judge, read_vmas, shmem_modes
+    from hugepaged.scan.survey import candidates, judge, read_vmas, shmem_modes
     from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 
     glob = CollapseControl.from_tunables(tunables)

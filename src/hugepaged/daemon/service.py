@@ -227,7 +227,7 @@ class Service:
             if control is not None:
                 control.start()  # its own thread: no client can stall the loop
             import hugepaged.scan.process  # noqa: F401 - numpy: start-up, not the cap's
-            from hugepaged.firstrun import log_first_run
+            from hugepaged.daemon.firstrun import log_first_run
 
             log_first_run(self.kernel, self.tunables, self.config.targets,
                           self.core.membership.exclude_comm, self.core.membership.only_pids)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from hugepaged.kernel import Kernel
 from hugepaged.policy import CollapseControl
-from hugepaged.survey import Look, survey
+from hugepaged.scan.survey import Look, survey
 from hugepaged.targets import ProcessFacts, Target, control_under, first_match
 from hugepaged.tunables import Tunables
 
