@@ -26,9 +26,11 @@ def row(text: str, first: str) -> dict[str, str]:
 def test_status_shows_each_targets_own_policy_and_coverage(tmp_path):
     config = tmp_path / "hugepaged.toml"
     with saved_thp(enabled="never"), Workload(regions=[{"name": "a", "windows": 4}]) as w:
-        config.write_text(f'[[target]]\nname = "mine"\npid = [{w.pid}]\nenabled = "always"\n'
+        # its own mode madvise, the global never: nothing is advised, nothing collapses, the
+        # coverage stays what it is while status is read twice
+        config.write_text(f'[[target]]\nname = "mine"\npid = [{w.pid}]\nenabled = "madvise"\n'
                           "max_ptes_none = 64\npriority = 7\n")
-        with Daemon([w.pid], sets={"enabled": "madvise", "max_ptes_swap": 32},
+        with Daemon([w.pid], sets={"enabled": "never", "max_ptes_swap": 32},
                     config=str(config)) as d:
             d.wait_for(lambda st: st["targets"][0]["processes"] == 1, what="registered")
             st = d.status()
@@ -36,7 +38,7 @@ def test_status_shows_each_targets_own_policy_and_coverage(tmp_path):
     assert r.returncode == 0, r.stderr
     got = row(r.stdout, "mine")
     glob = st["tunables"]
-    assert (got["PRIO"], got["ENABLED"], got["NONE"]) == ("7", "always", "64")  # its own
+    assert (got["PRIO"], got["ENABLED"], got["NONE"]) == ("7", "madvise", "64")  # its own
     assert got["SWAP"] == f"{glob['max_ptes_swap']}*" == "32*"  # the global --set value
     assert got["SHMEM"] == f"{glob['shmem_enabled']}*"
     assert got["SHARED"] == f"{glob['max_ptes_shared']}*"
@@ -44,6 +46,7 @@ def test_status_shows_each_targets_own_policy_and_coverage(tmp_path):
     assert "* the global value" in r.stdout
     tunable = re.search(r"^max_ptes_none\s+(\d+)$", r.stdout, re.M)
     assert tunable and tunable.group(1) == str(glob["max_ptes_none"])  # the global table
+    assert re.search(r"^enabled\s+never$", r.stdout, re.M)
 
 
 @kernel_test
