@@ -18,7 +18,7 @@ import sys
 
 FIXTURE = os.path.abspath(__file__)
 # Every command that builds a Kernel from its arguments (cli.common.kernel_of).
-KERNEL_COMMANDS = ("scan", "collapse", "run", "top", "restore-kernel")
+KERNEL_COMMANDS = ("scan", "collapse", "run", "top", "restore-kernel", "uninstall")
 
 
 def fixture_command(*args: str) -> list[str]:

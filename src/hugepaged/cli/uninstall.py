@@ -30,8 +30,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-file", default=None, metavar="PATH",
                    help=f"the daemon's saved kernel values (default {STATE_FILE}; with "
                         "--root only when given)")
-    p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
-    p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
