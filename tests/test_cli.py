@@ -31,7 +31,7 @@ ROOT = os.geteuid() == 0
 
 
 SCAN_KEYS = {"version", "tunables", "target", "referenced_known", "processes", "total",
-             "skipped"}
+             "skipped", "kernel_mthp_collapse"}
 PROCESS_KEYS = {"pid", "comm", "target", "anon_kb", "anon_huge_kb", "coverage_pct",
                 "eligible_windows", "collapsible", "results", "ineligible", "shmem_kb", "thp"}
 TOTAL_KEYS = {"processes", "anon_kb", "anon_huge_kb", "eligible_windows", "collapsible",
