@@ -107,7 +107,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          doc="sleep between passes"),
     Spec("alloc_sleep_millisecs", 60000, 0, UINT_MAX, kernel=True, inherited=True,
          doc="back-off after a huge page allocation failed"),
-    Spec("max_cpu_percent", 5, 0, 100, per_target=True,
+    # 20: a 3 GiB heap 95% huge in about a minute here (bench/results/2026-12-07-defaults.md);
+    # collapsing it costs 5-8 s of CPU, so a minute needs ~10-13% of a core while it works.
+    Spec("max_cpu_percent", 20, 0, 100, per_target=True,
          doc="cap on all CPU the daemon spends (collapses, its workers, scanning, "
              "registration): percent of one core as an average over 10 s, collapses spread "
              "evenly within it; 0: no cap (hugepaged's own)"),
