@@ -1,5 +1,7 @@
 """scan.eligibility: which VMAs are candidates (thp_vma_allowable_order) and of what kind."""
 
+import os
+
 import pytest
 
 from hugepaged.kernel.geometry import Geometry
@@ -7,6 +9,7 @@ from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible as I
 from hugepaged.scan.eligibility import (
+    DEV_ZERO,
     SPECIAL_FLAGS,
     MemoryKind,
     aligned_range,
@@ -28,11 +31,14 @@ ANON_FLAGS = frozenset(["rd", "wr", "mr", "mw", "me", "ac", "sd"])
 
 
 def vma(start: int = BASE, size: int = 8 * MB, perms: str = "rw-p", path: str = "",
-        inode: int = 0, flags: str | frozenset = ANON_FLAGS, offset: int = 0) -> Vma:
+        inode: int = 0, flags: str | frozenset = ANON_FLAGS, offset: int = 0,
+        fs: str | None = None, rdev: int = 0) -> Vma:
+    """A VMA as ProcFS.smaps gives it: a file (inode) has a device and what it is (fs)."""
     if isinstance(flags, str):
         flags = ANON_FLAGS | frozenset(flags.split())
+    dev = 0 if not inode else {"shmem": os.makedev(0, 1)}.get(fs, os.makedev(0, 99))
     return Vma(start=start, end=start + size, perms=perms, offset=offset, inode=inode,
-               path=path, flags=frozenset(flags))
+               path=path, flags=frozenset(flags), dev=dev, fs=fs if inode else "", rdev=rdev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,23 +86,31 @@ def test_private_anonymous_kinds_are_candidates(path):
     assert vma_skip_reason(v, "always", False) is None
 
 
-@pytest.mark.parametrize(("perms", "path", "inode", "kind"), [
-    ("rw-s", "/dev/zero (deleted)", 4056, MemoryKind.SHMEM),  # MAP_SHARED|MAP_ANONYMOUS
-    ("rw-s", "[anon_shmem:named]", 4057, MemoryKind.SHMEM),  # named shared anonymous
-    ("rw-s", "", 0, MemoryKind.SHMEM),  # shared, whatever it is called
-    ("rw-s", "/SYSV00000000 (deleted)", 32768, MemoryKind.SHMEM),  # SysV shm
-    ("rw-s", "/dev/shm/seg", 77, MemoryKind.SHMEM),  # POSIX shm on tmpfs
-    ("r--p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300, MemoryKind.FILE),
-    ("rw-p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300, MemoryKind.FILE),  # written
-    ("rw-s", "/tmp/data.bin", 12, MemoryKind.FILE),  # shared file mapping
-    ("rw-p", "/memfd:buffer (deleted)", 5, MemoryKind.SHMEM),  # memfd mapped privately
-    ("r--p", "[vvar]", 0, MemoryKind.SPECIAL),
-    ("r-xp", "[vdso]", 0, MemoryKind.SPECIAL),
-    ("--xp", "[vsyscall]", 0, MemoryKind.SPECIAL),
-    ("rw-p", "[uprobes]", 0, MemoryKind.SPECIAL),
+@pytest.mark.parametrize(("perms", "path", "inode", "fs", "kind"), [
+    ("rw-s", "/dev/zero (deleted)", 4056, "shmem", MemoryKind.SHMEM),  # MAP_SHARED|ANONYMOUS
+    ("rw-s", "[anon_shmem:named]", 4057, "shmem", MemoryKind.SHMEM),  # named shared anon
+    ("rw-s", "/SYSV00000000 (deleted)", 32768, "shmem", MemoryKind.SHMEM),  # SysV shm
+    ("rw-s", "/dev/shm/seg", 77, "tmpfs", MemoryKind.SHMEM),  # POSIX shm on tmpfs
+    ("rw-s", "/srv/cache/seg", 77, "tmpfs", MemoryKind.SHMEM),  # any tmpfs mount
+    ("rw-p", "/srv/cache/seg", 77, "tmpfs", MemoryKind.SHMEM),  # mapped privately
+    ("r--p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300, "ext4", MemoryKind.FILE),
+    ("rw-p", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1835300, "ext4", MemoryKind.FILE),
+    ("rw-s", "/tmp/data.bin", 12, "ext4", MemoryKind.FILE),  # shared file mapping
+    # Names are no evidence: a FUSE file called like POSIX shm, a memfd-like name on ext4,
+    # a device mounted nowhere we can see, a record nobody resolved.
+    ("rw-s", "/dev/shm/x (deleted)", 12, "fuse.sshfs", MemoryKind.FILE),
+    ("rw-s", "/memfd:x (deleted)", 12, "ext4", MemoryKind.FILE),
+    ("rw-s", "/dev/shm/seg", 77, "?", MemoryKind.FILE),
+    ("rw-s", "/dev/shm/seg", 77, None, MemoryKind.FILE),
+    ("rw-p", "/memfd:buffer (deleted)", 5, "shmem", MemoryKind.SHMEM),  # memfd, private
+    ("r--p", "[vvar]", 0, "", MemoryKind.SPECIAL),
+    ("r-xp", "[vdso]", 0, "", MemoryKind.SPECIAL),
+    ("--xp", "[vsyscall]", 0, "", MemoryKind.SPECIAL),
+    ("rw-p", "[uprobes]", 0, "", MemoryKind.SPECIAL),
+    ("rw-s", "", 0, "", MemoryKind.SPECIAL),  # shared and no file: not a kind we know
 ])
-def test_not_private_anonymous(perms, path, inode, kind):
-    v = vma(perms=perms, path=path, inode=inode, flags="hg")
+def test_not_private_anonymous(perms, path, inode, fs, kind):
+    v = vma(perms=perms, path=path, inode=inode, flags="hg", fs=fs)
     assert memory_kind(v) is kind
     # Shared memory goes by shmem_enabled (the policy's default: never), not enabled.
     reason = {MemoryKind.SHMEM: I.SHMEM_NEVER, MemoryKind.FILE: I.FILE_BACKED,
@@ -106,12 +120,29 @@ def test_not_private_anonymous(perms, path, inode, kind):
     if kind is MemoryKind.SHMEM:
         always = CollapseControl(shmem_enabled="always")
         assert ineligible(v, always, False) is None
-        assert ineligible(vma(start=BASE + 4096, perms=perms, path=path, inode=inode),
+        assert ineligible(vma(start=BASE + 4096, perms=perms, path=path, inode=inode, fs=fs),
                           always, False) is I.MISALIGNED
         # Smaller than a huge page, aligned or not: too small (no restart would help).
         for start in (BASE, BASE + 4096):
             assert ineligible(vma(start=start, size=2 * MB - 4096, perms=perms,
-                                  path=path, inode=inode), always, False) is I.TOO_SMALL
+                                  path=path, inode=inode, fs=fs), always, False) \
+                is I.TOO_SMALL
+
+
+@pytest.mark.parametrize(("perms", "fs", "rdev", "kind"), [
+    ("rw-p", "devtmpfs", DEV_ZERO, MemoryKind.ANON),  # private /dev/zero: anonymous memory
+    ("rw-p", "tmpfs", DEV_ZERO, MemoryKind.ANON),  # its node on a container's tmpfs /dev
+    ("rw-s", "tmpfs", DEV_ZERO, MemoryKind.FILE),  # (shared, the kernel would give shmem)
+    ("rw-p", "tmpfs", os.makedev(1, 3), MemoryKind.FILE),  # /dev/null's node on a tmpfs
+    ("rw-p", "devtmpfs", 0, MemoryKind.FILE),  # a regular file on devtmpfs
+])
+def test_device_nodes(perms, fs, rdev, kind):
+    v = vma(perms=perms, path="/dev/zero", inode=4, fs=fs, rdev=rdev, flags="hg")
+    assert memory_kind(v) is kind
+    if kind is MemoryKind.ANON:
+        assert vma_skip_reason(v, "madvise", False) is None
+        assert vma_skip_reason(vma(perms=perms, path="/dev/zero", inode=4, fs=fs, rdev=rdev),
+                               "madvise", False) is I.NO_MADV_HUGEPAGE
 
 
 @pytest.mark.parametrize("flag", sorted(SPECIAL_FLAGS))

@@ -3,6 +3,7 @@
 Nothing here needs root or a particular kernel: every root path is a parameter.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -91,7 +92,10 @@ def test_parse_smaps():
     assert exe == Vma(start=0x5611223F7000, end=0x5611223F8000, perms="r-xp", offset=0x1000,
                       inode=26723, path="/root/.pyenv/versions/3.11.7/bin/python3.11",
                       flags=frozenset({"rd", "ex", "mr", "mw", "me"}), rss_kb=4,
-                      anonymous_kb=0, anon_huge_kb=0, thp_eligible=False)
+                      anonymous_kb=0, anon_huge_kb=0, thp_eligible=False,
+                      dev=os.makedev(0xFE, 0))
+    # The device is the header's major:minor (hex); what it is, only ProcFS.smaps says.
+    assert (anon.dev, shared.dev, shared.fs) == (0, os.makedev(0, 0x1E), None)
     assert (heap.start, heap.end, heap.size) == (0x561122C00000, 0x561123000000, 4 * MB)
     assert (heap.rss_kb, heap.anonymous_kb, heap.thp_eligible) == (3000, 3000, True)
     assert anon.path == "" and anon.inode == 0 and anon.perms == "rw-p"
@@ -256,8 +260,30 @@ def test_status(proc):
     assert proc.status(456).thp_enabled is True
 
 
-def test_smaps_and_maps_through_procfs(proc):
-    assert proc.smaps(1) == parse_smaps(SMAPS)
+MOUNTINFO = """\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+25 22 0:30 / /srv/cache rw,relatime shared:5 - tmpfs tmpfs rw,size=1024k,huge=within_size
+26 22 0:31 / /dev/shm rw,nosuid,nodev shared:6 - tmpfs tmpfs rw,size=1024k
+"""
+
+
+def test_smaps_and_maps_through_procfs(proc, tmp_path):
+    """ProcFS.smaps says what backs each VMA from its device and the process's mountinfo
+    (where that is unreadable: ours); never from the path."""
+    got = proc.smaps(1)
+    assert [dataclasses.replace(v, fs=None) for v in got] == parse_smaps(SMAPS)
+    # No mountinfo in this tree: a file's device is unknown ("?"), no file is "".
+    assert [v.fs for v in got] == ["?", "", "", "", "?", "?", "", ""]
+    (tmp_path / "1" / "mountinfo").write_text(MOUNTINFO)
+    fs = {v.path: (v.fs, v.mount_huge) for v in proc.smaps(1)}
+    assert fs["[heap]"] == ("", None)
+    assert fs["/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"] == ("ext4", None)
+    # 00:1e is 0:30: the tmpfs at /srv/cache, whatever the path smaps prints.
+    assert fs["/tmp/my data: v2 (deleted)"] == ("tmpfs", "within_size")
+    (tmp_path / "1" / "mountinfo").write_text(MOUNTINFO.replace(
+        "- tmpfs tmpfs rw,size=1024k,huge=within_size", "- fuse.sshfs host:/ rw"))
+    fs = {v.path: (v.fs, v.mount_huge) for v in proc.smaps(1)}
+    assert fs["/tmp/my data: v2 (deleted)"] == ("fuse.sshfs", None)
     assert mapped_at(proc.maps_text(1), 0x400000)
 
 

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 
+from hugepaged.kernel.procfs import Vma
 from hugepaged.results import ScanResult as R
 from hugepaged.scan.shmem import (
     FileLimits,
@@ -78,9 +79,10 @@ def test_swap_limit_and_swapped_pages_are_not_present():
 
 
 def test_folio_results_in_the_kernels_order():
+    # Smaller large folios (shmem mTHP) are collapsed with the rest since 6.12: no verdict.
     assert decide([512, 512, 512, 512], huge=[1, 0, 0, 0], pmd_mapped=[0, 1, 0, 0],
                   compound=[0, 0, 1, 0], off_lru=[0, 0, 0, 1]) == \
-        [R.PTE_MAPPED_HUGEPAGE, R.PMD_MAPPED, R.PAGE_COMPOUND, R.PAGE_LRU]
+        [R.PTE_MAPPED_HUGEPAGE, R.PMD_MAPPED, R.SUCCEED, R.PAGE_LRU]
     # A 2 MiB folio at the range's start is met first, before any swap limit.
     assert decide([512], [100], huge=[1]) == [R.PTE_MAPPED_HUGEPAGE]
 
@@ -109,14 +111,19 @@ def test_within_size():
     assert not within_size(2 * HPAGE, 2 * HPAGE, HPAGE)
 
 
-@pytest.mark.parametrize(("path", "kind"), [
-    ("/dev/zero (deleted)", ShmemKind.ANON),
-    ("/memfd:pool (deleted)", ShmemKind.ANON),
-    ("/SYSV0000abcd (deleted)", ShmemKind.FILE),
-    ("/dev/shm/segment", ShmemKind.FILE),
+@pytest.mark.parametrize(("fs", "path", "nlink", "kind"), [
+    ("shmem", "/dev/zero (deleted)", -1, ShmemKind.ANON),
+    ("shmem", "/memfd:pool (deleted)", -1, ShmemKind.ANON),
+    ("shmem", "/SYSV0000abcd (deleted)", -1, ShmemKind.FILE),
+    ("tmpfs", "/dev/shm/segment", 1, ShmemKind.FILE),
+    ("tmpfs", "/srv/any/where", 1, ShmemKind.FILE),
+    ("tmpfs", "/dev/shm/segment (deleted)", 0, ShmemKind.ANON),  # unlinked: anon rules
+    ("tmpfs", "/dev/shm/x (deleted)", 1, ShmemKind.FILE),  # a name is no evidence
+    ("tmpfs", "/dev/shm/segment", -1, ShmemKind.FILE),  # link count unknown
 ])
-def test_kinds(path, kind):
-    assert shmem_kind(path) is kind
+def test_kinds(fs, path, nlink, kind):
+    v = Vma(0, HPAGE, "rw-s", 0, 7, path, dev=os.makedev(0, 99), fs=fs, nlink=nlink)
+    assert shmem_kind(v) is kind
 
 
 def test_deny_and_force_are_global_and_win():

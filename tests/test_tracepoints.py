@@ -40,7 +40,7 @@ for _ in range(int(sys.argv[1])):
     m.madvise(14)                      # MADV_HUGEPAGE: traced
     m.madvise(4)                       # MADV_DONTNEED: filtered out in the kernel
 m.madvise(15)                          # MADV_NOHUGEPAGE: traced
-libc.prctl(41, 1, 0, 0, 0)             # PR_SET_THP_DISABLE 1: traced
+libc.prctl(41, 1, 2, 0, 0)             # PR_SET_THP_DISABLE 1, EXCEPT_ADVISED: traced
 libc.prctl(15, b"child", 0, 0, 0)      # PR_SET_NAME: filtered out
 print(os.getpid(), ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 """
@@ -85,6 +85,7 @@ def test_madvise_hugepage_and_thp_disable_are_seen(tracer):
         ("prctl", PR_SET_THP_DISABLE, 1)]
     assert all(e.tid == pid for e in got)
     assert [(e.start, e.length) for e in got[:2]] == [(addr, 4 << 20)] * 2  # the range
+    assert got[2].flags == 2  # PR_THP_DISABLE_EXCEPT_ADVISED, the call's arg3
     time.sleep(0.1)
     assert [e for e in tracer.events() if e.pid == pid] == []  # the filter left the rest out
 

@@ -7,7 +7,11 @@ Usage: ``python tests/workload.py SPEC_JSON``
 
 SPEC_JSON::
 
-    {"regions": [REGION, ...], "prctl_thp_disable": false, "fork_child": false}
+    {"regions": [REGION, ...], "prctl_thp_disable": false, "prctl_thp_flags": 0,
+     "fork_child": false}
+
+prctl_thp_disable leaves PR_SET_THP_DISABLE on after setup; prctl_thp_flags is its arg3
+(2: PR_THP_DISABLE_EXCEPT_ADVISED, 6.18: THP only in MADV_HUGEPAGE regions).
 
 REGION (only "name" and "windows" are required)::
 
@@ -83,6 +87,8 @@ and commands on stdin, one per line, one JSON line answered for each:
                     the pipe's buffer holds a reference on the page (the kernel's collapse then
                     finds an unexpected reference count: SCAN_PAGE_COUNT, EAGAIN)
     unpin        -> {"ok": true}: drain and close those pipes (the references are dropped)
+    thp_disable A F -> {"ok": true, "get": G}: prctl(PR_SET_THP_DISABLE, A, F) now, G what
+                    PR_GET_THP_DISABLE answers after it (kept across `remap`)
     exit         -> {"ok": true}, then exit 0.   EOF on stdin: exit 0.
 Errors in the spec: message on stderr, exit status 2.
 """
@@ -130,6 +136,7 @@ MLOCK_ONFAULT = 1
 PR_SET_PDEATHSIG = 1
 PR_SET_THP_DISABLE = 41
 PR_SET_NAME = 15
+PR_GET_THP_DISABLE = 42
 
 # Pages handled per numpy operation when filling or verifying (4 MiB: stays in cache).
 CHUNK_PAGES = 1024
@@ -160,8 +167,16 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def prctl(option: int, arg2: int = 0) -> None:
-    _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option}, {arg2})")
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl({option}, {arg2}, {arg3})")
+
+
+# PR_SET_THP_DISABLE's (arg2, arg3) as the process has it outside its own faulting.
+THP_MODE = [0, 0]
+
+
+def restore_thp_mode() -> None:
+    prctl(PR_SET_THP_DISABLE, *THP_MODE)
 
 
 def madvise(addr: int, length: int, advice: int) -> None:
@@ -336,7 +351,7 @@ class Region:
             self.populate()
             self.write()
         finally:
-            prctl(PR_SET_THP_DISABLE, 0)
+            restore_thp_mode()
 
     def purge(self, k: int) -> None:
         """An allocator giving memory back: MADV_DONTNEED of the last k touched pages of every
@@ -478,7 +493,7 @@ def parse_spec(text: str) -> tuple[list[Region], bool, bool]:
         raise SpecError(f"spec is not JSON: {e}") from None
     if not isinstance(spec, dict):
         raise SpecError("spec must be a JSON object")
-    unknown = set(spec) - {"regions", "prctl_thp_disable", "fork_child"}
+    unknown = set(spec) - {"regions", "prctl_thp_disable", "prctl_thp_flags", "fork_child"}
     if unknown:
         raise SpecError(f"unknown spec keys {sorted(unknown)}")
     raw = spec.get("regions", [])
@@ -491,6 +506,13 @@ def parse_spec(text: str) -> tuple[list[Region], bool, bool]:
     fork_child = bool(spec.get("fork_child", False))
     if not fork_child and any(r.share_after_fork is not None for r in regions):
         raise SpecError("share_after_fork needs fork_child")
+    flags = spec.get("prctl_thp_flags", 0)
+    if not isinstance(flags, int) or flags < 0:
+        raise SpecError("prctl_thp_flags must be a non-negative integer")
+    if spec.get("prctl_thp_disable", False):
+        THP_MODE[:] = [1, flags]
+    elif flags:
+        raise SpecError("prctl_thp_flags needs prctl_thp_disable")
     return regions, bool(spec.get("prctl_thp_disable", False)), fork_child
 
 
@@ -526,8 +548,8 @@ def setup(regions: list[Region], thp_disable: bool, fork_child: bool) -> int | N
     for r in regions:
         if not r.thp_fault:
             r.fill()
-    if not thp_disable:
-        prctl(PR_SET_THP_DISABLE, 0)
+    if not thp_disable or THP_MODE[1]:
+        restore_thp_mode()
     for r in regions:
         if r.thp_fault:
             r.fill()
@@ -645,6 +667,11 @@ def serve(regions: list[Region]) -> None:
             r = by_name[name]
             pipes.append(pin_page(r.start + (int(window) * PAGES_PER_WINDOW + int(page)) * PAGE))
             reply({"ok": True})
+        elif cmd == "thp_disable":
+            a2, a3 = (int(x) for x in (arg.split() + ["0", "0"])[:2])
+            prctl(PR_SET_THP_DISABLE, a2, a3)
+            THP_MODE[:] = [a2, a3]
+            reply({"ok": True, "get": _libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)})
         elif cmd == "unpin":
             unpin_pages(pipes)
             reply({"ok": True})

@@ -52,6 +52,9 @@ HINTS = {
     "NO_MADV_HUGEPAGE": "enabled=madvise: a target with enabled=always would take it",
     "ENABLED_NEVER": "enabled=never",
     "THP_DISABLED_PRCTL": "the process set PR_SET_THP_DISABLE: even MADV_COLLAPSE is refused",
+    "THP_EXCEPT_ADVISED_PRCTL": "the process set PR_SET_THP_DISABLE with "
+                                "PR_THP_DISABLE_EXCEPT_ADVISED: THP only where it gave "
+                                "MADV_HUGEPAGE, whatever a target says",
     "VM_NOHUGEPAGE": "MADV_NOHUGEPAGE: the application asked for small pages",
     "SHMEM_NEVER": "shmem_enabled=never: --set shmem_enabled=always would take it",
     "SHMEM_NO_MADV_HUGEPAGE": "shmem_enabled=advise and no MADV_HUGEPAGE",

@@ -20,7 +20,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hugepaged.kernel.procfs import Vma
+from hugepaged.kernel.procfs import PR_THP_DISABLE_EXCEPT_ADVISED, Vma
 from hugepaged.kernel.tracepoints import (
     MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
@@ -67,13 +67,18 @@ def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | Non
         # was replaced in place by one without them: the map kept for the visit is stale.
         forget_layout(slot)
         return None
+    if ev.what == "prctl" and ev.value == PR_SET_THP_DISABLE:
+        # /proc shows PR_THP_DISABLE_EXCEPT_ADVISED only where THPeligible can (the kernel's
+        # enabled=always): the traced call is remembered for the process, slot or not.
+        members.kernel.procfs.note_thp_disable(ev.pid, ev.arg, ev.flags)
     if ev.what == "prctl" and ev.value == PR_SET_THP_DISABLE and slot is not None:
         # The visit in progress re-reads THP_enabled; memory allowed again is looked at now.
         slot.visit = None
         slot.forget_map()
-        log.debug("pid %d: PR_SET_THP_DISABLE %d", ev.pid, ev.arg,
-                  extra={"event": "prctl", "pid": ev.pid, "thp_disable": ev.arg})
-        if ev.arg == 0:
+        log.debug("pid %d: PR_SET_THP_DISABLE %d %d", ev.pid, ev.arg, ev.flags,
+                  extra={"event": "prctl", "pid": ev.pid, "thp_disable": ev.arg,
+                         "flags": ev.flags})
+        if ev.arg == 0 or ev.flags & PR_THP_DISABLE_EXCEPT_ADVISED:  # allowed (somewhere) again
             slot.wake()
             slot.due = now + ADVICE_SETTLE
             return slot.due

@@ -90,7 +90,13 @@ class FileId:
 
 
 class MappedFile:
-    """The file behind one VMA of a process, opened through /proc/PID/map_files."""
+    """The file behind one VMA of a process, opened through /proc/PID/map_files.
+
+    Only ever for shared memory: a VMA whose device is the kernel's internal shmem mount or
+    a tmpfs mount, as the kernel reports it (scan.eligibility.memory_kind, kernel/mounts.py),
+    whose page cache is in memory and whose open cannot block. No other user file is opened:
+    a file of a FUSE filesystem whose server stopped answering would hang the opener in D
+    state, whatever the file is called."""
 
     def __init__(self, proc_root: str, pid: int, start: int, end: int) -> None:
         self.pid = pid
@@ -208,30 +214,3 @@ def cachestat_supported(probe_fd: int | None = None) -> bool:
     finally:
         if probe_fd is None:
             os.close(fd)
-
-
-def tmpfs_mounts(proc_root: str, pid: int) -> list[tuple[str, str]]:
-    """(mount point, huge= option) of every tmpfs in the process's mount namespace, longest
-    mount point first; `never` where the option is absent (tmpfs's default)."""
-    path = f"{proc_root}/{pid}/mountinfo"
-    with process_errors(pid), open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    out = []
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(tail) < 3 or tail[0] != "tmpfs":
-            continue
-        opts = tail[2].split(",")
-        huge = next((o[5:] for o in opts if o.startswith("huge=")), "never")
-        out.append((fields[4].replace("\\040", " "), huge))
-    return sorted(out, key=lambda m: -len(m[0]))
-
-
-def mount_huge(mounts: list[tuple[str, str]], path: str) -> str | None:
-    """huge= of the tmpfs mount holding `path` (a smaps path), None if on none of them."""
-    path = path.removesuffix(" (deleted)")
-    for point, huge in mounts:
-        if path == point or path.startswith(point.rstrip("/") + "/"):
-            return huge
-    return None

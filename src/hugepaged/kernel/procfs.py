@@ -1,12 +1,17 @@
 """/proc readers: the process list, maps/smaps, status, stat. The root is a parameter."""
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hugepaged.errors import ProcessGone
+from hugepaged.errors import HugepagedError, ProcessGone
 from hugepaged.kernel.errors import process_errors, translate
 
 PF_KTHREAD = 0x00200000
+# prctl(PR_SET_THP_DISABLE, 1, PR_THP_DISABLE_EXCEPT_ADVISED, 0, 0) (6.18): THP only in the
+# process's MADV_HUGEPAGE VMAs; PR_GET_THP_DISABLE then answers 3. Not in older C headers.
+PR_THP_DISABLE_EXCEPT_ADVISED = 1 << 1
+THP_PRCTL_REMEMBERED = 4096  # processes whose traced PR_SET_THP_DISABLE is kept, at most
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,17 @@ class Vma:
     shmem_pmd_kb: int = 0
     file_pmd_kb: int = 0
     thp_eligible: bool | None = None
+    # What backs it, as the kernel reports it (kernel/mounts.py; never from the path):
+    # dev: the header's major:minor (os.makedev), 0 with no file. fs: "" no file, "shmem" the
+    # kernel's internal shmem mount, else the mountinfo fstype of dev ("tmpfs", "ext4",
+    # "fuse.x"), "?" a device mounted nowhere we can see, None not resolved (a record made
+    # by hand). mount_huge: a tmpfs mount's huge= option. rdev, nlink: the mapped inode's,
+    # read on memory filesystems only (rdev 0: not a device node; nlink -1: unknown).
+    dev: int = 0
+    fs: str | None = None
+    mount_huge: str | None = None
+    rdev: int = 0
+    nlink: int = -1
 
     @property
     def size(self) -> int:
@@ -69,6 +85,42 @@ class ProcFS:
 
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
+        # pid -> (start time, mode) of PR_SET_THP_DISABLE calls the syscall tracepoint saw:
+        # the one source of PR_THP_DISABLE_EXCEPT_ADVISED where smaps cannot show it
+        # (/proc/PID/status says THP_enabled: 1 for it).
+        self._thp_prctl: dict[int, tuple[int, int]] = {}
+
+    def note_thp_disable(self, pid: int, disable: int, flags: int) -> None:
+        """A traced prctl(PR_SET_THP_DISABLE, disable, flags) of `pid`: remember what
+        PR_GET_THP_DISABLE answers after it. A call the kernel refuses (EINVAL: flags without
+        disabling, unknown flags) changes nothing; the start time keeps a reused pid out."""
+        if (not disable and flags) or flags & ~PR_THP_DISABLE_EXCEPT_ADVISED:
+            return
+        if not disable:
+            self._thp_prctl.pop(pid, None)
+            return
+        try:
+            start = self.stat(pid).starttime
+        except HugepagedError:
+            return
+        self._thp_prctl.pop(pid, None)
+        while len(self._thp_prctl) >= THP_PRCTL_REMEMBERED:  # the oldest noted goes first
+            del self._thp_prctl[next(iter(self._thp_prctl))]
+        self._thp_prctl[pid] = (start, 1 | flags)
+
+    def thp_prctl(self, pid: int) -> int:
+        """The PR_SET_THP_DISABLE mode last traced for `pid` (0: none seen)."""
+        entry = self._thp_prctl.get(pid)
+        if entry is None:
+            return 0
+        try:
+            alive = self.stat(pid).starttime == entry[0]
+        except HugepagedError:
+            alive = False
+        if not alive:
+            self._thp_prctl.pop(pid, None)
+            return 0
+        return entry[1]
 
     def path(self, pid: int | str, name: str) -> str:
         return f"{self.root}/{pid}/{name}"
@@ -131,7 +183,10 @@ class ProcFS:
         return self.read_text(pid, "maps")
 
     def smaps(self, pid: int) -> list[Vma]:
-        return parse_smaps(self.read_text(pid, "smaps"))
+        """The VMAs of smaps, each with what backs it (kernel/mounts.py)."""
+        from hugepaged.kernel.mounts import Backing
+
+        return parse_smaps(self.read_text(pid, "smaps"), Backing(self.root, pid).annotate)
 
     def exe(self, pid: int) -> str | None:
         """readlink /proc/PID/exe; None where there is none (a kernel thread, a zombie)."""
@@ -181,15 +236,17 @@ _SMAPS_KEYS = {"Rss": "rss_kb", "Anonymous": "anonymous_kb", "AnonHugePages": "a
 def _parse_header(line: str) -> dict:
     parts = line.split(None, 5)
     start, _, end = parts[0].partition("-")
+    major, _, minor = parts[3].partition(":")
     return {
         "start": int(start, 16), "end": int(end, 16), "perms": parts[1],
-        "offset": int(parts[2], 16), "inode": int(parts[4]),
-        "path": parts[5].strip() if len(parts) > 5 else "",
+        "offset": int(parts[2], 16), "dev": os.makedev(int(major, 16), int(minor or "0", 16)),
+        "inode": int(parts[4]), "path": parts[5].strip() if len(parts) > 5 else "",
     }
 
 
-def parse_smaps(text: str) -> list[Vma]:
-    """Parse smaps text into Vma records (header line, then 'Key: value' lines)."""
+def parse_smaps(text: str, backing: Callable[[dict], None] | None = None) -> list[Vma]:
+    """Parse smaps text into Vma records (header line, then 'Key: value' lines);
+    `backing` adds what backs each VMA to its header's fields before the record is made."""
     vmas: list[Vma] = []
     current: dict | None = None
     for line in text.splitlines():
@@ -207,6 +264,8 @@ def parse_smaps(text: str) -> list[Vma]:
         if current is not None:
             vmas.append(Vma(**current))
         current = _parse_header(line)
+        if backing is not None:
+            backing(current)
     if current is not None:
         vmas.append(Vma(**current))
     return vmas

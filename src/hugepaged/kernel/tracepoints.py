@@ -60,8 +60,9 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 @dataclass(frozen=True)
 class SyscallEvent:
     """One traced call: 'madvise' (value = the advice, over [start, start + length)),
-    'prctl' (value = the option, arg = its arg2), 'mremap' or 'mmap' (value = its flags), by
-    thread `tid` of process `pid`."""
+    'prctl' (value = the option, arg = its arg2, flags = its arg3: PR_SET_THP_DISABLE's
+    PR_THP_DISABLE_EXCEPT_ADVISED), 'mremap' or 'mmap' (value = its flags), by thread `tid`
+    of process `pid`."""
 
     what: str
     pid: int
@@ -70,6 +71,7 @@ class SyscallEvent:
     arg: int = 0
     start: int = 0
     length: int = 0
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -258,12 +260,14 @@ class SyscallTracer:
             self.lost += lost
             field = self.SOURCES[what][1]
             ranged = what == "madvise" and {"start", "len_in"} <= ring.tp.fields.keys()
+            flagged = what == "prctl" and "arg3" in ring.tp.fields
             for pid, tid, raw in records:
                 arg = ring.tp.field(raw, "arg2") if what == "prctl" else 0
                 start, length = (ring.tp.field(raw, "start"), ring.tp.field(raw, "len_in")) \
                     if ranged else (0, 0)
+                flags = ring.tp.field(raw, "arg3") if flagged else 0
                 out.append(SyscallEvent(what, pid, tid, ring.tp.field(raw, field) & 0xFFFFFFFF,
-                                        arg, start, length))
+                                        arg, start, length, flags))
         return out
 
     def close(self) -> None:

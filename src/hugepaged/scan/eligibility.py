@@ -4,10 +4,11 @@ The userspace half of thp_vma_allowable_order(): one function answers for every 
 kernel's order of checks, with a reason an operator can act on (results.Ineligible).
 """
 
+import os
 from enum import StrEnum
 
 from hugepaged.kernel.geometry import DEFAULT_GEOMETRY, Geometry
-from hugepaged.kernel.procfs import Vma
+from hugepaged.kernel.procfs import PR_THP_DISABLE_EXCEPT_ADVISED, Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible
 from hugepaged.scan.shmem import ShmemModes, shmem_ineligible
@@ -16,8 +17,10 @@ from hugepaged.scan.shmem import ShmemModes, shmem_ineligible
 SPECIAL_FLAGS = frozenset({"io", "pf", "mm", "de", "ht"})
 UFFD_FLAGS = frozenset({"um", "uw", "ui"})
 _ANON_NAMES = ("", "[heap]", "[stack]")
-# Names /proc/PID/maps gives shmem-backed mappings: MAP_SHARED|MAP_ANONYMOUS, memfd, SysV.
-_SHMEM_PREFIXES = ("/dev/zero", "/memfd:", "/SYSV", "/dev/shm/", "[anon_shmem:")
+# The mem driver's /dev/zero (drivers/char/mem.c): a private mapping of it is anonymous
+# memory (mmap_zero makes the VMA anonymous), a shared one becomes shmem (shmem_zero_setup).
+DEV_ZERO = os.makedev(1, 5)
+SHMEM_FILESYSTEMS = frozenset({"shmem", "tmpfs"})
 
 
 class MemoryKind(StrEnum):
@@ -29,17 +32,27 @@ class MemoryKind(StrEnum):
     SPECIAL = "special"  # never a candidate
 
 
+def has_file(vma: Vma) -> bool:
+    """smaps prints device 0:0 and inode 0 for a VMA without a file, and only then."""
+    return vma.dev != 0 or vma.inode != 0
+
+
 def memory_kind(vma: Vma) -> MemoryKind:
+    """What the kernel says backs the VMA (Vma.fs, kernel/mounts.py), never its path: shared
+    memory is a file of the kernel's internal shmem mount or of any tmpfs mount; a private
+    mapping of /dev/zero (the device 1:5, wherever its node is) is anonymous memory. The
+    names in brackets are the kernel's own, given only to VMAs without a file."""
     if vma.flags & SPECIAL_FLAGS:
         return MemoryKind.SPECIAL
-    shared = "s" in vma.perms[3:]
-    if not shared and vma.inode == 0 and (vma.path in _ANON_NAMES
-                                          or vma.path.startswith("[anon:")):
-        return MemoryKind.ANON
-    if vma.path.startswith(_SHMEM_PREFIXES) or (shared and vma.inode == 0):
+    private = "s" not in vma.perms[3:]
+    if not has_file(vma):
+        if private and (vma.path in _ANON_NAMES or vma.path.startswith("[anon:")):
+            return MemoryKind.ANON
+        return MemoryKind.SPECIAL  # [vdso], [vvar], [vsyscall], [uprobes], ...
+    if vma.rdev:  # a device node: /dev/zero's private mappings are anonymous memory
+        return MemoryKind.ANON if private and vma.rdev == DEV_ZERO else MemoryKind.FILE
+    if vma.fs in SHMEM_FILESYSTEMS:
         return MemoryKind.SHMEM
-    if vma.path.startswith("["):  # [vdso], [vvar], [vsyscall], [uprobes], ...
-        return MemoryKind.SPECIAL
     return MemoryKind.FILE
 
 
@@ -48,12 +61,18 @@ def aligned_range(vma: Vma, geometry: Geometry = DEFAULT_GEOMETRY) -> tuple[int,
     return geometry.aligned(vma.start, vma.end)
 
 
-def ineligible(vma: Vma, control: CollapseControl, thp_disabled: bool,
+def ineligible(vma: Vma, control: CollapseControl, thp_disabled: int,
                geometry: Geometry = DEFAULT_GEOMETRY,
                shmem: ShmemModes | None = None) -> Ineligible | None:
     """None if the VMA is a candidate under `control`, else the first reason it is not.
-    `shmem`: the kernel's shmem controls (default: the policy's mode, per-size inherit)."""
-    if thp_disabled:
+
+    `thp_disabled`: the process's PR_SET_THP_DISABLE as PR_GET_THP_DISABLE would answer it
+    (0; 1 or True: no THP at all, not even MADV_COLLAPSE; 3: THP only in its MADV_HUGEPAGE
+    VMAs, which MADV_COLLAPSE ignores as a forced collapse, and which wins over a target as
+    MADV_NOHUGEPAGE does: vma_thp_disabled). `shmem`: the kernel's shmem controls (default:
+    the policy's mode, per-size inherit)."""
+    except_advised = bool(thp_disabled & PR_THP_DISABLE_EXCEPT_ADVISED)
+    if thp_disabled and not except_advised:
         return Ineligible.THP_DISABLED_PRCTL
     kind = memory_kind(vma)
     if kind is MemoryKind.SPECIAL:
@@ -62,6 +81,8 @@ def ineligible(vma: Vma, control: CollapseControl, thp_disabled: bool,
         return Ineligible.VM_NOHUGEPAGE
     if kind is MemoryKind.FILE:
         return Ineligible.FILE_BACKED
+    if except_advised and control.is_khugepaged and "hg" not in vma.flags:
+        return Ineligible.THP_EXCEPT_ADVISED_PRCTL
     if kind is MemoryKind.SHMEM:
         return shmem_ineligible(vma, control, shmem or ShmemModes(control.shmem_enabled),
                                 geometry)

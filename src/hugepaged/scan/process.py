@@ -13,8 +13,7 @@ import numpy as np
 
 from hugepaged.kernel import Kernel, KPageFlags
 from hugepaged.kernel.access import AccessSource
-from hugepaged.kernel.pagecache import mount_huge, tmpfs_mounts
-from hugepaged.kernel.procfs import Vma
+from hugepaged.kernel.procfs import PR_THP_DISABLE_EXCEPT_ADVISED, Vma
 from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
@@ -136,7 +135,8 @@ class ProcessScanner:
         self._use_scan = use_pagemap_scan
         self._scanners: dict[MemoryKind, object] = {}
         self._shmem: ShmemModes | None = None
-        self._mounts: list[tuple[str, str]] | None = None
+        self._prctl: int | None = None  # see thp_prctl
+        self._kernel_enabled: str | None = None
 
     def close(self) -> None:
         for s in self._scanners.values():
@@ -151,19 +151,47 @@ class ProcessScanner:
 
     def ineligible(self, vma: Vma, thp_disabled: bool) -> Ineligible | None:
         shmem = self.shmem_modes(vma) if memory_kind(vma) is MemoryKind.SHMEM else None
-        return ineligible(vma, self.control, thp_disabled, self.geometry, shmem)
+        return ineligible(vma, self.control, self.thp_prctl(vma, thp_disabled), self.geometry,
+                          shmem)
+
+    def thp_prctl(self, vma: Vma, thp_disabled: bool) -> int:
+        """What PR_GET_THP_DISABLE would answer for the process (0, 1 or 3), as far as it
+        shows from outside. /proc/PID/status says THP_enabled: 0 only for 1 (thp_disabled).
+        For 3 (PR_THP_DISABLE_EXCEPT_ADVISED) there are two witnesses: the syscall tracepoint,
+        where the daemon saw the call (ProcFS.thp_prctl), and smaps' THPeligible, which the
+        kernel computes with the mode: a private anonymous VMA holding a whole aligned window,
+        neither advised nor VM_NOHUGEPAGE, that the kernel's own `enabled=always` for the PMD
+        size would make eligible says 0 only under it. Under the kernel's `madvise` nothing
+        tells it from outside until the process makes the call again. Once seen, it holds
+        for every later VMA of this process."""
+        if thp_disabled:
+            return 1
+        if self._prctl is None:
+            self._prctl = self.kernel.procfs.thp_prctl(self.pid)
+        if not self._prctl and self._shows_except_advised(vma):
+            self._prctl = 1 | PR_THP_DISABLE_EXCEPT_ADVISED
+        return self._prctl
+
+    def _shows_except_advised(self, vma: Vma) -> bool:
+        if vma.thp_eligible is not False or vma.flags & {"hg", "nh"} \
+                or memory_kind(vma) is not MemoryKind.ANON:
+            return False
+        hstart, hend = aligned_range(vma, self.geometry)
+        if hstart >= hend:
+            return False
+        if self._kernel_enabled is None:
+            self._kernel_enabled = str(self.kernel.thp.effective_enabled())
+        return self._kernel_enabled == "always"
 
     def shmem_modes(self, vma: Vma) -> ShmemModes:
-        """The kernel's shmem controls for this VMA: read once per process; a named tmpfs
-        file adds its mount's huge= option."""
+        """The kernel's shmem controls for this VMA: read once per process; a linked file of
+        a tmpfs mount adds that mount's huge= option (Vma.mount_huge: by device)."""
         if self._shmem is None:
             self._shmem = ShmemModes(str(self.kernel.thp.read("shmem_enabled")),
                                      self.kernel.thp.shmem_enabled_pmd())
-        if shmem_kind(vma.path) is not ShmemKind.FILE or vma.path.startswith("/SYSV"):
+        if vma.fs != "tmpfs" or shmem_kind(vma) is not ShmemKind.FILE:
             return self._shmem
-        if self._mounts is None:
-            self._mounts = tmpfs_mounts(self.kernel.proc_root, self.pid)
-        return replace(self._shmem, mount_huge=mount_huge(self._mounts, vma.path))
+        return replace(self._shmem, mount_huge=vma.mount_huge)
 
     def range_key(self, vma: Vma, address: int) -> tuple[int, int, int] | None:
         """(device, inode, file offset) of a shared-memory window: the same range of the

@@ -5,9 +5,13 @@ page cache over the 512 offsets of a 2 MiB range, whether this process maps thos
 not, and stops at the first entry that fails:
 
 - a swap entry counts; more than max_ptes_swap -> EXCEED_SWAP_PTE (khugepaged only);
-- a large folio: one 2 MiB folio starting at the range -> PTE_MAPPED_HUGEPAGE (the collapse
-  then only installs the PMD: collapse_pte_mapped_thp), any other -> PAGE_COMPOUND;
+- a 2 MiB folio starting at the range -> PTE_MAPPED_HUGEPAGE (the collapse then only
+  installs the PMD: collapse_pte_mapped_thp);
 - a folio off the LRU -> PAGE_LRU (its reference count -> PAGE_COUNT: not visible here);
+- any other folio counts as present, all its pages: a smaller large folio (shmem mTHP, say
+  16 KiB ones) is collapsed with the rest. Since "mm: khugepaged: support shmem mTHP
+  collapse" (6.12); older kernels said PAGE_COMPOUND there, but small shmem folios came only
+  with the per-size shmem controls of 6.11, so that is the one kernel where the two differ;
 - afterwards, khugepaged only: fewer than 512 - max_ptes_none present -> EXCEED_NONE_PTE.
 There is no max_ptes_shared for files. MADV_COLLAPSE (is_khugepaged false) skips both
 limits and collapse_file then answers TRUNCATED for a range with nothing in the cache.
@@ -58,11 +62,17 @@ class ShmemKind(StrEnum):
     FILE = "file"  # SysV segments and named tmpfs files: the mount's huge= option
 
 
-def shmem_kind(path: str) -> ShmemKind:
-    """From the smaps path: SysV segments and linked files take the file rules."""
-    if path.startswith("/SYSV") or not path.endswith(" (deleted)"):
-        return ShmemKind.FILE
-    return ShmemKind.ANON
+def shmem_kind(vma: Vma) -> ShmemKind:
+    """Which rules: shmem_mmap gives an inode unlinked at the time of mmap shmem_anon_vm_ops
+    (memfd, MAP_SHARED|MAP_ANONYMOUS, an unlinked tmpfs file), a linked one shmem_vm_ops;
+    SysV wraps its own (shm_vm_ops). On the kernel's internal mount every file is unlinked,
+    and a SysV segment is told by the name the kernel gives it there ("/SYSV%08x": no user
+    names a file on that mount; memfd names are "memfd:" + the user's). On a tmpfs mount the
+    inode's link count says (Vma.nlink, read now: a file unlinked after its mmap keeps
+    shmem_vm_ops, which is not to be seen from userspace); where unknown, a linked file."""
+    if vma.fs == "shmem":
+        return ShmemKind.FILE if vma.path.startswith("/SYSV") else ShmemKind.ANON
+    return ShmemKind.ANON if vma.nlink == 0 else ShmemKind.FILE
 
 
 def misaligned(start: int, offset: int, pmd_size: int) -> bool:
@@ -155,7 +165,7 @@ def shmem_ineligible(vma: Vma, control: CollapseControl, kernel: ShmemModes,
     hstart, hend = geometry.aligned(vma.start, vma.end)
     if hstart >= hend:
         return Ineligible.TOO_SMALL
-    kind = shmem_kind(vma.path)
+    kind = shmem_kind(vma)
     fits = within_size(vma.offset, vma.offset + vma.size, geometry.pmd_size)
     hugepage = "hg" in vma.flags
     if refusal(kernel, kind, hugepage=hugepage, force=True, fits=fits):
@@ -188,7 +198,8 @@ class Folios:
 
     pmd_mapped: it maps the range with a PMD. huge: the range is one 2 MiB folio starting at
     the range (as far as the mapped pages show). compound: a mapped page of another large
-    folio. off_lru: a mapped page not on an LRU list. All bool per range.
+    folio (no verdict of its own: see the module docstring). off_lru: a mapped page not on an
+    LRU list. All bool per range.
     """
 
     pmd_mapped: np.ndarray
@@ -218,7 +229,6 @@ def decide_file(present: np.ndarray, swap: np.ndarray, folios: Folios,
     else:
         codes[present < limits.nr - limits.max_ptes_none] = int(R.EXCEED_NONE_PTE)
     codes[folios.off_lru] = int(R.PAGE_LRU)
-    codes[folios.compound] = int(R.PAGE_COMPOUND)
     if limits.khugepaged:
         codes[swap > limits.max_ptes_swap] = int(R.EXCEED_SWAP_PTE)
     codes[folios.huge] = int(R.PTE_MAPPED_HUGEPAGE)
