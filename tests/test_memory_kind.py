@@ -84,8 +84,7 @@ class Mapper:
 def scan_vmas(pid: int, *args: str) -> dict[int, dict]:
     res = hugepaged_cli("scan", "--pid", str(pid), "--vmas", "--json", *args, timeout=60)
     assert res.returncode == 0, res.stderr
-    (proc,) = json.loads(res.stdout)["processes"]
-    return {int(v["start"], 16): v for v in proc["vmas"]}
+    return {int(v["start"], 16): v for v in json.loads(res.stdout)["vmas"][str(pid)]}
 
 
 @pytest.fixture
