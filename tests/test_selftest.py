@@ -16,7 +16,8 @@ of the kernel's and hugepaged's two faces of them:
 - `madvise`: the selftest's madvise context, the process's own MADV_COLLAPSE (at
   enabled=never and shmem_enabled=never, as the selftest pushes for it);
 - `hugepaged_force`: the same, with `hugepaged collapse --pid P --force` making the call
-  from outside (process_madvise) where the process made it;
+  from outside (process_madvise) where the process made it (the command's entry point
+  called in this process);
 - `khugepaged`: the selftest's khugepaged context, the kernel's khugepaged: MADV_HUGEPAGE,
   wait until the range is huge or full_scans has advanced by two, MADV_NOHUGEPAGE, refault
   shared memory and files (a file collapse only retracts the page tables);
@@ -42,6 +43,7 @@ $HUGEPAGED_SELFTEST_OUT when set (the README's table).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -55,7 +57,7 @@ from pathlib import Path
 import pytest
 
 from . import marks
-from .daemon_runner import Daemon, hugepaged_cli, settled
+from .daemon_runner import Daemon, settled
 from .helpers import (
     KHUGEPAGED_PAUSED,
     KHUGEPAGED_RUNNING,
@@ -186,6 +188,7 @@ class Run:
     skipped: str = ""
     fatal: str = ""
     note: str = ""
+    seconds: float = 0.0
 
     @property
     def outcome(self) -> str:
@@ -258,10 +261,8 @@ class HugepagedForce(Context):
         self.sanity(proc, ops)
         with saved_thp(enabled="never", shmem_enabled="never"):
             proc.madvise(MADV_HUGEPAGE, 0, nr * HPAGE)  # the process's own step
-            res = hugepaged_cli("collapse", "--pid", str(proc.pid), "--force", "--json")
-            if res.returncode != 0:
-                raise Fatal(f"hugepaged collapse: {res.returncode} {res.stderr.strip()}")
-            got = {int(w["address"], 16): w["result"] for w in json.loads(res.stdout)["windows"]}
+            doc = collapse_force(proc.pid)
+            got = {int(w["address"], 16): w["result"] for w in doc["windows"]}
             ours = [got.get(BASE + i * HPAGE) for i in range(nr)]
             ok = all(r == "SUCCEED" for r in ours)  # as madvise(MADV_COLLAPSE) returns 0
             if ok != expect:
@@ -319,6 +320,20 @@ class Hugepaged(Khugepaged):
                 time.sleep(0.02)
         proc.madvise(MADV_NOHUGEPAGE, 0, nr * HPAGE)
         return timed_out
+
+
+def collapse_force(pid: int) -> dict:
+    """`hugepaged collapse --pid PID --force --json`, run in this process (the command's own
+    entry point and output; a new interpreter for each of some forty calls would cost 0.5 s
+    apiece)."""
+    from hugepaged.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["collapse", "--pid", str(pid), "--force", "--json"])
+    if rc != 0:
+        raise Fatal(f"hugepaged collapse: {rc} {err.getvalue().strip()}")
+    return json.loads(out.getvalue())
 
 
 def daemon_policy() -> dict:
@@ -632,6 +647,7 @@ def tmpfs_dir():
 def run_one(ctx_cls, scenario: str, ops: Ops, order: int) -> Run:
     run = Run()
     fn = SCENARIOS[scenario][0]
+    t0 = time.monotonic()
     proc = Proc()
     try:
         c = ctx_cls(run)
@@ -643,6 +659,7 @@ def run_one(ctx_cls, scenario: str, ops: Ops, order: int) -> Run:
         run.fatal = str(e)
     finally:
         proc.close()
+        run.seconds = round(time.monotonic() - t0, 2)
         if ops.name == "file":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{ops.dir}/collapse_test_file")
@@ -689,7 +706,8 @@ def test_selftest_case(scenario, mem, order, tmpfs_dir, tmp_path):
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"scenario": scenario, "mem": mem, "order": order,
-                                "outcomes": outcomes, "notes": notes}) + "\n")
+                                "outcomes": outcomes, "notes": notes,
+                                "seconds": {k: r.seconds for k, r in runs.items()}}) + "\n")
     corrupted = {k: r.fatal for k, r in runs.items() if "corrupted" in r.fatal}
     assert not corrupted, f"memory corrupted: {corrupted}"
     # hugepaged's two faces against the kernel's two collapsers: the daemon where the
