@@ -38,6 +38,8 @@ pytestmark = ORACLE
 EXCEPT_ADVISED = 2  # PR_THP_DISABLE_EXCEPT_ADVISED (1 << 1); the machine's headers lack it
 MODES = {"none": {}, "disable": {"prctl_thp_disable": True},
          "except_advised": {"prctl_thp_disable": True, "prctl_thp_flags": EXCEPT_ADVISED}}
+# The daemon's pace: its defaults come from the kernel's, which are paused here.
+PACE = {"pages_to_scan": 4096, "scan_sleep_millisecs": 10}
 LAYOUT = [{"name": "advised", "windows": 2, "hugepage": True},
           {"name": "plain", "windows": 2}]
 
@@ -69,7 +71,7 @@ def hugepaged_run(enabled: str) -> tuple[dict, dict]:
                 assert res.returncode == 0, res.stderr
                 why[mode] = json.loads(res.stdout)["processes"][0]["ineligible"]
             pids = [w.pid for w in ws.values()]
-            with Daemon(pids=pids, sets={"enabled": enabled}, log_level="info") as d:
+            with Daemon(pids=pids, sets={"enabled": enabled, **PACE}, log_level="info") as d:
                 d.wait_for(lambda st: all(settled(st, p) for p in pids), timeout=30,
                            what="every process settled")
             out = {mode: collapsed(w) for mode, w in ws.items()}
@@ -144,7 +146,7 @@ def test_a_target_does_not_override_the_opt_out(tmp_path):
         pids = [optout.pid, twin.pid]
         cfg = tmp_path / "hugepaged.toml"
         cfg.write_text(f'[[target]]\nname = "t"\npid = {pids}\nenabled = "always"\n')
-        with Daemon(pids=pids, config=str(cfg)) as d:
+        with Daemon(pids=pids, config=str(cfg), sets=PACE) as d:
             assert d.status()["madvise_source"] == "tracepoints"
             d.wait_for(lambda st: all(settled(st, p) for p in pids), timeout=30,
                        what="both settled (VM_NOHUGEPAGE)")

@@ -67,6 +67,7 @@ from .helpers import (
     read_knob,
     saved_thp,
     smaps_vma,
+    thp_pages_by_folio,
     zram_available,
     zram_swap,
 )
@@ -284,7 +285,12 @@ class Khugepaged(Context):
             return
         if ops.name != "anon":
             ops.fault(proc, 0, nr * HPAGE)
-        self.check(ops.check_huge(proc, nr if expect else 0), msg)
+        ok = ops.check_huge(proc, nr if expect else 0)
+        self.check(ok, msg)
+        if not ok and expect and ops.name != "anon":  # what the refault mapped, for the table
+            folios = thp_pages_by_folio(proc.pid, BASE, BASE + nr * HPAGE)
+            self.run.note = f"after the refault, pages mapped by PTEs from 2 MiB folios: " \
+                            f"{folios.get(NR, 0)} of {nr * NR}"
 
     def wait_for_scan(self, proc, nr, ops):
         self.sanity(proc, ops)
@@ -701,7 +707,8 @@ def test_selftest_case(scenario, mem, order, tmpfs_dir, tmp_path):
             with context_settings(ctx_cls):
                 runs[ctx_cls.name] = run_one(ctx_cls, scenario, ops, order)
     outcomes = {k: r.outcome for k, r in runs.items()}
-    notes = {k: r.fails or r.fatal or r.skipped or r.note for k, r in runs.items()}
+    notes = {k: [*r.fails, r.note] if r.note and r.fails else r.fails or r.fatal or r.skipped
+             or r.note for k, r in runs.items()}
     out = os.environ.get("HUGEPAGED_SELFTEST_OUT")
     if out:
         with open(out, "a") as f:
