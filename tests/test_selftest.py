@@ -79,7 +79,11 @@ PAGE = os.sysconf("SC_PAGESIZE")
 HPAGE = 2 << 20
 NR = HPAGE // PAGE
 MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED, MADV_PAGEOUT = 14, 15, 4, 21
-WAIT_TIMEOUT = 10.0  # the selftest waits 3 s; longer only matters where a case fails
+# The kernel's khugepaged is waited for as long as the selftest waits (3 s): where its two
+# full scans take longer (other processes' memory in its list), the selftest's verdict is a
+# timeout too. The daemon's wait ends once it settled the process; 10 s bounds a failure.
+KERNEL_WAIT = 3.0
+DAEMON_WAIT = 10.0
 PMD_KB = HPAGE >> 10
 BASE = 1 << 30  # where tests/selftest_proc.py maps its area (the selftest's BASE_ADDR)
 
@@ -298,7 +302,7 @@ class Khugepaged(Context):
         timed_out = True
         with saved_thp(**KHUGEPAGED_RUNNING):  # the pace only (see selftest_settings)
             target = read_counter("full_scans") + 2
-            deadline = time.monotonic() + WAIT_TIMEOUT
+            deadline = time.monotonic() + KERNEL_WAIT
             while time.monotonic() < deadline:
                 if ops.check_huge(proc, nr) or read_counter("full_scans") >= target:
                     timed_out = False
@@ -316,7 +320,7 @@ class Hugepaged(Khugepaged):
         proc.madvise(MADV_HUGEPAGE, 0, nr * HPAGE)
         timed_out = True
         with Daemon(pids=[proc.pid], sets=daemon_policy(), log_level="info") as d:
-            deadline = time.monotonic() + WAIT_TIMEOUT
+            deadline = time.monotonic() + DAEMON_WAIT
             while time.monotonic() < deadline:
                 st = d.status()
                 if ops.check_huge(proc, nr) or (st["counters"]["full_scans"] >= 1
