@@ -45,6 +45,9 @@ libc.prctl(15, b"child", 0, 0, 0)      # PR_SET_NAME: filtered out
 print(os.getpid(), ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 """
 EXTRA = 2  # records after the loop's: MADV_NOHUGEPAGE, PR_SET_THP_DISABLE
+# The calls the child makes (a Python's start-up makes MAP_FIXED mmaps by the dozen: the
+# dynamic loader's; test_a_map_fixed_mmap_is_seen looks at those).
+CALLS = ("madvise", "prctl")
 
 
 def _child(n: int = 1, cpu: int | None = None, address: bool = False):
@@ -69,7 +72,7 @@ def _tracefs_mounted() -> bool:
 
 @pytest.fixture
 def tracer():
-    t = SyscallTracer()
+    t = SyscallTracer(sources=CALLS)
     try:
         yield t
     finally:
@@ -90,8 +93,37 @@ def test_madvise_hugepage_and_thp_disable_are_seen(tracer):
     assert [e for e in tracer.events() if e.pid == pid] == []  # the filter left the rest out
 
 
+def test_a_map_fixed_mmap_and_a_moving_mremap_are_seen():
+    """The two calls that change a memory map's VM flags where /proc/PID/maps may show no
+    difference (a mapping replaced in place, one moved): daemon/visit.py relies on them."""
+    t = SyscallTracer(sources=("mmap", "mremap"))
+    try:
+        code = (
+            "import ctypes, mmap\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
+            " ctypes.c_int, ctypes.c_long]\n"
+            "libc.mremap.restype = ctypes.c_void_p\n"
+            "libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,"
+            " ctypes.c_int]\n"
+            "a = libc.mmap(None, 1 << 21, 3, 0x22, -1, 0)\n"
+            "assert libc.mmap(a, 1 << 21, 3, 0x32, -1, 0) == a\n"  # MAP_FIXED over itself
+            "assert libc.mremap(a, 1 << 21, 1 << 22, 1) not in (None, 2**64 - 1)\n")
+        p = subprocess.run([sys.executable, "-c", code], timeout=30)
+        assert p.returncode == 0
+        got = _drain(t, p.pid, 10_000, timeout=1.0)
+        mine = [e for e in got if e.what == "mmap" and e.value & 0x10]
+        assert mine, "no MAP_FIXED mmap seen"
+        assert any(e.value == 0x32 for e in mine)  # MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED
+        assert [e.value for e in got if e.what == "mremap"] == [1]  # MREMAP_MAYMOVE
+        assert all(e.value & 0x10 for e in got if e.what == "mmap")  # the filter: FIXED only
+    finally:
+        t.close()
+
+
 def test_ring_wraps_and_counts_lost_records():
-    t = SyscallTracer(ring_pages=1)  # 4 KiB rings: ~50 records each
+    t = SyscallTracer(ring_pages=1, sources=CALLS)  # 4 KiB rings: ~50 records each
     try:
         pid = _child(30)
         got = _drain(t, pid, 30 + EXTRA)

@@ -225,12 +225,15 @@ class SyscallTracer:
                "mmap": ("sys_enter_mmap", "flags", MAP_FIXED)}
 
     def __init__(self, sys_root: str = "/sys", ring_pages: int = 8,
-                 values: dict[str, tuple[int, ...] | int] | None = None) -> None:
+                 values: dict[str, tuple[int, ...] | int] | None = None,
+                 sources: tuple[str, ...] | None = None) -> None:
         self.tracefs = TraceFS(sys_root)
         self.rings: list[tuple[str, _Ring]] = []
         self.lost = 0
         try:
             for what, (event, field, default) in self.SOURCES.items():
+                if sources is not None and what not in sources:
+                    continue
                 tp = self.tracefs.tracepoint("syscalls", event)
                 wanted = (values or {}).get(what, default)
                 expr = (f"{field} & {wanted}" if isinstance(wanted, int) else
