@@ -259,6 +259,7 @@ def knob_snapshot() -> dict[str, str]:
         names += [f"{size.name}/{f}" for f in ("enabled", "shmem_enabled")
                   if (size / f).exists()]
     out = {n: read_knob(n) for n in names}
+    out["nr_hugepages"] = NR_HUGEPAGES.read_text().strip()
     with open("/proc/swaps") as f:
         out["swaps"] = " ".join(sorted(line.split()[0] for line in f.readlines()[1:]))
     return out
@@ -268,8 +269,57 @@ def restore_knobs(saved: dict[str, str]) -> None:
     """Write back the knobs of a knob_snapshot() that differ now (swap is only reported)."""
     now = knob_snapshot()
     for name, value in saved.items():
-        if name != "swaps" and now.get(name) != value:
+        if name == "nr_hugepages" and now.get(name) != value:
+            _write_knob(NR_HUGEPAGES, value)
+        elif name not in ("swaps", "nr_hugepages") and now.get(name) != value:
             write_knob(name, value)
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def meminfo_kb(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class HugetlbPool:
+    """The hugetlb pool as a taker of free 2 MiB blocks. Pool pages are neither free nor
+    movable: while held, no allocation or compaction can use their blocks."""
+
+    def __init__(self, keep_free_mib: int) -> None:
+        self.keep_free_mib = keep_free_mib
+        self.saved = NR_HUGEPAGES.read_text().strip()
+
+    def grow(self, n: int) -> int:
+        """Ask the kernel for n more pool pages (it takes free blocks and compacts movable
+        memory into more, stopping where it cannot, or where MemFree would go under
+        keep_free_mib); the pool's size."""
+        room = (meminfo_kb("MemFree") - self.keep_free_mib * 1024) // 2048
+        _write_knob(NR_HUGEPAGES, int(NR_HUGEPAGES.read_text()) + max(0, min(n, room)))
+        return int(NR_HUGEPAGES.read_text())
+
+    def release(self) -> None:
+        """Give the pool back (its size as found), SIGINT held off meanwhile."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            _write_knob(NR_HUGEPAGES, self.saved)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def hugetlb_pool(keep_free_mib: int) -> Iterator[HugetlbPool]:
+    """A HugetlbPool, given back afterwards whatever happens (under the machine lock)."""
+    with machine_lock():
+        pool = HugetlbPool(keep_free_mib)
+        try:
+            yield pool
+        finally:
+            pool.release()
 
 
 def read_counter(name: str) -> int:

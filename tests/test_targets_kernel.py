@@ -165,8 +165,10 @@ def test_bloat_budget_caps_the_rss_sparse_windows_add(tmp_path):
         assert t["results"]["EXCEED_BLOAT_BUDGET"] >= 14
         assert st["results"]["EXCEED_BLOAT_BUDGET"] >= 14
         (row,) = [ln.split() for ln in human.splitlines() if ln.startswith("lean ")]
-        # TARGET PRIO ENABLED SHMEM PROCS ANON THP COVER COLLAPSED BLOAT CPU
-        assert row[:5] == ["lean", "0", "(global)", "(global)", "1"] and row[9] == "3.5M/4.0M", \
+        # TARGET PRIO ENABLED SHMEM NONE SWAP SHARED PROCS ANON THP COVER COLLAPSED BLOAT CPU
+        # (a star: the global value, the target does not set it)
+        assert row[:8] == ["lean", "0", "madvise*", "never*", "511", "64*", "256*", "1"] \
+            and row[12] == "3.5M/4.0M", \
             human
         (mine,) = [ln.split() for ln in top.splitlines() if ln.split()[:1] == [str(w.pid)]]
         assert mine[2] == "lean", top  # top shows each process's target
@@ -216,11 +218,11 @@ def test_a_target_at_a_small_cpu_share_is_served_as_its_share_returns(tmp_path):
                     seen.append((time.monotonic() - t0, n))
                 if n == 24:
                     break
-                if n:  # under way: resting for the share is being capped, never idle
+                if n:  # under way: resting for the share is share-limited, never idle
                     states.add(d.status()["state"])
                 time.sleep(0.05)
         assert seen[-1][1] == 24, seen
-        assert "cpu-capped" in states and "idle" not in states, states
+        assert "share-limited: t" in states and "idle" not in states, states
         gaps = [b[0] - a[0] for a, b in zip(seen[1:], seen[2:], strict=False)]  # after the 1st
         assert max(gaps, default=0.0) < 4.0, seen
         w.verify()

@@ -76,17 +76,19 @@ class Schedule:
         return wake
 
     def state(self, now: float, scan_sleep: float) -> str:
-        """What the next pass waits for: a running back-off or CPU cap, a target's share, a
-        pass due within scan_sleep ("scanning"), or nothing soon ("idle")."""
+        """What the next pass waits for: a running back-off or CPU cap, memory pressure or a
+        target's share, a pass due within scan_sleep ("scanning"), or nothing soon ("idle").
+        A visit held by pressure or a share is named before "scanning": passes keep coming
+        every scan_sleep meanwhile, yet they wait for that, not for work."""
         if self.until(BACKOFF, now):
             return "alloc-backoff"
         if self.until(CPU, now):
             return "cpu-capped"
-        if self._at.get(PASS, 0.0) <= now + scan_sleep:
-            return "scanning"
         if self.until(PRESSURE, now):
             return "memory-pressure"
         waiting = sorted(((when, name) for name, when in self.shares() if when > now))
         if waiting:
             return f"share-limited: {waiting[0][1]}"
+        if self._at.get(PASS, 0.0) <= now + scan_sleep:
+            return "scanning"
         return "idle"
