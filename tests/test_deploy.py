@@ -452,6 +452,12 @@ def test_dashboard_queries_use_metrics_that_exist(exposition):
     exprs = [t["expr"] for p in panels(dash) for t in p.get("targets", [])]
     exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
     check_queries(exprs, exposition, recording_rules())
+    # and the queries deploy/README.md suggests
+    readme = (DEPLOY / "README.md").read_text()
+    blocks = re.findall(r"```promql\n(.*?)```", readme, re.S)
+    lines = [ln for b in blocks for ln in b.splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) >= 5
+    check_queries(lines, exposition, recording_rules())
     # the check itself refuses a name the daemon does not export
     with pytest.raises(AssertionError):
         check_queries(["rate(hugepaged_collapses_total[5m])"], exposition, set())
