@@ -2,7 +2,7 @@
 # Build hugepaged's container image with nothing pulled from a container registry: a Debian
 # base made here from the Debian archive, then deploy/Containerfile on top of it.
 #
-#   deploy/build-image.sh [TAG]              TAG defaults to localhost/hugepaged:0.1.0
+#   deploy/build-image.sh [TAG]        TAG defaults to localhost/hugepaged:VERSION (pyproject's)
 #
 # Needs root, mmdebstrap and buildah (apt-get install mmdebstrap buildah); no container
 # runtime: buildah runs the Containerfile's RUN step with chroot isolation. Environment:
@@ -14,11 +14,11 @@
 # privileges against a real process.
 set -eu
 
-TAG=${1:-localhost/hugepaged:0.1.0}
+cd "$(dirname "$0")/.."
+TAG=${1:-localhost/hugepaged:$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)}
 SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 BASE_TAG=${BASE_TAG:-localhost/hugepaged-base:$SUITE}
-cd "$(dirname "$0")/.."
 
 now() { date +%s.%N; }
 secs() { awk "BEGIN { printf \"%.1f\", $2 - $1 }"; }

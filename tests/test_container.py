@@ -174,7 +174,8 @@ def test_image_config_and_installed_files(image):
 
 def container_options(img: Image, ctr: str, container: dict, spec: dict,
                       volumes: dict[str, str]) -> list[str]:
-    """buildah run options for the pod spec: capabilities and volumes (host paths by name)."""
+    """buildah run options for the pod spec: capabilities and the volumes named in `volumes`
+    (by the node's path). buildah's chroot isolation leaves out any volume under /sys."""
     sc = container["securityContext"]
     assert spec["hostPID"] and spec["hostNetwork"]  # buildah's chroot isolation shares both
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}  # buildah applies its default
@@ -187,23 +188,95 @@ def container_options(img: Image, ctr: str, container: dict, spec: dict,
     opts = [f"--cap-drop=CAP_{c}" for c in sorted(defaults - wanted)]
     opts += [f"--cap-add=CAP_{c}" for c in sorted(wanted)]
     for m in container["volumeMounts"]:
-        if m["name"] not in volumes:
-            continue
-        mode = "ro" if m.get("readOnly") else "rw"
-        opts.append(f"--volume={volumes[m['name']]}:{m['mountPath']}:{mode}")
+        if m["name"] in volumes:  # (buildah 1.28 ignores a volume written with ":rw")
+            ro = ":ro" if m.get("readOnly") else ""
+            opts.append(f"--volume={volumes[m['name']]}:{m['mountPath']}{ro}")
     return opts
 
 
-def upper_dir(img: Image, ctr: str) -> Path:
-    """The working container's overlay upper directory: whatever it wrote to its root."""
-    merged = img.buildah("mount", ctr).strip()
-    with open("/proc/self/mountinfo") as f:
-        line = next(ln for ln in f if f" {merged} " in ln)
-    return Path(re.search(r"upperdir=([^,\s]+)", line).group(1))
+# The pod's container, made by hand where buildah cannot: it makes every mount under /sys
+# read-only (the THP hostPath is read-write) and has no read-only root. What a runtime such
+# as runc does for this pod spec, in a private mount namespace: the image's root read-only;
+# a procfs of the host's PID namespace (hostPID) with the runtime's read-only and masked
+# paths; a read-only sysfs (the host's network namespace: hostNetwork); a minimal /dev; the
+# volumes; then chroot, the image's environment, no_new_privs and exactly the capabilities.
+_POD_SH = r"""
+set -eu
+root=$1; shift
+mount --bind "$root" "$root"
+mount -o remount,bind,ro "$root"
+mount -t proc proc "$root/proc"
+for p in sys sysrq-trigger irq bus fs; do
+    [ -e "$root/proc/$p" ] && mount --bind "$root/proc/$p" "$root/proc/$p" \
+        && mount -o remount,bind,ro "$root/proc/$p"
+done
+for p in kcore keys timer_list sched_debug; do
+    [ -e "$root/proc/$p" ] && mount --bind /dev/null "$root/proc/$p"
+done
+mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
+mount -t tmpfs -o nosuid,mode=755 tmpfs "$root/dev"
+for d in null zero full random urandom tty; do
+    touch "$root/dev/$d" && mount --bind "/dev/$d" "$root/dev/$d"
+done
+mkdir "$root/dev/shm" "$root/dev/pts"
+mount -t tmpfs -o nosuid,nodev,noexec tmpfs "$root/dev/shm"
+while [ "$1" != "--" ]; do   # SRC DST ro|rw, one volume at a time
+    mount --bind "$1" "$root$2"
+    [ "$3" = ro ] && mount -o remount,bind,ro "$root$2"
+    shift 3
+done
+shift
+exec chroot "$root" "$@"
+"""
 
 
-def written(upper: Path) -> set[str]:
-    return {str(p.relative_to(upper)) for p in upper.rglob("*")}
+class PodRunner:
+    """The DaemonSet's container from the image's root file system, as described above."""
+
+    def __init__(self, img: Image, ctr: str, container: dict, spec: dict,
+                 volumes: dict[str, str]) -> None:
+        info = json.loads(img.buildah("inspect", "--type", "container", ctr))
+        self.env = info["OCIv1"]["config"]["Env"]
+        self.root = img.buildah("mount", ctr).strip()
+        sc = container["securityContext"]
+        assert spec["hostPID"] and spec["hostNetwork"]  # the host's: nothing unshared
+        assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        self.caps = {c.upper() for c in sc["capabilities"]["add"]}
+        self.mounts: list[str] = []
+        for m in container["volumeMounts"]:
+            self.mounts += [volumes[m["name"]], m["mountPath"],
+                            "ro" if m.get("readOnly") else "rw"]
+            # A runtime makes a missing mount point in the root before it turns read-only.
+            if not m["mountPath"].startswith(("/sys/", "/proc/")):
+                os.makedirs(self.root + m["mountPath"], exist_ok=True)
+
+    def exec_prefix(self) -> list[str]:
+        """setpriv from the image: no_new_privs, exactly the capabilities, the image's env."""
+        keep = ",".join(f"+{c.lower()}" for c in sorted(self.caps))
+        return ["setpriv", "--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all",
+                f"--bounding-set=-all,{keep}", "--", "env", "-i", *self.env]
+
+    def argv(self, argv: list[str]) -> list[str]:
+        # unshare and chroot exec: the process started is the container's process itself.
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _POD_SH,
+                "pod", self.root, *self.mounts, "--", *self.exec_prefix(), *argv]
+
+    def start(self, argv: list[str], out) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        """A new container of the same pod spec, to completion."""
+        return subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+
+    def exec(self, pid: int, argv: list[str]) -> subprocess.CompletedProcess:
+        """Run in the container of `pid` (its mount namespace and root), as `kubectl exec` and
+        the kubelet's exec probes do."""
+        return subprocess.run(["nsenter", "--target", str(pid), "--mount", "--root", "--wd",
+                               "--", *self.exec_prefix(), *argv], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
@@ -226,9 +299,6 @@ def test_image_runs_as_the_daemonset_and_collapses_a_host_process(image, tmp_pat
     # the host's cgroup namespace through this test's own process instead, which is in it.
     assert command[:3] == ["nsenter", "--target", "1"]
     command = [*command[:2], str(os.getpid()), *command[3:]]
-    # allowPrivilegeEscalation: false is no_new_privs, set before the command runs.
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    command = ["setpriv", "--no-new-privs", "--", *command]
     # $(HOST_IP):9633 -> the loopback address and a port the kernel picks (the test's
     # network is the host's, shared with whatever else runs here).
     env = {"HOST_IP": "127.0.0.1"}
@@ -247,8 +317,8 @@ def test_image_runs_as_the_daemonset_and_collapses_a_host_process(image, tmp_pat
     by_name = {v["name"]: v for v in spec["volumes"]}
     assert by_name["config"]["configMap"]["name"] == "hugepaged"
     assert by_name["run"]["hostPath"]["path"] == "/run/hugepaged"
-    thp = by_name["thp"]["hostPath"]["path"]
-    volumes = {"config": str(config), "run": str(run), "thp": thp}
+    volumes = {"config": str(config), "run": str(run),
+               "thp": by_name["thp"]["hostPath"]["path"]}
     regions = [{"name": "a", "windows": 4, "hugepage": True},
                {"name": "b", "windows": 2}]  # not advised: enabled = "madvise" leaves it
     log = tmp_path / "container.log"
@@ -256,30 +326,26 @@ def test_image_runs_as_the_daemonset_and_collapses_a_host_process(image, tmp_pat
             working_container(image) as ctr, open(log, "w+") as out:
         w.command("comm " + COMM.encode().hex())
         kernels = read_knob("pages_to_scan")
-        opts = container_options(image, ctr, container, spec, volumes)
-        upper = upper_dir(image, ctr)
-        before = written(upper)
+        runner = PodRunner(image, ctr, container, spec, volumes)
         t0 = time.monotonic()
-        proc = subprocess.Popen(["buildah", "run", "--isolation", "chroot", *opts, ctr, "--",
-                                 *command, *args], env=image.env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
-        sock = str(run / "hugepaged.sock")
-        daemon_pid = None
+        proc = runner.start([*command, *args], out)
         try:
-            st = wait_status(sock, proc, log)
-            daemon_pid = st["pid"]  # the host's pid: the container has the host's pid space
+            st = wait_status(str(run / "hugepaged.sock"), proc, log)
             started = time.monotonic() - t0
-            status = proc_status(daemon_pid)
-            # The container's process is hugepaged itself (nsenter and setpriv exec it), with
-            # exactly the manifest's capabilities, no_new_privs, under a seccomp filter.
-            with open(f"/proc/{daemon_pid}/cmdline", "rb") as f:
-                assert b"hugepaged" in f.read().split(b"\0")[1]
-            wanted = {c.upper() for c in container["securityContext"]["capabilities"]["add"]}
+            # The container's process is hugepaged itself (setpriv, env, nsenter exec it),
+            # with the host's pid (hostPID), exactly the manifest's capabilities, and
+            # no_new_privs, in the host's cgroup namespace (nsenter), chrooted in the image.
+            assert st["pid"] == proc.pid
+            status = proc_status(proc.pid)
             for mask in ("CapBnd", "CapPrm", "CapEff"):
-                assert cap_names(int(status[mask], 16)) == wanted, (mask, status[mask])
-            assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+                assert cap_names(int(status[mask], 16)) == runner.caps, (mask, status[mask])
+            assert status["NoNewPrivs"] == "1"
+            assert os.readlink(f"/proc/{proc.pid}/ns/cgroup") == \
+                os.readlink("/proc/self/ns/cgroup")
+            assert os.readlink(f"/proc/{proc.pid}/root") == runner.root
             # What it has: the process connector (NET_ADMIN, host network), the syscall
-            # tracepoints (perf_event_open under the seccomp profile), only our workload.
+            # tracepoints (tracefs mounted by the daemon over the read-only /sys), and only
+            # our workload.
             assert st["connector"] is True and st["madvise_source"] == "tracepoints", st
             # kernel_khugepaged = "quiet" through the read-write THP volume.
             assert read_knob("pages_to_scan") == "1"
@@ -300,34 +366,30 @@ def test_image_runs_as_the_daemonset_and_collapses_a_host_process(image, tmp_pat
             ((labels, ratio),) = m["hugepaged_process_thp_coverage_ratio"]
             assert labels == {"pid": str(w.pid), "comm": COMM} and ratio > 0
             # Both probes, run in the container as the kubelet runs them: exit 0.
-            probe_opts = [o for o in opts if not o.startswith("--volume=")] + \
-                [f"--volume={run}:/run/hugepaged:rw"]
-            live = run_in(image, ctr, *container["livenessProbe"]["exec"]["command"],
-                          opts=probe_opts)
-            assert live.returncode == 0 and f"pid {daemon_pid}" in live.stdout, live
-            ready = run_in(image, ctr, *container["readinessProbe"]["exec"]["command"],
-                           opts=probe_opts)
-            assert ready.returncode == 0 and json.loads(ready.stdout)["pid"] == daemon_pid
-            rss_kb = int(proc_status(daemon_pid)["VmHWM"].split()[0])
+            live = runner.exec(proc.pid, container["livenessProbe"]["exec"]["command"])
+            assert live.returncode == 0 and f"pid {proc.pid}" in live.stdout, live
+            ready = runner.exec(proc.pid, container["readinessProbe"]["exec"]["command"])
+            assert ready.returncode == 0 and json.loads(ready.stdout)["pid"] == proc.pid
+            # readOnlyRootFilesystem: a write to the image's root fails.
+            touch = runner.exec(proc.pid, ["touch", "/opt/hugepaged/x"])
+            assert "Read-only file system" in touch.stderr, touch
+            rss_kb = int(proc_status(proc.pid)["VmHWM"].split()[0])
             # The kubelet stops a pod with SIGTERM to the container's process: the daemon.
-            os.kill(daemon_pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()[-2000:]
+            # Stopped: the kernel's khugepaged is back; the liveness probe now fails (in a
+            # new container of the same pod spec, the daemon's being gone).
+            assert read_knob("pages_to_scan") == kernels
+            dead = runner.run(container["livenessProbe"]["exec"]["command"])
+            assert dead.returncode != 0 and "hugepaged.sock" in dead.stderr, dead
         finally:
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(daemon_pid, signal.SIGTERM)
+                proc.terminate()
                 try:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        # Stopped: the kernel's khugepaged is back, the liveness probe now fails.
-        assert read_knob("pages_to_scan") == kernels
-        dead = run_in(image, ctr, *container["livenessProbe"]["exec"]["command"],
-                      opts=probe_opts)
-        assert dead.returncode != 0
-        # readOnlyRootFilesystem: it wrote only to its volumes.
-        assert written(upper) == before, written(upper) - before
         lines = log.read_text().splitlines()
     # The log is the ConfigMap's: JSON, one object per line, no warning or error (a missing
     # capability shows as one: connector or tracepoints unavailable, a process not readable).
