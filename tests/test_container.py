@@ -449,6 +449,8 @@ class Case:
     comm: str
     log: Path
     proc: subprocess.Popen | None = None
+    ctr: str = ""
+    run: Path | None = None
 
     def records(self) -> list[dict]:
         out = []
@@ -464,16 +466,18 @@ class Case:
 
 @kernel_test
 def test_each_capability_is_needed(image, tmp_path):
-    """The container as the DaemonSet runs it, once with the manifest's capabilities and once
-    without each of them (all at once, each with its own workloads: one of root, one of
-    nobody), under the engine's default seccomp profile. What each one's absence breaks:
-    SYS_ADMIN   nsenter --cgroup cannot setns (and PFNs, kpageflags and perf_event_open of
-                the tracepoints would read as nothing or fail behind it)
+    """The image's daemon under the engine's default seccomp profile, once with the
+    manifest's capabilities and once without each of them (all at once, each with its own
+    workloads: one of root, one of nobody). What each one's absence breaks:
+    SYS_ADMIN   PFNs and kpageflags read as nothing (no collapse, and no error either), and
+                perf_event_open of the tracepoints is refused: "tracepoints unavailable"
     SYS_NICE    process_madvise on another process: EPERM, every process dropped
     SYS_PTRACE  the default seccomp profile allows process_madvise only with it: the same
-                (the kernel alone would let SYS_ADMIN read other users' maps here)
+                (the kernel alone lets SYS_ADMIN read other users' maps here)
     DAC_READ_SEARCH  nobody's /proc/PID/pagemap (mode 0400): that process dropped
     NET_ADMIN   the process connector: refused, the daemon walks /proc instead
+    And the DaemonSet's `nsenter --cgroup` needs two of them itself: SYS_ADMIN (setns) and
+    SYS_PTRACE (the target's /proc/PID/ns/cgroup, a process with more capabilities).
     """
     spec, container, _ = pod()
     wanted = {c.upper() for c in container["securityContext"]["capabilities"]["add"]}
@@ -488,8 +492,9 @@ def test_each_capability_is_needed(image, tmp_path):
             w.command("comm " + case.comm.encode().hex())
             work[case.comm] = (w, stack.enter_context(nobody_workload(case.comm)))
         for case in cases:
-            ctr = stack.enter_context(working_container(image, case.comm))
+            ctr = case.ctr = stack.enter_context(working_container(image, case.comm))
             root = tmp_path / case.comm
+            case.run = root / "run"
             (root / "config").mkdir(parents=True)
             (root / "run").mkdir()
             (root / "config" / "hugepaged.toml").write_text(
@@ -501,8 +506,7 @@ def test_each_capability_is_needed(image, tmp_path):
             opts = [o for o in opts if o != f"--cap-add=CAP_{case.dropped}"]
             if case.dropped:
                 opts.append(f"--cap-drop=CAP_{case.dropped}")
-            command = ["setpriv", "--no-new-privs", "--", "nsenter", "--target",
-                       str(os.getpid()), "--cgroup", "--", "hugepaged", "run", "--config",
+            command = ["setpriv", "--no-new-privs", "--", "hugepaged", "run", "--config",
                        "/etc/hugepaged/hugepaged.toml"]
             out = stack.enter_context(open(case.log, "w"))
             case.proc = subprocess.Popen(
@@ -521,6 +525,8 @@ def test_each_capability_is_needed(image, tmp_path):
             dropped = {r["pid"] for r in case.records() if r.get("event") == "dropped"}
             if case.event("connector_unavailable"):
                 return "no connector"
+            if case.event("tracepoints_unavailable"):
+                return "no tracepoints"
             if w.pid in dropped and nb_pid in dropped:
                 return "both dropped"
             if nb_pid in dropped and root_done:
@@ -529,7 +535,7 @@ def test_each_capability_is_needed(image, tmp_path):
                 return "both collapsed"
             return None
 
-        expected = {None: "both collapsed", "SYS_ADMIN": "exited",
+        expected = {None: "both collapsed", "SYS_ADMIN": "no tracepoints",
                     "SYS_NICE": "both dropped", "SYS_PTRACE": "both dropped",
                     "DAC_READ_SEARCH": "nobody dropped", "NET_ADMIN": "no connector"}
         got: dict[str | None, str] = {}
@@ -542,14 +548,35 @@ def test_each_capability_is_needed(image, tmp_path):
         logs = {c.dropped: c.log.read_text()[-600:] for c in cases
                 if got.get(c.dropped) != expected[c.dropped]}
         assert got == expected, logs
+        # Without SYS_ADMIN, a full scan collapses nothing and says nothing about it.
         sys_admin = next(c for c in cases if c.dropped == "SYS_ADMIN")
-        assert "nsenter: reassociate to namespace 'ns/cgroup' failed: Operation not " \
-               "permitted" in sys_admin.log.read_text()
+        st = wait_status(str(sys_admin.run / "hugepaged.sock"), sys_admin.proc, sys_admin.log)
+        deadline = time.monotonic() + 20
+        while st["counters"]["full_scans"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            st = wait_status(str(sys_admin.run / "hugepaged.sock"), sys_admin.proc,
+                             sys_admin.log)
+        w, _ = work[sys_admin.comm]
+        a = w.regions["a"]
+        assert st["counters"]["full_scans"] >= 1 and st["counters"]["pages_collapsed"] == 0, st
+        assert not st["collapse_failures"] and not any(pmd_mapped_windows(w.pid, a.start,
+                                                                          a.end))
         full = cases[0]
         assert not [r for r in full.records() if r["level"] in ("warning", "error")]
         for case in cases:
             w, _ = work[case.comm]
             w.verify()
+        # The DaemonSet's command enters the host's cgroup namespace first.
+        ctr = cases[0].ctr
+        enter = ["nsenter", "--target", str(os.getpid()), "--cgroup", "--", "true"]
+        opts = container_options(image, ctr, container, spec, {})
+        assert run_in(image, ctr, *enter, opts=opts).returncode == 0
+        for cap, error in (("SYS_ADMIN", "reassociate to namespace 'ns/cgroup' failed: "
+                                         "Operation not permitted"),
+                           ("SYS_PTRACE", "/ns/cgroup: Permission denied")):
+            r = run_in(image, ctr, *enter, opts=[o for o in opts if o != f"--cap-add=CAP_{cap}"]
+                       + [f"--cap-drop=CAP_{cap}"])
+            assert r.returncode != 0 and error in r.stderr, (cap, r.stderr)
 
 
 def stop_container(case: Case) -> None:
