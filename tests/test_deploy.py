@@ -377,6 +377,8 @@ _METRIC = re.compile(r"(?<![\w:])hugepaged_[a-z0-9_]+(?![\w:])")
 _RECORDED = re.compile(r"(?<![\w:])[a-z_]+:hugepaged_[a-z0-9_]+:[a-z0-9_]+")
 _SELECTOR = re.compile(r"(?<![\w:])(hugepaged_[a-z0-9_]+)\{([^}]*)\}")
 _BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+# Families with a series only once something went wrong (a failure, a split window).
+_ON_TROUBLE = {"hugepaged_collapse_failures_total", "hugepaged_held_windows"}
 # Labels Prometheus itself adds to every scraped series.
 _TARGET_LABELS = {"instance", "job", "node"}
 
@@ -396,9 +398,9 @@ def check_queries(exprs: list[str], exp: Exposition, recorded: set[str]) -> None
                     assert value in exp.values[label], f"{label}={value!r} never exported: {e}"
         named = set(_METRIC.findall(e))
         if named & exp.empty:
-            # No sample, so no label names to check against: only the failures by errno,
-            # which a daemon that collapsed without a failure exports empty.
-            assert named & exp.empty <= {"hugepaged_collapse_failures_total"}, e
+            # No sample, so no label names to check against: only families whose series
+            # appear once something goes wrong, which a clean run exports empty.
+            assert named & exp.empty <= _ON_TROUBLE, e
             continue
         labels_of = set().union(*(exp.labels[n] for n in named)) | _TARGET_LABELS
         for group in _BY.findall(e):
@@ -461,6 +463,10 @@ def test_dashboard_queries_use_metrics_that_exist(exposition):
     exprs = [t["expr"] for p in panels(dash) for t in p.get("targets", [])]
     exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
     check_queries(exprs, exposition, recording_rules())
+    # the state panel names every state the daemon exports
+    (state,) = [p for p in panels(dash) if p["title"] == "State"]
+    named = set(re.findall(r"[a-z]+(?:-[a-z]+)?", state["description"]))
+    assert exposition.values["state"] <= named, exposition.values["state"] - named
     # and the queries deploy/README.md suggests
     readme = (DEPLOY / "README.md").read_text()
     blocks = re.findall(r"```promql\n(.*?)```", readme, re.S)
