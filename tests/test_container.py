@@ -493,21 +493,22 @@ def test_each_capability_is_needed(image, tmp_path):
             work[case.comm] = (w, stack.enter_context(nobody_workload(case.comm)))
         for case in cases:
             ctr = case.ctr = stack.enter_context(working_container(image, case.comm))
-            root = tmp_path / case.comm
-            case.run = root / "run"
-            (root / "config").mkdir(parents=True)
-            (root / "run").mkdir()
-            (root / "config" / "hugepaged.toml").write_text(
+            # One read-write directory for the configuration and the socket: buildah 1.28
+            # gives a second volume at the image's VOLUME path an anonymous volume instead.
+            # kernel_khugepaged stays "leave" here: no THP volume, no knob written.
+            case.run = tmp_path / case.comm
+            case.run.mkdir()
+            (case.run / "hugepaged.toml").write_text(
                 f"exclude_comm = '(?!{case.comm}$).*'\nenabled = \"madvise\"\n"
                 "scan_sleep_millisecs = 200\nlog_format = \"json\"\n")
-            # kernel_khugepaged stays "leave" here: no THP volume, no knob written.
-            volumes = {"config": str(root / "config"), "run": str(root / "run")}
-            opts = container_options(image, ctr, container, spec, volumes)
+            opts = container_options(image, ctr, container, spec, {})
             opts = [o for o in opts if o != f"--cap-add=CAP_{case.dropped}"]
+            opts.append(f"--volume={case.run}:/srv/hugepaged")
             if case.dropped:
                 opts.append(f"--cap-drop=CAP_{case.dropped}")
             command = ["setpriv", "--no-new-privs", "--", "hugepaged", "run", "--config",
-                       "/etc/hugepaged/hugepaged.toml"]
+                       "/srv/hugepaged/hugepaged.toml", "--socket",
+                       "/srv/hugepaged/hugepaged.sock"]
             out = stack.enter_context(open(case.log, "w"))
             case.proc = subprocess.Popen(
                 ["buildah", "run", "--isolation", "chroot", *opts, ctr, "--", *command],
