@@ -350,7 +350,7 @@ def test_image_runs_as_the_daemonset_and_collapses_a_host_process(image, tmp_pat
             # kernel_khugepaged = "quiet" through the read-write THP volume.
             assert read_knob("pages_to_scan") == "1"
             a, b = w.regions["a"], w.regions["b"]
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60  # 0.9-1.8 s, 13.6 s seen at the pace of 5%
             while not all(pmd_mapped_windows(w.pid, a.start, a.end)):
                 assert time.monotonic() < deadline, f"not collapsed: {log.read_text()[-2000:]}"
                 assert proc.poll() is None, log.read_text()[-2000:]
