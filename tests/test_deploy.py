@@ -364,8 +364,9 @@ def exposition(tmp_path_factory):
     with saved_thp(enabled="never"), \
             Workload(regions=[{"name": "a", "windows": 2, "hugepage": True}]) as w:
         cfg.write_text(f'[[target]]\nname = "app"\npid = [{w.pid}]\nmax_bloat_mb = 64\n')
+        # Per-process series are opt-in; the DaemonSet's ConfigMap asks for 20.
         with Daemon([w.pid], sets={"enabled": "madvise"}, config=str(cfg),
-                    args=["--metrics", ":0"]) as d:
+                    args=["--metrics", ":0", "--metrics-top-processes", "5"]) as d:
             port = d.wait_event("metrics_listen")["port"]
             d.wait_for(lambda st: st["counters"]["pages_collapsed"] >= 2, what="2 collapses")
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
