@@ -472,8 +472,9 @@ def test_each_capability_is_needed(image, tmp_path):
     SYS_ADMIN   PFNs and kpageflags read as nothing (no collapse, and no error either), and
                 perf_event_open of the tracepoints is refused: "tracepoints unavailable"
     SYS_NICE    process_madvise on another process: EPERM, every process dropped
-    SYS_PTRACE  the default seccomp profile allows process_madvise only with it: the same
-                (the kernel alone lets SYS_ADMIN read other users' maps here)
+    SYS_PTRACE  the default seccomp profile allows process_madvise only with it: the
+                daemon's start-up probe of MADV_COLLAPSE (on a page of its own) fails with
+                EPERM and it exits (the kernel alone lets SYS_ADMIN read other users' maps)
     DAC_READ_SEARCH  nobody's /proc/PID/pagemap (mode 0400): that process dropped
     NET_ADMIN   the process connector: refused, the daemon walks /proc instead
     And the DaemonSet's `nsenter --cgroup` needs two of them itself: SYS_ADMIN (setns) and
@@ -537,7 +538,7 @@ def test_each_capability_is_needed(image, tmp_path):
             return None
 
         expected = {None: "both collapsed", "SYS_ADMIN": "no tracepoints",
-                    "SYS_NICE": "both dropped", "SYS_PTRACE": "both dropped",
+                    "SYS_NICE": "both dropped", "SYS_PTRACE": "exited",
                     "DAC_READ_SEARCH": "nobody dropped", "NET_ADMIN": "no connector"}
         got: dict[str | None, str] = {}
         deadline = time.monotonic() + 60
@@ -549,6 +550,8 @@ def test_each_capability_is_needed(image, tmp_path):
         logs = {c.dropped: c.log.read_text()[-600:] for c in cases
                 if got.get(c.dropped) != expected[c.dropped]}
         assert got == expected, logs
+        ptrace = next(c for c in cases if c.dropped == "SYS_PTRACE")
+        assert "failed with EPERM" in ptrace.log.read_text() and ptrace.proc.returncode == 4
         # Without SYS_ADMIN, a full scan collapses nothing and says nothing about it.
         sys_admin = next(c for c in cases if c.dropped == "SYS_ADMIN")
         st = wait_status(str(sys_admin.run / "hugepaged.sock"), sys_admin.proc, sys_admin.log)
