@@ -101,6 +101,17 @@ class AnonScanner:
         self.use_scan = kernel.has_pagemap_scan() if use_pagemap_scan is None \
             else use_pagemap_scan
 
+    def range_key(self, vma: Vma, address: int) -> None:
+        """Private memory: no other process maps this window's pages as its own."""
+        return None
+
+    def rss_growth(self, v: Verdicts) -> np.ndarray:
+        """The new pages for empty and zero-page PTEs, and the swapped-out ones read back."""
+        return v.none + v.swap
+
+    def close(self) -> None:
+        """Nothing of its own: the pagemap is the process scanner's."""
+
     def decide_range(self, vma: Vma, start: int, end: int) -> Verdicts:
         """Verdicts for the aligned windows of [start, end) inside `vma`."""
         armed = uffd_armed(vma)

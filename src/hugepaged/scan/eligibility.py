@@ -5,6 +5,7 @@ kernel's order of checks, with a reason an operator can act on (results.Ineligib
 """
 
 import os
+from dataclasses import dataclass
 from enum import StrEnum
 
 from hugepaged.kernel.geometry import DEFAULT_GEOMETRY, Geometry
@@ -30,6 +31,35 @@ class MemoryKind(StrEnum):
     SHMEM = "shmem"  # shared memory: the file rules (hpage_collapse_scan_file)
     FILE = "file"  # a regular file's page cache
     SPECIAL = "special"  # never a candidate
+
+
+@dataclass(frozen=True)
+class KindFacts:
+    """What smaps says of a collapsible kind's VMA, read one way by scan, survey and usage:
+    private anonymous memory counts its `Anonymous` pages, shared memory its `Rss` (the
+    pages are the file's: one range may be mapped by many processes, and the kernel's
+    shmem controls decide it)."""
+
+    kind: MemoryKind
+    shared: bool
+
+    def resident_kb(self, vma: Vma) -> int:
+        """kB of the VMA a collapse would make huge (or has)."""
+        return vma.rss_kb if self.shared else vma.anonymous_kb
+
+    def huge_kb(self, vma: Vma) -> int:
+        """kB of it already PMD-mapped."""
+        return vma.shmem_pmd_kb if self.shared else vma.anon_huge_kb
+
+
+# The kinds hugepaged collapses; every other kind is only reported.
+COLLAPSIBLE = {MemoryKind.ANON: KindFacts(MemoryKind.ANON, shared=False),
+               MemoryKind.SHMEM: KindFacts(MemoryKind.SHMEM, shared=True)}
+
+
+def collapsible(vma: Vma) -> KindFacts | None:
+    """The facts of the VMA's kind if hugepaged collapses that kind, else None."""
+    return COLLAPSIBLE.get(memory_kind(vma))
 
 
 def has_file(vma: Vma) -> bool:

@@ -2,7 +2,9 @@
 
 As khugepaged_scan_mm_slot does, every VMA goes through one eligibility check and then to the
 scanner of its kind: private anonymous memory by the PTE rules (scan.anon), shared memory by
-the file rules. SCANNERS is the only place that chooses; a new kind is one more entry.
+the file rules. SCANNERS is the only place that chooses a scanner, and scan.scanner.Scanner
+all this module asks of one; what smaps says of a VMA of each kind is
+scan.eligibility.COLLAPSIBLE's. A new kind is one scanner and one entry in each.
 """
 
 from collections import Counter
@@ -18,13 +20,22 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import Ineligible, ScanResult
 from hugepaged.scan.anon import AnonScanner
 from hugepaged.scan.decide import Verdicts
-from hugepaged.scan.eligibility import MemoryKind, aligned_range, ineligible, memory_kind
+from hugepaged.scan.eligibility import (
+    COLLAPSIBLE,
+    MemoryKind,
+    aligned_range,
+    collapsible,
+    ineligible,
+    memory_kind,
+)
+from hugepaged.scan.scanner import Scanner
 from hugepaged.scan.shmem import ShmemKind, ShmemModes, shmem_kind
 from hugepaged.scan.shmem_scan import ShmemScanner
 from hugepaged.scan.usage import ThpUsage, thp_usage
 
 CHUNK_WINDOWS = 256  # windows decided per read: bounds the arrays of one step
-SCANNERS = {MemoryKind.ANON: AnonScanner, MemoryKind.SHMEM: ShmemScanner}
+SCANNERS: dict[MemoryKind, type[Scanner]] = {MemoryKind.ANON: AnonScanner,
+                                              MemoryKind.SHMEM: ShmemScanner}
 
 
 @dataclass
@@ -37,10 +48,7 @@ class VmaScan:
     codes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int8))
     present: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     none: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    # Pages a collapse adds to this process's RSS: anonymous windows their empty and zero-page
-    # PTEs (the new pages) and swapped ones (read back in); shared memory every page of the
-    # range this process does not map now (the new PMD maps all 512, holes and pages only in
-    # the cache alike).
+    # Pages a collapse adds to this process's RSS (Scanner.rss_growth).
     unmapped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
@@ -78,10 +86,10 @@ class ProcessScan:
         candidate VMA (smaps gives no per-range sizes)."""
         out: Counter = Counter()
         for v in self.vmas:
-            if v.skip is None:
+            facts = collapsible(v.vma)
+            if v.skip is None or facts is None:
                 continue
-            shared = memory_kind(v.vma) is MemoryKind.SHMEM
-            kb = v.vma.rss_kb if shared else v.vma.anonymous_kb
+            kb = facts.resident_kb(v.vma)
             if kb:
                 out[v.skip] += kb
         return dict(out)
@@ -133,14 +141,14 @@ class ProcessScanner:
         self.geometry = kernel.geometry
         self.pagemap = kernel.pagemap(pid)
         self._use_scan = use_pagemap_scan
-        self._scanners: dict[MemoryKind, object] = {}
+        self._scanners: dict[MemoryKind, Scanner] = {}
         self._shmem: ShmemModes | None = None
         self._prctl: int | None = None  # see thp_prctl
         self._kernel_enabled: str | None = None
 
     def close(self) -> None:
         for s in self._scanners.values():
-            getattr(s, "close", lambda: None)()
+            s.close()
         self.pagemap.close()
 
     def __enter__(self) -> "ProcessScanner":
@@ -150,7 +158,8 @@ class ProcessScanner:
         self.close()
 
     def ineligible(self, vma: Vma, thp_disabled: bool) -> Ineligible | None:
-        shmem = self.shmem_modes(vma) if memory_kind(vma) is MemoryKind.SHMEM else None
+        facts = collapsible(vma)
+        shmem = self.shmem_modes(vma) if facts is not None and facts.shared else None
         return ineligible(vma, self.control, self.thp_prctl(vma, thp_disabled), self.geometry,
                           shmem)
 
@@ -195,12 +204,11 @@ class ProcessScanner:
 
     def range_key(self, vma: Vma, address: int) -> tuple[int, int, int] | None:
         """(device, inode, file offset) of a shared-memory window: the same range of the
-        same file, whichever process maps it; None for private memory."""
-        if memory_kind(vma) is not MemoryKind.SHMEM:
-            return None
-        return self._scanner(MemoryKind.SHMEM).range_key(vma, address)
+        same file, whichever process maps it; None for private memory (Scanner.range_key)."""
+        kind = memory_kind(vma)
+        return self._scanner(kind).range_key(vma, address) if kind in SCANNERS else None
 
-    def _scanner(self, kind: MemoryKind):
+    def _scanner(self, kind: MemoryKind) -> Scanner:
         if kind not in self._scanners:
             self._scanners[kind] = SCANNERS[kind](self.kernel, self.pid, self.kpf, self.control,
                                                   self.pagemap, self._use_scan,
@@ -219,16 +227,14 @@ class ProcessScanner:
         hstart, hend = aligned_range(vma, self.geometry)
         size = self.geometry.pmd_size
         chunk = CHUNK_WINDOWS * size
-        parts = [self.decide_range(vma, a, min(a + chunk, hend))
+        scanner = self._scanner(memory_kind(vma))
+        parts = [scanner.decide_range(vma, a, min(a + chunk, hend))
                  for a in range(hstart, hend, chunk)]
         starts = np.arange(hstart, hend, size, dtype=np.uint64)
-        none = np.concatenate([p.none for p in parts])
-        if parts[0].mapped is None:  # swapped PTEs come back in too
-            unmapped = none + np.concatenate([p.swap for p in parts])
-        else:
-            unmapped = self.geometry.pmd_nr - np.concatenate([p.mapped for p in parts])
         return VmaScan(vma, None, starts, np.concatenate([p.codes for p in parts]),
-                       np.concatenate([p.present for p in parts]), none, unmapped)
+                       np.concatenate([p.present for p in parts]),
+                       np.concatenate([p.none for p in parts]),
+                       np.concatenate([scanner.rss_growth(p) for p in parts]))
 
 
 def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageFlags, *,
@@ -248,7 +254,8 @@ def scan_process(kernel: Kernel, pid: int, control: CollapseControl, kpf: KPageF
         anon_kb=sum(v.anonymous_kb for v in vmas),
         anon_huge_kb=sum(v.anon_huge_kb for v in vmas),
         vmas=scans,
-        shmem_kb=sum(v.rss_kb for v in vmas if memory_kind(v) is MemoryKind.SHMEM),
+        shmem_kb=sum(COLLAPSIBLE[MemoryKind.SHMEM].resident_kb(v) for v in vmas
+                     if memory_kind(v) is MemoryKind.SHMEM),
         shmem_pmd_kb=sum(v.shmem_pmd_kb for v in vmas),
         thp=thp_usage(kernel, pid, vmas, kpf, use_pagemap_scan) if usage else None,
         referenced_known=referenced is not None and control.is_khugepaged,

@@ -62,6 +62,11 @@ class ShmemScanner:
         fid = self.file(vma).id
         return fid.dev, fid.ino, self.file_offset(vma, address)
 
+    def rss_growth(self, v: Verdicts) -> np.ndarray:
+        """Every page of the range this process does not map now: the new PMD maps all of
+        them, holes and pages only in the cache alike."""
+        return self.geometry.pmd_nr - v.mapped
+
     def file_offset(self, vma: Vma, address: int) -> int:
         """Byte offset in the file of an address of the VMA (linear_page_index)."""
         return vma.offset + (address - vma.start)

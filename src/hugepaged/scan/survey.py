@@ -23,7 +23,7 @@ from hugepaged.kernel import Kernel
 from hugepaged.kernel.geometry import Geometry
 from hugepaged.kernel.procfs import Vma
 from hugepaged.policy import CollapseControl
-from hugepaged.scan.eligibility import MemoryKind, ineligible, memory_kind
+from hugepaged.scan.eligibility import collapsible, ineligible
 from hugepaged.scan.shmem import ShmemModes
 
 # smaps is read for at most this many processes, the largest first: a machine with ten
@@ -94,23 +94,20 @@ def judge(pid: int, comm: str, vmas: list[Vma], thp_disabled: bool,
     """What `control` would take of these VMAs, and why not the rest."""
     out = Look(pid, comm, target=control.target)
     for vma in vmas:
-        kind = memory_kind(vma)
-        if kind not in (MemoryKind.ANON, MemoryKind.SHMEM):
+        facts = collapsible(vma)
+        if facts is None:
             continue
         why = ineligible(vma, control, thp_disabled, geometry,
-                         shmem if kind is MemoryKind.SHMEM else None)
-        if kind is MemoryKind.ANON:
+                         shmem if facts.shared else None)
+        huge = facts.huge_kb(vma)
+        small = max(0, facts.resident_kb(vma) - huge)
+        if not facts.shared:
             out.anon_kb += vma.anonymous_kb
-            out.huge_kb += vma.anon_huge_kb
-            small = max(0, vma.anonymous_kb - vma.anon_huge_kb)
-            huge = vma.anon_huge_kb
-        else:
-            small = max(0, vma.rss_kb - vma.shmem_pmd_kb)
-            huge = vma.shmem_pmd_kb
+            out.huge_kb += huge
         if why is None:
             out.takeable_kb += small
             out.candidate_huge_kb += huge
-        elif kind is MemoryKind.ANON and small:
+        elif not facts.shared and small:
             out.not_taken_kb[str(why)] = out.not_taken_kb.get(str(why), 0) + small
     return out
 

@@ -18,7 +18,7 @@ from hugepaged.kernel import Kernel, KPageFlags
 from hugepaged.kernel.kpageflags import KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_THP
 from hugepaged.kernel.pagemap import PAGE_IS_PRESENT, PM_PFN_MASK, PM_PRESENT, PageMap
 from hugepaged.kernel.procfs import Vma
-from hugepaged.scan.eligibility import MemoryKind, memory_kind
+from hugepaged.scan.eligibility import MemoryKind, collapsible, memory_kind
 
 CHUNK_BYTES = 1 << 30  # of address space read at once where PAGEMAP_SCAN is missing
 _U = np.uint64
@@ -148,16 +148,17 @@ def thp_usage(kernel: Kernel, pid: int, vmas: list[Vma], kpf: KPageFlags,
             out.anon_pmd_kb += v.anon_huge_kb
             out.shmem_pmd_kb += v.shmem_pmd_kb
             out.file_pmd_kb += v.file_pmd_kb
-            kind = memory_kind(v)
-            if kind not in (MemoryKind.ANON, MemoryKind.SHMEM) or not v.rss_kb:
+            facts = collapsible(v)
+            if facts is None or not v.rss_kb:
                 continue
             pages, partial = _vma_pages(pagemap, kpf, v, use_scan, nr)
-            if kind is MemoryKind.ANON:
-                out.anon_pte_kb.update(pte_kb(pages, v.anon_huge_kb, page_kb, nr))
-                out.anon_partial_kb += partial * page_kb
-            else:
-                out.shmem_pte_kb.update(pte_kb(pages, v.shmem_pmd_kb, page_kb, nr))
+            by_size = pte_kb(pages, facts.huge_kb(v), page_kb, nr)
+            if facts.shared:
+                out.shmem_pte_kb.update(by_size)
                 out.shmem_partial_kb += partial * page_kb
+            else:
+                out.anon_pte_kb.update(by_size)
+                out.anon_partial_kb += partial * page_kb
     return out
 
 
