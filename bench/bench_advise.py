@@ -16,7 +16,7 @@ tracepoints. Contenders alternate A/B/A/B within each round, on fresh workloads 
   (d) from (a): latency from MADV_HUGEPAGE to the first collapsed window
 While hugepaged is measured the kernel is at enabled=never (its thread stopped, nothing
 registered); hugepaged gets enabled=madvise. Coverage is read with PAGEMAP_SCAN (PAGE_IS_HUGE)
-and cross-checked at the end of each run with tests/helpers.pmd_mapped_windows; contents are
+and cross-checked at the end of each run with kit/helpers.pmd_mapped_windows; contents are
 verified. Every kernel knob is saved and restored under the machine lock.
 Writes bench/results/NAME.md and NAME.json.
 """
@@ -32,14 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scenarios  # noqa: E402, F401  (puts the repository's root on sys.path, for `tests`)
+import scenarios  # noqa: E402, F401  (puts the repository's root on sys.path, for `kit`)
 from scenarios.collapser import Collapser  # noqa: E402
 from scenarios.contenders import FAST, KERNEL_DEFAULTS, Contender  # noqa: E402
 from scenarios.context import make_context  # noqa: E402
 from scenarios.coverage import HugeProbe, independent_huge_windows  # noqa: E402
 from scenarios.machine import machine, quiesce  # noqa: E402
 
-from tests import helpers as H  # noqa: E402
+from kit import helpers as H  # noqa: E402
 
 GIB = 1 << 30
 HPAGE = H.HPAGE

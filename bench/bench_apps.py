@@ -23,7 +23,7 @@ Applications (sizes beyond what the page-walk caches reach; --quick uses small o
   on one connection (every GET a hit). Figure: GET/s, server CPU per GET.
 - Java 17: bench/apps/HeapReader.java, random reads over a --java-mb (2560) long[]; the JVM
   pinned to CPU 1. Figure: reads/s, JVM CPU per read.
-- PostgreSQL 15 (tests/pg.py): shared_buffers --pg-buffers (2GB), pgbench scale --pg-scale,
+- PostgreSQL 15 (kit/pg.py): shared_buffers --pg-buffers (2GB), pgbench scale --pg-scale,
   pg_prewarm'ed; `pgbench -S -M prepared -c 2 -j 1` on CPU 0, the postmaster and its backends
   on CPU 1. Figure: tps, server CPU per transaction (postmaster + reaped backends).
 
@@ -71,9 +71,9 @@ from scenarios.realapps import (
     taskset,
 )
 
-from tests import helpers as H
-from tests import pg
-from tests.redis_app import Redis
+from kit import helpers as H
+from kit import pg
+from kit.redis_app import Redis
 
 SERVER_CPU, CLIENT_CPU = 1, 0
 JAVA_SRC = ROOT / "bench" / "apps" / "HeapReader.java"

@@ -32,8 +32,8 @@ from scenarios import ROOT
 from scenarios.cpu import stat_cpu_seconds
 from scenarios.machine import machine, machine_tag
 
-from tests.daemon_runner import Daemon
-from tests.helpers import machine_lock
+from kit.daemon_runner import Daemon
+from kit.helpers import machine_lock
 
 RESULTS = ROOT / "bench" / "results"
 

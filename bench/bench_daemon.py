@@ -6,7 +6,7 @@ Usage: python bench/bench_daemon.py [collapse|idle|all] [--gib N] [--repeat R]
            [--json OUT]
 
 collapse -- CPU per collapsed huge page (goal: hugepaged <= 1.10x the kernel's khugepaged).
-    The same layout for both: one workload process (tests/workload.py) with one N GiB region,
+    The same layout for both: one workload process (kit/workload.py) with one N GiB region,
     every 4 KiB page written, MADV_HUGEPAGE. Alternating, R times each:
     * kernel: THP enabled=madvise (before the workload's MADV_HUGEPAGE, so that the madvise
       registers its mm with khugepaged), khugepaged pages_to_scan=65536,
@@ -32,7 +32,7 @@ idle -- the daemon's CPU at its default settings with N idle processes and nothi
     --all-processes. After --warmup seconds, its CPU over --duration seconds, from
     /proc/PID/stat and /proc/PID/schedstat. --profile writes a cProfile of that daemon.
 
-Everything runs under tests/helpers.machine_lock() with the kernel's THP knobs saved and
+Everything runs under kit/helpers.machine_lock() with the kernel's THP knobs saved and
 restored, and every workload is verified after its collapses.
 """
 
@@ -53,8 +53,8 @@ from pathlib import Path
 from scenarios import cpu as cpu_probe
 from scenarios.cpu import cpu_seconds
 
-from tests.daemon_runner import Daemon, settled
-from tests.helpers import Workload, machine_lock, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon, settled
+from kit.helpers import Workload, machine_lock, pmd_mapped_windows, saved_thp
 
 GOAL_RATIO = 1.10
 GOAL_IDLE_PCT = 0.2

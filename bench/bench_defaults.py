@@ -35,8 +35,8 @@ import time
 from scenarios import write_results
 from scenarios.cpu import find_khugepaged, stat_cpu_seconds
 
-from tests.daemon_runner import Daemon
-from tests.helpers import HPAGE, machine_lock, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import HPAGE, machine_lock, pmd_mapped_windows, saved_thp
 
 GIB = 1 << 30
 STEPS = (50, 90, 95)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.daemon_runner import Daemon  # noqa: E402
+from kit.daemon_runner import Daemon  # noqa: E402
 
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 TICK = os.sysconf("SC_CLK_TCK")

@@ -11,8 +11,8 @@ import time
 
 from scenarios.cpu import stat_cpu_seconds
 
-from tests.daemon_runner import Daemon
-from tests.helpers import Workload, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
 
 def main() -> None:

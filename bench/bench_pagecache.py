@@ -3,7 +3,7 @@
 
 Usage: python bench/bench_pagecache.py [--gib N] [--repeat R] [--name NAME]
 
-A real workload process (tests/workload.py) maps a memfd of N GiB (default 1) MAP_SHARED,
+A real workload process (kit/workload.py) maps a memfd of N GiB (default 1) MAP_SHARED,
 every other 4 KiB page written. Each sample counts present (and, for cachestat, swapped)
 pages per 2 MiB range of the whole file through /proc/PID/map_files, exactly as
 scan.shmem_scan does: cachestat one call per range, mincore one PROT_NONE mapping and one
@@ -23,7 +23,7 @@ import time
 from scenarios import write_results
 
 from hugepaged.kernel.pagecache import MappedFile
-from tests.helpers import HPAGE, Workload, machine_lock
+from kit.helpers import HPAGE, Workload, machine_lock
 
 GIB = 1 << 30
 CHUNK = 512  # ranges per mincore call: 1 GiB

@@ -4,7 +4,7 @@
 Usage: python bench/bench_pgbench.py [--scale S] [--buffers 1GB] [--runs 5] [--seconds 10]
                                      [--name NAME]
 
-Two PostgreSQL 15 clusters (tests/pg.py), each with the same pgbench database (scale S)
+Two PostgreSQL 15 clusters (kit/pg.py), each with the same pgbench database (scale S)
 loaded and pg_prewarm'ed into shared buffers:
 - "4k": started at shmem_enabled=never: the buffers' mapping is misaligned and stays 4 KiB.
 - "2m": started at shmem_enabled=advise (put back right after the start), then
@@ -29,8 +29,8 @@ import time
 
 from scenarios import write_results
 
-from tests import pg
-from tests.helpers import machine_lock, saved_thp, smaps_vma
+from kit import pg
+from kit.helpers import machine_lock, saved_thp, smaps_vma
 
 SIZE_KNOB = "hugepages-2048kB/shmem_enabled"
 

@@ -3,7 +3,7 @@
 
 Usage: python bench/bench_scan.py [--gib N] [--repeat R] [--json OUT]
 
-A real workload process (tests/workload.py) maps one region of N GiB, MADV_HUGEPAGE, every
+A real workload process (kit/workload.py) maps one region of N GiB, MADV_HUGEPAGE, every
 4 KiB page written. The kernel's THP mode is `never` for the whole run (saved and restored), so
 the kernel's khugepaged cannot collapse it behind our back; hugepaged decides with
 Tunables(enabled="madvise"), under which the region is eligible (VmFlags `hg`).
@@ -31,7 +31,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-import scenarios  # noqa: F401 - puts the repository root (the `tests` package) on sys.path
+import scenarios  # noqa: F401 - puts the repository root (the `kit` package) on sys.path
 
 import hugepaged.kernel.kpageflags as kpf_mod
 import hugepaged.scan.anon as mm_mod
@@ -42,7 +42,7 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult
 from hugepaged.scan.process import scan_process
 from hugepaged.tunables import Tunables
-from tests.helpers import HPAGE, Workload, anon_huge_kb, saved_thp
+from kit.helpers import HPAGE, Workload, anon_huge_kb, saved_thp
 
 GOALS = {"4k": 20.0, "pmd": 200.0}  # GiB per CPU-second (issue 2)
 GIB = 1 << 30

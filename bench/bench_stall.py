@@ -71,8 +71,8 @@ from scenarios.realapps import (
     vmstat,
 )
 
-from tests import helpers as H
-from tests.redis_app import Redis
+from kit import helpers as H
+from kit.redis_app import Redis
 
 SERVER_CPU, CLIENT_CPU = 1, 0
 HPAGE = 2 << 20

@@ -23,8 +23,8 @@ import time
 
 from scenarios import write_results
 
-from tests.daemon_runner import Daemon
-from tests.helpers import Workload, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
 WINDOWS = 64
 SECONDS = 10.0

@@ -46,9 +46,9 @@ import numpy as np
 from scenarios import ROOT
 from scenarios.cpu import stat_cpu_seconds
 
-from tests.daemon_runner import Daemon
-from tests.helpers import saved_thp
-from tests.redis_app import Redis, anon_rollup_kb
+from kit.daemon_runner import Daemon
+from kit.helpers import saved_thp
+from kit.redis_app import Redis, anon_rollup_kb
 
 BENCH = ROOT / "bench"
 

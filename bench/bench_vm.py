@@ -73,8 +73,8 @@ from scenarios.realapps import (
     target_daemon,
 )
 
-from tests import helpers as H
-from tests.daemon_runner import Daemon
+from kit import helpers as H
+from kit.daemon_runner import Daemon
 
 HPAGE = 2 << 20
 LEVELS = (0.5, 0.9, 0.95, 0.99)

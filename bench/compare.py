@@ -16,7 +16,7 @@ not register it with the kernel's khugepaged (whose thread is stopped), and huge
 targeted mode (--pid TARGET --set enabled=madvise): no other process on the machine is touched.
 
 Every kernel setting touched is saved first and restored at the end, also on Ctrl-C or
-SIGTERM (tests/helpers.saved_thp); tests/helpers.machine_lock() is held for the whole run.
+SIGTERM (kit/helpers.saved_thp); kit/helpers.machine_lock() is held for the whole run.
 Writes bench/results/NAME.md, NAME.json and NAME.png (default NAME: DATE-MACHINE[-quick]).
 Needs root.
 """
@@ -43,7 +43,7 @@ from scenarios.context import make_context, measure_daemon_startup  # noqa: E402
 from scenarios.knobs import write_knob  # noqa: E402
 from scenarios.machine import machine, machine_tag  # noqa: E402
 
-from tests import helpers as H  # noqa: E402
+from kit import helpers as H  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = {"1": ("heap", heap), "2": ("comeback", comeback), "3": ("tlb", tlb)}

@@ -1,2 +1,2 @@
-"""hugepaged's tests, a package so that the benchmarks import the same kit (`tests.helpers`,
-`tests.daemon_runner`) the tests use."""
+"""hugepaged's tests (a package: pytest puts the repository root on sys.path, where the
+shared kit, `kit/`, lives)."""

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from .helpers import knob_snapshot, machine_lock, restore_knobs, saved_thp
+from kit.helpers import knob_snapshot, machine_lock, restore_knobs, saved_thp
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from .helpers import KHUGEPAGED_DIR, THP_DIR
+from kit.helpers import KHUGEPAGED_DIR, THP_DIR
 
 ROOT_REASON = "needs root: PFNs in pagemap, /proc/kpageflags, MADV_COLLAPSE, THP knobs"
 

@@ -23,10 +23,10 @@ from hugepaged.kernel.tracepoints import (
     SyscallEvent,
 )
 from hugepaged.tunables import Tunables
+from kit.daemon_runner import Daemon, settled
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
 from . import marks
-from .daemon_runner import Daemon, settled
-from .helpers import Workload, pmd_mapped_windows, saved_thp
 
 pytestmark = marks.KERNEL
 REGION = [{"name": "heap", "windows": 16, "fill": "all"}]  # no MADV_HUGEPAGE yet

@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .daemon_runner import Daemon
-from .helpers import Workload, hugetlb_pool, meminfo_kb, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, hugetlb_pool, meminfo_kb, pmd_mapped_windows, saved_thp
+
 from .marks import kernel_test
 from .test_daemon_cap import cpu_seconds
 

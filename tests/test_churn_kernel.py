@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 
-from .daemon_runner import Daemon
-from .helpers import Workload, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
+
 from .marks import kernel_test
 
 FAST = {"enabled": "madvise", "max_cpu_percent": 0, "scan_sleep_millisecs": 0,

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import (
+from kit.helpers import (
     HPAGE,
     Workload,
     anon_huge_kb,
     drain_lru,
     pmd_mapped_windows,
 )
+
 from .marks import kernel_test, needs_thp
 
 ROOT = os.geteuid() == 0

@@ -13,8 +13,8 @@ from hugepaged.cli import COMMANDS, build_parser
 from hugepaged.cli.completion import script, subparsers
 from hugepaged.cli.manpage import page
 from hugepaged.tunables import SPECS
+from kit.daemon_runner import hugepaged_cli
 
-from .daemon_runner import hugepaged_cli
 from .marks import require_tool
 
 

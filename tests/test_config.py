@@ -15,9 +15,9 @@ from hugepaged.daemon.service import Service
 from hugepaged.errors import InvalidTunable
 from hugepaged.kernel import Kernel
 from hugepaged.tunables import Tunables
+from kit.daemon_runner import Daemon, hugepaged_cli
+from kit.helpers import THP_DIR, saved_thp
 
-from .daemon_runner import Daemon, hugepaged_cli
-from .helpers import THP_DIR, saved_thp
 from .marks import needs_root
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .helpers import Workload, pmd_mapped_windows, read_knob, saved_thp
+from kit.helpers import Workload, pmd_mapped_windows, read_knob, saved_thp
+
 from .marks import ROOT_REASON, kernel_test, require_tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

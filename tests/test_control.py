@@ -29,9 +29,9 @@ from hugepaged.control.protocol import MAX_MESSAGE, ProtocolError, decode_reques
 from hugepaged.control.server import ControlServer
 from hugepaged.errors import DaemonUnreachable, InvalidTunable
 from hugepaged.tunables import Tunables, parse
+from kit.daemon_runner import Daemon, request
+from kit.helpers import KHUGEPAGED_DIR, read_knob, saved_thp
 
-from .daemon_runner import Daemon, request
-from .helpers import KHUGEPAGED_DIR, read_knob, saved_thp
 from .marks import kernel_test, needs_root
 
 NOBODY = 65534

@@ -24,9 +24,9 @@ from hugepaged.daemon import service as service_mod
 from hugepaged.daemon.kernel_quiet import QUIET, KernelQuieter
 from hugepaged.kernel import Kernel
 from hugepaged.kernel.sysfs import ThpSysfs
+from kit.daemon_runner import Daemon, hugepaged_cli, settled, slot_of
+from kit.helpers import Workload, pmd_mapped_windows, read_knob, saved_thp
 
-from .daemon_runner import Daemon, hugepaged_cli, settled, slot_of
-from .helpers import Workload, pmd_mapped_windows, read_knob, saved_thp
 from .marks import kernel_test, needs_root
 
 FAST = {"enabled": "madvise", "max_cpu_percent": 0, "scan_sleep_millisecs": 0}

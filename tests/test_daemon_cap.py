@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import time
 
-from .daemon_runner import Daemon
-from .helpers import Workload, pmd_mapped_windows, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
+
 from .marks import kernel_test
 
 CAP = 20  # percent of one core

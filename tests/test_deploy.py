@@ -24,9 +24,9 @@ from hugepaged.cli import build_parser
 from hugepaged.config import DEFAULT_PATH, DEFAULT_SOCKET, parse_config
 from hugepaged.metrics import parse_listen
 from hugepaged.targets import cgroup_under
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, saved_thp
 
-from .daemon_runner import Daemon
-from .helpers import Workload, saved_thp
 from .marks import kernel_test, require_tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

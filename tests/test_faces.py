@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 
-from .daemon_runner import Daemon, hugepaged_cli
-from .helpers import Workload, saved_thp
+from kit.daemon_runner import Daemon, hugepaged_cli
+from kit.helpers import Workload, saved_thp
+
 from .marks import kernel_test
 
 

@@ -11,9 +11,9 @@ from hugepaged.daemon.firstrun import explain
 from hugepaged.kernel import Kernel
 from hugepaged.targets import Target
 from hugepaged.tunables import Tunables
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, proc_status
 
-from .daemon_runner import Daemon
-from .helpers import Workload, proc_status
 from .marks import kernel_test
 
 MIB = 1024

@@ -17,8 +17,8 @@ import pytest
 
 from hugepaged.cli.unit import sandbox_changes, unit_text
 from hugepaged.errors import UsageError
+from kit.daemon_runner import hugepaged_cli
 
-from .daemon_runner import hugepaged_cli
 from .hugepaged_fixture import fixture_command
 from .marks import needs_root, require_tool
 

@@ -15,9 +15,9 @@ import subprocess
 import time
 
 from hugepaged.logs import journal_stream, setup_logging
+from kit.daemon_runner import _accepts, hugepaged_cmd
+from kit.helpers import Workload
 
-from .daemon_runner import _accepts, hugepaged_cmd
-from .helpers import Workload
 from .marks import kernel_test
 
 PREFIX = re.compile(r"<([0-7])>")

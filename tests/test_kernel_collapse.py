@@ -25,9 +25,7 @@ from hugepaged.collapse import (
 from hugepaged.kernel import Kernel
 from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
-
-from . import marks
-from .helpers import (
+from kit.helpers import (
     HPAGE,
     Workload,
     anon_huge_kb,
@@ -36,6 +34,8 @@ from .helpers import (
     present_per_window,
     vm_flags,
 )
+
+from . import marks
 
 pytestmark = marks.KERNEL
 

@@ -17,9 +17,7 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
 from hugepaged.scan.process import ProcessScan, scan_process
 from hugepaged.tunables import Tunables
-
-from . import marks
-from .helpers import (
+from kit.helpers import (
     HPAGE,
     PM_PFN_MASK,
     Workload,
@@ -32,6 +30,8 @@ from .helpers import (
     saved_thp,
     vm_flags,
 )
+
+from . import marks
 
 pytestmark = marks.KERNEL
 

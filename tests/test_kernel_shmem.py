@@ -23,10 +23,8 @@ from hugepaged.results import Ineligible
 from hugepaged.results import ScanResult as R
 from hugepaged.scan.process import scan_process
 from hugepaged.tunables import Tunables
-
-from . import marks
-from .daemon_runner import Daemon, settled
-from .helpers import (
+from kit.daemon_runner import Daemon, settled
+from kit.helpers import (
     Workload,
     drain_lru,
     pmd_mapped_windows,
@@ -35,6 +33,8 @@ from .helpers import (
     zram_available,
     zram_swap,
 )
+
+from . import marks
 from .test_metrics import families, samples, scrape
 
 pytestmark = marks.KERNEL

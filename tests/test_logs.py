@@ -18,9 +18,9 @@ from hugepaged.daemon.summary import Summary
 from hugepaged.kernel import Kernel
 from hugepaged.logs import setup_logging
 from hugepaged.tunables import Tunables
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, saved_thp
 
-from .daemon_runner import Daemon
-from .helpers import Workload, saved_thp
 from .marks import needs_root, needs_thp
 
 WINDOWS = 4

@@ -23,8 +23,9 @@ import tempfile
 
 import pytest
 
-from .daemon_runner import hugepaged_cli
-from .helpers import HPAGE, pmd_mapped_windows, saved_thp, smaps_vma
+from kit.daemon_runner import hugepaged_cli
+from kit.helpers import HPAGE, pmd_mapped_windows, saved_thp, smaps_vma
+
 from .marks import KERNEL
 
 pytestmark = KERNEL

@@ -24,9 +24,9 @@ from hugepaged.kernel import Kernel
 from hugepaged.metrics import build_registry, parse_listen
 from hugepaged.results import ScanResult
 from hugepaged.tunables import Tunables
+from kit.daemon_runner import Daemon, hugepaged_cli
+from kit.helpers import Workload, saved_thp
 
-from .daemon_runner import Daemon, hugepaged_cli
-from .helpers import Workload, saved_thp
 from .marks import needs_root, needs_thp, require_tool
 
 

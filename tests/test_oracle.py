@@ -28,9 +28,7 @@ from hugepaged.policy import CollapseControl
 from hugepaged.results import ScanResult as R
 from hugepaged.scan.process import scan_process
 from hugepaged.tunables import Tunables
-
-from . import marks
-from .helpers import (
+from kit.helpers import (
     HPAGE,
     KHUGEPAGED_DIR,
     KHUGEPAGED_PAUSED,
@@ -43,6 +41,8 @@ from .helpers import (
     present_per_window,
     saved_thp,
 )
+
+from . import marks
 
 pytestmark = marks.ORACLE
 

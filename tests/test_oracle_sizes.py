@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 
 from hugepaged.kernel.sysfs import combined_enabled
-
-from . import marks
-from .helpers import (
+from kit.helpers import (
     KHUGEPAGED_DIR,
     KHUGEPAGED_PAUSED,
     KHUGEPAGED_RUNNING,
@@ -30,6 +28,8 @@ from .helpers import (
     pmd_mapped_windows,
     saved_thp,
 )
+
+from . import marks
 
 pytestmark = marks.ORACLE
 

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 from hugepaged.kernel.pageidle import PageIdle, open_page_idle
-
-from .daemon_runner import Daemon, settled
-from .helpers import (
+from kit.daemon_runner import Daemon, settled
+from kit.helpers import (
     HPAGE,
     KHUGEPAGED_PAUSED,
     Workload,
@@ -33,6 +32,7 @@ from .helpers import (
     pmd_mapped_windows,
     saved_thp,
 )
+
 from .hugepaged_fixture import fixture_command
 from .marks import kernel_test
 

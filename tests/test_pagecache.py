@@ -10,9 +10,9 @@ import pytest
 
 from hugepaged.errors import ProcessGone
 from hugepaged.kernel.pagecache import MappedFile, VmaGone, cachestat_supported
+from kit.helpers import HPAGE, PAGES_PER_WINDOW, Workload, present_per_window
 
 from . import marks
-from .helpers import HPAGE, PAGES_PER_WINDOW, Workload, present_per_window
 
 pytestmark = marks.KERNEL
 

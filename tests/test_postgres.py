@@ -16,10 +16,11 @@ import sys
 import pytest
 
 from hugepaged.cli import main
+from kit import pg
+from kit.daemon_runner import Daemon, settled, slot_of
+from kit.helpers import drain_lru, saved_thp, smaps_vma
 
-from . import marks, pg
-from .daemon_runner import Daemon, settled, slot_of
-from .helpers import drain_lru, saved_thp, smaps_vma
+from . import marks
 
 pytestmark = [*marks.KERNEL,
               pytest.mark.skipif(not pg.available(), reason="PostgreSQL 15 not installed")]

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from .daemon_runner import Daemon, hugepaged_cli, settled
-from .helpers import (
+from kit.daemon_runner import Daemon, hugepaged_cli, settled
+from kit.helpers import (
     KHUGEPAGED_PAUSED,
     Workload,
     khugepaged_full_scans,
@@ -31,6 +31,7 @@ from .helpers import (
     saved_thp,
     smaps_vma,
 )
+
 from .marks import ORACLE
 
 pytestmark = ORACLE

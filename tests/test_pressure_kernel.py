@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 
-from . import cgroups
-from .daemon_runner import Daemon
-from .helpers import Workload, pmd_mapped_windows, saved_thp, zram_swap
+from kit import cgroups
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp, zram_swap
+
 from .marks import kernel_test
 
 MIB = 1 << 20

@@ -18,8 +18,8 @@ import sys
 import pytest
 
 from hugepaged.kernel.madvise import probe_collapse
+from kit.daemon_runner import hugepaged_cmd
 
-from .daemon_runner import hugepaged_cmd
 from .marks import kernel_test
 
 PMD = 2 << 20

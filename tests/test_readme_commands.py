@@ -41,8 +41,9 @@ import tomllib
 import venv
 from pathlib import Path
 
-from .daemon_runner import Daemon
-from .helpers import Workload, saved_thp
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, saved_thp
+
 from .marks import kernel_test, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent

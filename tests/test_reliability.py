@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_runner import Daemon, hugepaged_cli
-from .helpers import Workload, anon_huge_kb, saved_thp
+from kit.daemon_runner import Daemon, hugepaged_cli
+from kit.helpers import Workload, anon_huge_kb, saved_thp
+
 from .marks import kernel_test, needs_root
 
 
@@ -318,7 +319,7 @@ def test_a_trickling_client_stalls_neither_status_nor_sigterm():
 def test_200_concurrent_status_calls_and_30_idle_clients_all_answered():
     import socket
 
-    from .daemon_runner import request
+    from kit.daemon_runner import request
 
     sleeper = subprocess.Popen(["sleep", "300"])
     idle: list[socket.socket] = []
@@ -425,7 +426,7 @@ QUIET = {"pages_to_scan": "1", "scan_sleep_millisecs": "4294967295"}
 
 
 def knobs() -> dict[str, str]:
-    from .helpers import read_knob
+    from kit.helpers import read_knob
 
     return {k: read_knob(k) for k in QUIET}
 
@@ -477,7 +478,7 @@ def test_two_quiet_daemons_do_not_share_the_state_file(tmp_path):
 
 @kernel_test
 def test_restore_kernel_keeps_a_value_an_admin_wrote_after_the_crash(tmp_path):
-    from .helpers import KHUGEPAGED_DIR, _write_knob
+    from kit.helpers import KHUGEPAGED_DIR, _write_knob
 
     state = str(tmp_path / "kernel-khugepaged.json")
     original = knobs()
@@ -773,7 +774,7 @@ def test_a_reused_pid_of_a_target_is_not_registered():
 
 @kernel_test
 def test_exclude_comm_is_resolved_again_at_exec(tmp_path):
-    from .helpers import WORKLOAD, pmd_mapped_windows
+    from kit.helpers import WORKLOAD, pmd_mapped_windows
 
     link = tmp_path / "hpexcluded"
     link.symlink_to(sys.executable)
@@ -818,7 +819,7 @@ def test_a_region_replaced_mid_visit_without_madv_hugepage_is_not_collapsed():
             before = len(d.collapsed(w.pid))
             time.sleep(3.0)
             after = d.collapsed(w.pid)
-            from .helpers import pmd_mapped_windows, vm_flags
+            from kit.helpers import pmd_mapped_windows, vm_flags
             assert "hg" not in vm_flags(w.pid, r.start)
             assert pmd_mapped_windows(w.pid, r.start, r.end) == [False] * 64
             assert len(after) - before <= 1, after[before:]  # at most the one in flight
@@ -923,8 +924,7 @@ def test_an_unexpected_error_in_one_process_is_contained_to_its_slot(monkeypatch
     from hugepaged.daemon.khugepaged import Khugepaged
     from hugepaged.kernel import Kernel
     from hugepaged.tunables import Tunables
-
-    from .helpers import pmd_mapped_windows
+    from kit.helpers import pmd_mapped_windows
 
     with saved_thp(enabled="never"), \
             Workload(regions=[{"name": "a", "windows": 4, "hugepage": True}]) as bad, \

@@ -16,9 +16,9 @@ from hugepaged.daemon.advice import MAX_RANGES, merged, on_syscall
 from hugepaged.kernel.procfs import ProcStat
 from hugepaged.kernel.tracepoints import MADV_HUGEPAGE, SyscallEvent
 from hugepaged.targets import Target
+from kit.daemon_runner import Daemon
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
-from .daemon_runner import Daemon
-from .helpers import Workload, pmd_mapped_windows, saved_thp
 from .marks import kernel_test
 from .test_daemon_cap import cpu_seconds, keep_busy
 from .test_daemon_targets import core_with

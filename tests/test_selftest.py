@@ -56,9 +56,8 @@ from pathlib import Path
 
 import pytest
 
-from . import marks
-from .daemon_runner import Daemon, settled
-from .helpers import (
+from kit.daemon_runner import Daemon, settled
+from kit.helpers import (
     KHUGEPAGED_PAUSED,
     KHUGEPAGED_RUNNING,
     THP_DIR,
@@ -71,6 +70,8 @@ from .helpers import (
     zram_available,
     zram_swap,
 )
+
+from . import marks
 
 pytestmark = marks.ORACLE
 

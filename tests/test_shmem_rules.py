@@ -29,8 +29,8 @@ from hugepaged.scan.shmem import (
     shmem_kind,
     within_size,
 )
+from kit.helpers import HPAGE, THP_DIR, libc, saved_thp, smaps_vma
 
-from .helpers import HPAGE, THP_DIR, libc, saved_thp, smaps_vma
 from .marks import KERNEL
 
 SIZE_KNOB = "hugepages-2048kB/shmem_enabled"
@@ -157,7 +157,7 @@ def test_refusal_names_the_mode():
 # ---------------------------------------------------------------------------------------------
 # Eligibility against the running kernel
 
-_libc = libc  # tests/helpers' prototypes (mmap, munmap, madvise), and System V's here
+_libc = libc  # kit/helpers' prototypes (mmap, munmap, madvise), and System V's here
 _libc.shmat.restype = ctypes.c_void_p
 _libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.shmdt.argtypes = [ctypes.c_void_p]

@@ -182,3 +182,16 @@ def test_the_kernel_layer_is_the_only_one_that_opens_proc_or_sys():
                     node.value.startswith(("/proc/", "/sys/")) and "\n" not in node.value:
                 found.append((name, node.lineno, node.value))
     assert not found, found
+
+
+def test_the_benchmarks_import_the_kit_never_the_tests():
+    """bench/ shares kit/ with the tests (issue 17.8): a benchmark that imported `tests`
+    would run pytest's package and its conftest's fixtures to measure anything."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    found = []
+    for path in sorted(bench.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tests"]
+    assert found == []

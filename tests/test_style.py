@@ -13,6 +13,6 @@ def test_ruff_clean():
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed: `pip install -e '.[test]'` installs it")
-    out = subprocess.run([ruff, "check", "src", "tests", "bench"], cwd=ROOT,
+    out = subprocess.run([ruff, "check", "src", "tests", "bench", "kit"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hugepaged.config import parse_config
+from kit.daemon_runner import hugepaged_cli
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
-from .daemon_runner import hugepaged_cli
-from .helpers import Workload, pmd_mapped_windows, saved_thp
 from .marks import kernel_test
 
 WINDOWS = 8

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 
 from hugepaged.sdnotify import Keeper, SdNotify, attach, socket_address, watchdog_seconds
+from kit.daemon_runner import Daemon, hugepaged_cli
+from kit.helpers import THP_DIR, Workload, saved_thp
 
-from .daemon_runner import Daemon, hugepaged_cli
-from .helpers import THP_DIR, Workload, saved_thp
 from .marks import require_tool
 
 UNIT = resources.files("hugepaged").joinpath("data/hugepaged.service")

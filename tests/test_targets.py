@@ -14,8 +14,8 @@ import pytest
 from hugepaged.config import ConfigError, parse_config
 from hugepaged.kernel.procfs import ProcFS, parse_cgroups
 from hugepaged.targets import ProcessFacts, Target, cgroup_under, first_match
+from kit.daemon_runner import hugepaged_cli
 
-from .daemon_runner import hugepaged_cli
 from .marks import needs_root
 
 FULL = '''\

@@ -1,6 +1,6 @@
 """Targets on the real kernel, with real applications: Redis (populated with DEBUG POPULATE)
 and workload processes. Outcomes are read back from smaps_rollup, pagemap and kpageflags
-(tests/helpers.py, tests/redis_app.py), never through hugepaged's code.
+(kit/helpers.py, kit/redis_app.py), never through hugepaged's code.
 
 The kernel's khugepaged is kept out: with the kernel at enabled=madvise (Redis's case: the
 global mode is what is under test) its pages_to_scan is 8 and its sleep 4294967295 ms; for
@@ -16,10 +16,11 @@ import time
 
 import pytest
 
-from .daemon_runner import Daemon, hugepaged_cli, settled, slot_of
-from .helpers import Workload, pmd_mapped_windows, proc_status, saved_thp
+from kit.daemon_runner import Daemon, hugepaged_cli, settled, slot_of
+from kit.helpers import Workload, pmd_mapped_windows, proc_status, saved_thp
+from kit.redis_app import Redis, anon_rollup_kb
+
 from .marks import KERNEL
-from .redis_app import Redis, anon_rollup_kb
 
 pytestmark = KERNEL
 

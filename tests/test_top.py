@@ -16,9 +16,9 @@ from hugepaged.kernel.procfs import Vma
 from hugepaged.results import ScanResult
 from hugepaged.scan.process import ProcessScan, VmaScan
 from hugepaged.topview import Frame, render_text, rows_of
+from kit.daemon_runner import Daemon, hugepaged_cli, hugepaged_cmd, settled
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
-from .daemon_runner import Daemon, hugepaged_cli, hugepaged_cmd, settled
-from .helpers import Workload, pmd_mapped_windows, saved_thp
 from .marks import needs_root, needs_thp, require_tool
 
 S, P, M, N = (ScanResult.SUCCEED, ScanResult.PMD_MAPPED, ScanResult.PMD_NONE,

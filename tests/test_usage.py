@@ -15,10 +15,8 @@ import pytest
 from hugepaged.cli import main
 from hugepaged.kernel import Kernel
 from hugepaged.scan.usage import folio_pages, head_sizes
-
-from . import marks
-from .daemon_runner import Daemon, hugepaged_cli, settled
-from .helpers import (
+from kit.daemon_runner import Daemon, hugepaged_cli, settled
+from kit.helpers import (
     HPAGE,
     THP_DIR,
     Workload,
@@ -27,6 +25,8 @@ from .helpers import (
     smaps_vma,
     thp_pages_by_folio,
 )
+
+from . import marks
 from .test_metrics import families, samples, scrape
 
 pytestmark = marks.KERNEL

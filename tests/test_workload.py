@@ -1,4 +1,4 @@
-"""Tests of the test workload (tests/workload.py) and of the independent checks in helpers.py.
+"""Tests of the test workload (kit/workload.py) and of the independent checks in helpers.py.
 
 Real processes on the real kernel; root needed (PFNs in pagemap, /proc/kpageflags, THP knobs).
 """
@@ -16,8 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from . import marks
-from .helpers import (
+from kit.helpers import (
     HPAGE,
     KHUGEPAGED_DIR,
     PAGE,
@@ -40,6 +39,8 @@ from .helpers import (
     smaps_vma,
     vm_flags,
 )
+
+from . import marks
 
 pytestmark = marks.KERNEL
 

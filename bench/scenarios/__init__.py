@@ -15,7 +15,7 @@ watch.py       4. cost of watching (scan throughput; idle daemon with 500 proces
 report.py      Markdown, JSON and the PNG plot
 
 The benchmarks run as `python bench/NAME.py`: their own directory is on sys.path, the
-repository's root, where the `tests` package (workloads, independent checks, the daemon
+repository's root, where the `kit` package (workloads, independent checks, the daemon
 runner) lives, is not. Importing this package puts it there: the one place that does.
 """
 

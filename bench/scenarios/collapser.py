@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tests.daemon_runner import Daemon
+from kit.daemon_runner import Daemon
 
 from .contenders import KERNEL_DEFAULTS, Contender
 from .cpu import cpu_seconds, find_khugepaged, thread_cpu

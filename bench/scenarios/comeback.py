@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import HPAGE, Workload
+from kit.helpers import HPAGE, Workload
 
 from .collapser import Collapser
 from .contenders import Contender

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.daemon_runner import Daemon
+from kit.daemon_runner import Daemon
 
 from .cpu import cpu_seconds
 

@@ -1,7 +1,7 @@
 """How much of a target is PMD-mapped, read without hugepaged's code.
 
 PAGEMAP_SCAN for PAGE_IS_HUGE over the target's ranges (one ioctl per 4096 regions: cheap
-enough to poll), cross-checked at the end of every run with tests/helpers.pmd_mapped_windows
+enough to poll), cross-checked at the end of every run with kit/helpers.pmd_mapped_windows
 (pagemap + kpageflags); and the target's anonymous memory, for its RSS growth.
 """
 
@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from tests.helpers import pmd_mapped_windows
+from kit.helpers import pmd_mapped_windows
 
 PAGEMAP_SCAN = 0xC0606610
 PAGE_IS_HUGE = 1 << 6
@@ -55,7 +55,7 @@ class HugeProbe:
 
 
 def independent_huge_windows(pid: int, ranges: list[tuple[int, int]]) -> int:
-    """tests/helpers.pmd_mapped_windows: PFNs consecutive + kpageflags THP head, per window."""
+    """kit/helpers.pmd_mapped_windows: PFNs consecutive + kpageflags THP head, per window."""
     return sum(sum(pmd_mapped_windows(pid, s, e)) for s, e in ranges)
 
 

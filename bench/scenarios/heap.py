@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from tests.helpers import HPAGE, Workload
+from kit.helpers import HPAGE, Workload
 
 from .collapser import Collapser
 from .contenders import Contender

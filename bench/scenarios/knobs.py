@@ -1,6 +1,6 @@
 """The kernel's THP knobs and counters, and its free memory by block size.
 
-Knobs are written with tests/helpers (saved and restored by compare.py with
+Knobs are written with kit/helpers (saved and restored by compare.py with
 helpers.saved_thp around the whole run); counters and free blocks are read here from /proc.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import read_counter, write_knob
+from kit.helpers import read_counter, write_knob
 
 __all__ = ["buddyinfo", "free_huge_blocks", "meminfo_kb", "read_counter", "vmstat",
            "write_knob"]

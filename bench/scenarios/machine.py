@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import read_enabled, read_knob
+from kit.helpers import read_enabled, read_knob
 
 from . import ROOT
 from .knobs import meminfo_kb

@@ -2,7 +2,7 @@
 every THP knob restored, CPU pinning, coverage from smaps_rollup, the C helpers, a daemon with
 a target, and the figures (medians, ranges, paired ratios).
 
-Every measurement phase holds tests/helpers.machine_lock for at most a few minutes and puts
+Every measurement phase holds kit/helpers.machine_lock for at most a few minutes and puts
 back every THP knob it found (knob_snapshot/restore_knobs, SIGINT held off while restoring),
 also on Ctrl-C, SIGTERM and SIGHUP (install_signals turns those into KeyboardInterrupt), so
 other engineers' kernel tests can run between rounds.
@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests import helpers as H
-from tests.daemon_runner import Daemon
+from kit import helpers as H
+from kit.daemon_runner import Daemon
 
 from . import ROOT
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tests.helpers import HPAGE
+from kit.helpers import HPAGE
 
 if TYPE_CHECKING:
     from .collapser import Collapser

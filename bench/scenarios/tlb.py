@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import HPAGE
+from kit.helpers import HPAGE
 
 from .collapser import Collapser
 from .contenders import Contender

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import HPAGE, Workload, pmd_mapped_windows
+from kit.helpers import HPAGE, Workload, pmd_mapped_windows
 
 from .context import Context
 from .cpu import cpu_seconds, sched_cpu_seconds

@@ -57,7 +57,7 @@ class Region:
 
 
 class Workload:
-    """A running ``tests/workload.py``; see that file for the spec.
+    """A running ``kit/workload.py``; see that file for the spec.
 
     ``Workload({"regions": [...], "fork_child": True})`` or ``Workload(regions=[...])``.
     Use as a context manager; the process (and its forked child) are gone after the block.

@@ -3,7 +3,7 @@
 
 Standalone on purpose: stdlib and numpy only, never imports hugepaged.
 
-Usage: ``python tests/workload.py SPEC_JSON``
+Usage: ``python kit/workload.py SPEC_JSON``
 
 SPEC_JSON::
 
