@@ -71,14 +71,15 @@ def churn(seconds: float, procs: int, link: str, sample) -> dict:
     return {"started": started, "exited": exited}
 
 
-def run(seconds: float, procs: int, lock: bool = True) -> dict:
+def run(seconds: float, procs: int, lock: bool = True, cap: int | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="bench-churn-")
     link = os.path.join(work, "hpchurn")
     os.symlink("/bin/sleep", link)
     cfg = os.path.join(work, "hugepaged.toml")
     Path(cfg).write_text("exclude_comm = '(?!hpchurn$).*'\n")  # fullmatch: all but ours
     with machine_lock() if lock else contextlib.nullcontext():
-        daemon = Daemon(config=cfg, log_level="info", workdir=work).start()
+        sets = {} if cap is None else {"max_cpu_percent": cap}
+        daemon = Daemon(config=cfg, log_level="info", workdir=work, sets=sets).start()
         try:
             time.sleep(2.0)  # start-up (the first /proc walk) is not churn
             cpu0, t0 = stat_cpu_seconds(daemon.pid), time.monotonic()
@@ -146,8 +147,11 @@ def main() -> int:
                          "setting; say so when quoting: other work ran meanwhile)")
     ap.add_argument("--label", default="", help="suffix of the result files (e.g. the tree "
                     "measured, when PYTHONPATH points the daemon at another checkout)")
+    ap.add_argument("--max-cpu-percent", type=int, default=None,
+                    help="the daemon's cap (default: its own default; set it to compare "
+                         "trees whose defaults differ)")
     args = ap.parse_args()
-    res = run(args.seconds, args.procs, lock=not args.no_lock)
+    res = run(args.seconds, args.procs, lock=not args.no_lock, cap=args.max_cpu_percent)
     res["label"] = args.label
     res["machine_lock"] = not args.no_lock
     res["pythonpath"] = os.environ.get("PYTHONPATH", "")

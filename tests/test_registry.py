@@ -132,6 +132,9 @@ class FakeProcFS:
             out.append(replace(v, anonymous_kb=anon, anon_huge_kb=huge))
         return out
 
+    def smaps_each(self, pid: int):
+        yield from self.smaps(pid)
+
     def cgroup2(self, pid: int) -> str:
         return self._get(pid).cgroup2
 

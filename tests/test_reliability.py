@@ -931,14 +931,14 @@ def test_an_unexpected_error_in_one_process_is_contained_to_its_slot(monkeypatch
             Workload(regions=[{"name": "a", "windows": 4, "hugepage": True}]) as good:
         kernel = Kernel()
         core = Khugepaged(kernel, Tunables(enabled="madvise", max_cpu_percent=0))
-        real = kernel.procfs.smaps
+        real = kernel.procfs.smaps_each
 
-        def smaps(pid):
+        def smaps_each(pid, backing=None):
             if pid == bad.pid:
                 raise ValueError("unparseable smaps line")
-            return real(pid)
+            return real(pid, backing)
 
-        monkeypatch.setattr(kernel.procfs, "smaps", smaps)
+        monkeypatch.setattr(kernel.procfs, "smaps_each", smaps_each)
         try:
             core.enter(bad.pid)
             core.enter(good.pid)

@@ -148,20 +148,21 @@ def memory_map(slot: MmSlot, view: ProcessView, geometry) -> tuple[bool, list, i
         thp_enabled, vmas, small = slot.last_map[1], slot.last_map[2], slot.last_map[3]
     else:
         thp_enabled = view.procfs.status(mm_pid).thp_enabled
-        every = view.procfs.smaps(mm_pid)
-        slot.anon_kb = sum(v.anonymous_kb for v in every)
-        slot.anon_huge_kb = sum(v.anon_huge_kb for v in every)
-        vmas, slot.small_anon = [], []
-        for v in every:
+        # smaps one VMA at a time: 60,000 mappings held at once were 68 MB of peak RSS.
+        vmas, small_anon, anon_kb, anon_huge_kb, total = [], [], 0, 0, 0
+        for v in view.procfs.smaps_each(mm_pid):
+            total += 1
+            anon_kb += v.anonymous_kb
+            anon_huge_kb += v.anon_huge_kb
             start, end = geometry.aligned(v.start, v.end)
             if end > start:
                 vmas.append(v)
-            elif v.anonymous_kb and len(slot.small_anon) < SMALL_ANON:
+            elif v.anonymous_kb and len(small_anon) < SMALL_ANON:
                 # Small VMAs with anonymous memory can still hold mTHP folios
                 # (daemon/mthp.py counts them): a bounded few are kept.
-                slot.small_anon.append(v)
-        small = len(every) - len(vmas)
-        del every
+                small_anon.append(v)
+        slot.anon_kb, slot.anon_huge_kb, slot.small_anon = anon_kb, anon_huge_kb, small_anon
+        small = total - len(vmas)
     for start, end in advice:
         vmas = apply_advice(vmas, start, end)
     slot.last_map = (fp, thp_enabled, vmas, small)

@@ -1,7 +1,7 @@
 """/proc readers: the process list, maps/smaps, status, stat. The root is a parameter."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from hugepaged.errors import HugepagedError, ProcessGone
@@ -183,10 +183,24 @@ class ProcFS:
         return self.read_text(pid, "maps")
 
     def smaps(self, pid: int) -> list[Vma]:
-        """The VMAs of smaps, each with what backs it (kernel/mounts.py)."""
+        """The VMAs of smaps, each with what backs it (kernel/mounts.py). Parsed as it is
+        read: a process of 60,000 mappings has 45 MB of smaps text, and holding it (and its
+        lines) at once is what the daemon's peak RSS would be made of."""
         from hugepaged.kernel.mounts import Backing
 
-        return parse_smaps(self.read_text(pid, "smaps"), Backing(self.root, pid).annotate)
+        return list(self.smaps_each(pid, Backing(self.root, pid).annotate))
+
+    def smaps_each(self, pid: int, backing: Callable[[dict], None] | None = None
+                   ) -> Iterator[Vma]:
+        """smaps' VMAs one at a time, for a caller that keeps few of them (the daemon's
+        visit keeps the VMAs that can hold a window); default `backing`: kernel/mounts.py."""
+        if backing is None:
+            from hugepaged.kernel.mounts import Backing
+
+            backing = Backing(self.root, pid).annotate
+        with process_errors(pid), open(self.path(pid, "smaps"), encoding="utf-8",
+                                       errors="replace") as f:
+            yield from iter_smaps(f, backing)
 
     def exe(self, pid: int) -> str | None:
         """readlink /proc/PID/exe; None where there is none (a kernel thread, a zombie)."""
@@ -244,12 +258,19 @@ def _parse_header(line: str) -> dict:
     }
 
 
-def parse_smaps(text: str, backing: Callable[[dict], None] | None = None) -> list[Vma]:
-    """Parse smaps text into Vma records (header line, then 'Key: value' lines);
-    `backing` adds what backs each VMA to its header's fields before the record is made."""
-    vmas: list[Vma] = []
+def parse_smaps(text: str | Iterable[str],
+                backing: Callable[[dict], None] | None = None) -> list[Vma]:
+    """Parse smaps text (or its lines, as a file gives them) into Vma records (header line,
+    then 'Key: value' lines); `backing` adds what backs each VMA to its header's fields
+    before the record is made."""
+    return list(iter_smaps(text, backing))
+
+
+def iter_smaps(text: str | Iterable[str],
+               backing: Callable[[dict], None] | None = None) -> Iterator[Vma]:
+    """parse_smaps, one record at a time."""
     current: dict | None = None
-    for line in text.splitlines():
+    for line in text.splitlines() if isinstance(text, str) else text:
         key, sep, value = line.partition(":")
         if sep and " " not in key and "-" not in key:
             if current is None:
@@ -262,13 +283,12 @@ def parse_smaps(text: str, backing: Callable[[dict], None] | None = None) -> lis
                 current["thp_eligible"] = value.strip() == "1"
             continue
         if current is not None:
-            vmas.append(Vma(**current))
+            yield Vma(**current)
         current = _parse_header(line)
         if backing is not None:
             backing(current)
     if current is not None:
-        vmas.append(Vma(**current))
-    return vmas
+        yield Vma(**current)
 
 
 def parse_cgroups(text: str) -> list[str]:
