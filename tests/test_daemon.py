@@ -358,6 +358,16 @@ def test_sigkill_with_quiet_leaves_a_state_file_that_restore_kernel_and_the_next
                 rc = d.stop()
                 assert rc == 0
             assert khugepaged_knobs() == original
+
+            # 3. A normal stop of a quiet daemon leaves nothing behind: no state, no lock.
+            with Daemon(pids=[target.pid], sets={"enabled": "madvise",
+                                                 "kernel_khugepaged": "quiet"}, **at) as d:
+                assert khugepaged_knobs() == quiet
+                assert Path(f"{state_file}.lock").exists()
+                assert d.stop() == 0
+            assert khugepaged_knobs() == original
+            assert sorted(p.name for p in tmp_path.iterdir()
+                          if p.name.startswith(state_file.name)) == []
     finally:
         target.kill()
         target.wait()

@@ -818,6 +818,27 @@ def test_cpu_cap_stops_the_pass_until_the_pace_allows(world, sleepers):
     core.close()
 
 
+def test_a_pass_the_cap_stopped_goes_on_when_the_cap_allows_not_a_scan_sleep_later(
+        world, sleepers):
+    """scan_sleep_millisecs is the rest after a pass that spent its pages_to_scan; a pass
+    the cap stopped is due when the cap's rest ends (with both, a 3 GiB Redis got one
+    collapse every 100 ms whatever the cap: 9 a second at 6% of a core against 20%)."""
+    (pid,) = sleepers(1)
+    layout(world, pid, windows=4)
+    core = world.make_core(scan_sleep_millisecs=10000)
+    core.set_tunables(core.tunables.with_values({"max_cpu_percent": 5}))
+    core.discover()
+    core.collapser.budget.until = world.clock.now + 0.2  # the cap rests 200 ms
+    core.run_pass()
+    assert world.collapses == []
+    assert core.schedule.pass_at() == pytest.approx(world.clock.now + 0.2)
+    assert core.schedule.state(world.clock.now, 10.0) == "cpu-capped"
+    world.clock.now += 0.2
+    core.run_pass()  # the cap allows: this pass collapses, and spends its budget or not
+    assert len(world.collapses) >= 1
+    core.close()
+
+
 def test_pace_spreads_work_evenly_saves_no_credit_and_carries_no_debt_past_its_window():
     now = [0.0]
     p = Pace(5, clock=lambda: now[0], window=10.0)

@@ -144,6 +144,10 @@ class KernelQuieter:
             self.saved = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.state_file)
+            # Nothing is left to restore: the lock goes too, removed while held (as
+            # limits.try_lock allows), so a normal stop leaves no file behind.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_file)
         finally:
             self._release()
         if kept:

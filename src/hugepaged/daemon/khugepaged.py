@@ -125,9 +125,16 @@ class Khugepaged:
         return False
 
     def run_pass(self) -> None:
-        """One pass, then the next one scheduled (khugepaged_wait_work)."""
+        """One pass, then the next one scheduled (khugepaged_wait_work). A pass the global
+        CPU cap stopped goes on as soon as the cap allows: scan_sleep_millisecs is the rest
+        after a pass that spent its pages_to_scan, and added to the cap's own rest it would
+        make the pace (one batch per scan_sleep) what the cap is meant to set."""
         worked = self.do_scan()
-        self.schedule.set(sched.PASS, self.scan.after(worked, self.clock()))
+        now = self.clock()
+        if self.schedule.until(sched.CPU, now):
+            self.schedule.set(sched.PASS, now)
+        else:
+            self.schedule.set(sched.PASS, self.scan.after(worked, now))
 
     def admit(self, now: float) -> None:
         """Fork events whose settle delay has passed become slots, and execs and renames
