@@ -6,39 +6,29 @@ may burn the CPU (both were once found spinning); once the memory is freed both 
 at once (the seed's story: a VM quits, the survivor gets its huge pages), whatever they spent
 failing before.
 
-The memory: the hugetlb pool takes all but ~1.5 GiB (fast: a pool page is never touched), the
-filler (bench/scenarios/filler.py) fragments most of the rest (one page pinned in every 2 MiB
-block it held, the rest freed as 4 KiB pages), then the pool takes every block left, compacting
-the machine's movable memory into more. What stays free is in pieces no huge page fits.
+The memory: kit/fragment.py (the hugetlb pool and the filler; what stays free is in pieces
+no huge page fits, and compaction cannot assemble one).
 
 Asserted: what the daemon controls (its CPU while it waits; the first collapse within a poll
 and a pass of the memory coming back). The time to the first collapse is printed; its figures
-across runs are in bench/ (bench_comeback.py)."""
+across runs are in bench/ (bench_comeback.py, the old code against the new)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import select
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from kit.daemon_runner import Daemon
-from kit.helpers import Workload, hugetlb_pool, meminfo_kb, pmd_mapped_windows, saved_thp
+from kit.fragment import fragmented_memory
+from kit.helpers import Workload, pmd_mapped_windows, saved_thp
 
 from .marks import kernel_test
 from .test_daemon_cap import cpu_seconds
 
-FILLER = Path(__file__).resolve().parent.parent / "bench" / "scenarios" / "filler.py"
 MEASURE = 20.0  # seconds of back-off measured
 BUDGET = 0.01  # of a core: the most either daemon may spend meanwhile
 COMEBACK = 3.0  # seconds from the memory coming back to the first collapse, at most
 LONG_BACKOFF = 300000  # ms: the measured seconds lie inside one back-off
 REGION = [{"name": "heap", "windows": 16, "fill": "all", "hugepage": True}]
-KEEP_MIB = 1536  # free memory the pool leaves at first: the filler's to fragment
 
 
 def huge_windows(w: Workload) -> int:
@@ -52,35 +42,6 @@ def first_collapse(w: Workload, had: int, deadline: float) -> float | None:
             return time.monotonic()
         time.sleep(0.02)
     return None
-
-
-@contextlib.contextmanager
-def fragmented_memory() -> Iterator[Callable[[], None]]:
-    """Free memory with no 2 MiB block in it (see the module's docstring); yields release(),
-    which gives it all back at once (the filler's pins, then the pool)."""
-    with saved_thp(enabled="madvise"), hugetlb_pool(keep_free_mib=256) as pool:
-        pool.grow((meminfo_kb("MemFree") // 1024 - KEEP_MIB) // 2)
-        filler = subprocess.Popen([sys.executable, str(FILLER),
-                                   json.dumps({"headroom_mib": 384, "floor_mib": 256})],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-        def release() -> None:
-            if filler.poll() is None:
-                filler.stdin.write(b"exit\n")
-                filler.stdin.flush()
-                filler.wait(60)
-            pool.release()
-
-        try:
-            ready = select.select([filler.stdout], [], [], 120)[0]
-            info = json.loads(filler.stdout.readline()) if ready else {}
-            assert info.get("pid") == filler.pid, "the filler did not fragment memory"
-            pool.grow(1 << 20)  # every block left, and what compaction can still assemble
-            yield release
-        finally:
-            if filler.poll() is None:
-                filler.kill()
-                filler.wait()
 
 
 @kernel_test
