@@ -70,6 +70,26 @@ def test_four_quiet_processes_advised_together_are_all_covered_quickly(workers):
                 w.close()
 
 
+def test_advice_at_the_default_cap_is_acted_on_within_a_poll():
+    """At the default CPU cap a pass's scanning leaves the pace resting for a moment, and the
+    syscall rings are not read meanwhile (a flood of advice costs at most the cap); the loop
+    must listen again when the rest ends, not at its next pass (seconds later, or minutes
+    for a settled process): bench_advise's default scenario once saw no collapse in 60 s."""
+    with saved_thp(enabled="never"), Workload(regions=REGION) as w, \
+            Daemon(pids=[w.pid], sets={"enabled": "madvise"}) as d:
+        d.wait_for(lambda s: settled(s, w.pid), timeout=30, what="settled")
+        assert d.status()["tunables"]["max_cpu_percent"] > 0
+        time.sleep(3.0)
+        t0 = time.monotonic()
+        w.command("hugepage heap")
+        r = w.regions["heap"]
+        while not any(pmd_mapped_windows(w.pid, r.start, r.end)):
+            assert time.monotonic() - t0 < 3.0, d.status()["counters"]
+            time.sleep(0.02)
+        print(f"first collapse {time.monotonic() - t0:.3f} s after the advice")
+        w.verify()
+
+
 def test_madvise_registers_an_unknown_process_and_prctl_is_recorded():
     kernel = Kernel()
     core = Khugepaged(kernel, Tunables())

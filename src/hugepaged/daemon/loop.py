@@ -152,7 +152,13 @@ class EventLoop:
     def _wait(self, timeout: float) -> None:
         if self.service.max_sleep is not None:
             timeout = min(timeout, self.service.max_sleep)
-        self._listen(self.core.collapser.budget.allows(time.monotonic()))
+        budget, now = self.core.collapser.budget, time.monotonic()
+        allowed = budget.allows(now)
+        self._listen(allowed)
+        if not allowed and self.tracer is not None:
+            # Not reading the rings while the cap rests: listen again when it ends, not at
+            # the next pass (seconds away, or minutes for a settled process).
+            timeout = min(timeout, budget.wait(now))
         self.phases.spent("loop")
         ready = self.sel.select(timeout)
         if any(key.data == "syscalls" for key, _ in ready):
