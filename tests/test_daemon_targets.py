@@ -235,6 +235,27 @@ def test_a_targets_cpu_share_leaves_its_slot_and_the_pass_goes_on(world, sleeper
     core.close()
 
 
+def test_a_pass_that_worked_comes_back_when_a_share_does_not_a_scan_sleep_later(
+        world, sleepers):  # noqa: F811
+    """A pass that collapsed and left a visit for its target's share: the next pass is due
+    when the share is back, if that is before scan_sleep_millisecs (the share is the
+    target's pace; with a sleep on top, one max_stall_ms call a pass held a 10% target to
+    3-4% of a core)."""
+    (a,) = sleepers(1)
+    layout(world, a, windows=8)
+    core = core_with(world, [Target("capped", pid=(a,), max_cpu_percent=10)])
+    core.set_tunables(core.tunables.with_values({"max_cpu_percent": 50,
+                                                 "scan_sleep_millisecs": 10000}))
+    core.discover()
+    share = core.membership.target_states.get("capped").budget
+    share.until = world.clock.now + 0.05  # 50 ms over its share
+    core.run_pass()
+    slot = core.registry.slots[a]
+    assert slot.resume
+    assert core.schedule.pass_at() == pytest.approx(world.clock.now + 0.05)
+    core.close()
+
+
 def test_a_slot_waiting_for_its_share_is_what_the_daemon_waits_for(world, sleepers):  # noqa: F811
     """While a visit waits for its target's share, the schedule holds that wait (the state
     says which share binds), the next pass comes when the share is back, and the global cap,

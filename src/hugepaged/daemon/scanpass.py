@@ -121,17 +121,19 @@ class ScanPass:
 
     def after(self, worked: bool, now: float) -> float:
         """When the next pass is due (khugepaged_wait_work): scan_sleep_millisecs after work;
-        after an idle pass, when the first settled slot is due (not sooner than IDLE_MIN), or
-        when a visit waiting for its target's share may go on; a pass stopped for a full lane
-        is taken up when a batch finishes."""
+        after an idle pass, when the first settled slot is due (not sooner than IDLE_MIN);
+        either way no later than a visit waiting for its target's share may go on (its share
+        is its pace: a scan_sleep on top of it, one call of max_stall_ms a pass, would hold
+        a target to a fraction of its share); a pass stopped for a full lane is taken up when
+        a batch finishes."""
         if self.lanes.stalled:
             return now + LANE_POLL
         sleep = self.tunables.scan_sleep_millisecs / 1000.0
+        waiting = self.registry.next_resume()
         if worked:
-            return now + sleep
+            return now + sleep if waiting is None else min(now + sleep, max(now, waiting))
         first = self.registry.next_due()
         idle = max(now + max(sleep, IDLE_MIN), first if first is not None else now + IDLE_MIN)
-        waiting = self.registry.next_resume()
         return idle if waiting is None else min(idle, max(now + sleep, waiting))
 
     def _preempt(self) -> None:
