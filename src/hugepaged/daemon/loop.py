@@ -25,6 +25,10 @@ from .membership import NEW_PROCESS_SETTLE
 log = logging.getLogger("hugepaged")
 DISCOVER_INTERVAL = 10.0  # /proc walk without the connector
 DISCOVER_INTERVAL_CONNECTED = 60.0  # with it: only for missed events
+# The syscall rings are read while the CPU cap owes less than this: a flood of advice then
+# costs about the cap, and the few milliseconds a pass or a wake-up leaves owing do not stop
+# the listening (each wake-up to listen again would be charged, and owe again: a spin).
+LISTEN_SLACK = 0.25
 BUDDY_POLL = 0.25  # during an allocation back-off: free huge pages are taken within this
 
 
@@ -152,13 +156,13 @@ class EventLoop:
     def _wait(self, timeout: float) -> None:
         if self.service.max_sleep is not None:
             timeout = min(timeout, self.service.max_sleep)
-        budget, now = self.core.collapser.budget, time.monotonic()
-        allowed = budget.allows(now)
+        owed = self.core.collapser.budget.wait(time.monotonic())
+        allowed = owed <= LISTEN_SLACK
         self._listen(allowed)
         if not allowed and self.tracer is not None:
-            # Not reading the rings while the cap rests: listen again when it ends, not at
-            # the next pass (seconds away, or minutes for a settled process).
-            timeout = min(timeout, budget.wait(now))
+            # Not reading the rings while the cap rests: listen again when it has nearly
+            # ended, not at the next pass (seconds away, or minutes for a settled process).
+            timeout = min(timeout, owed - LISTEN_SLACK)
         self.phases.spent("loop")
         ready = self.sel.select(timeout)
         if any(key.data == "syscalls" for key, _ in ready):
@@ -174,8 +178,9 @@ class EventLoop:
 
     def _listen(self, allowed: bool) -> None:
         """The syscall records, which any process can make arrive by the hundred thousand a
-        second, are read only while the CPU cap allows work: a flood of advice then costs at
-        most the cap, and what the rings lose meanwhile the lost-records fallback catches up.
+        second, are read only while the CPU cap owes little (LISTEN_SLACK): a flood of advice
+        then costs about the cap, and what the rings lose meanwhile the lost-records fallback
+        catches up.
         (The connector is always read: the kernel bounds forks and execs, and its events cost
         a dictionary entry each until they settle.)"""
         if allowed == self._listening:
