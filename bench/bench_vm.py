@@ -1,17 +1,25 @@
 #!/usr/bin/env python3
 """The seed's own story with real QEMU guests: guest A quits, how soon is survivor B's RAM huge?
 
-    sudo python bench/bench_vm.py [--quick] [--backends anon,memfd]
+    sudo python bench/bench_vm.py [--quick] [--backends anon,memfd,shmfile]
                                   [--contenders kernel-defaults,kernel-tuned,...]
                                   [--b-mib 2048] [--a-mib 3072] [--limit S]
                                   [--set KEY=VALUE ...] [--name NAME]
 
-Per backend (guest RAM as anonymous memory, or `-object memory-backend-memfd`: shared memory)
-and per contender, one phase under the machine lock:
+Per backend (guest RAM as anonymous memory; `-object memory-backend-memfd`: shared memory,
+which QEMU 7.2 maps 4 KiB-aligned, so that no window of it can be PMD-mapped; or shmfile,
+`-object memory-backend-file,mem-path=DIR,share=on,align=2M` with DIR a fresh directory under
+/dev/shm: QEMU creates its file there and unlinks it at once, so it is shared memory under the
+memfd's rules, mapped 2 MiB-aligned) and per contender, one phase under the machine lock:
 1. THP knobs: `enabled=madvise`, the kernel's khugepaged at its defaults (and, for
    kernel-tuned, at 65536 pages / 0 ms from here on); for the memfd backend
-   `shmem_enabled=advise`, so that QEMU's memfd mapping is aligned to 2 MiB (decided at mmap
-   time) and, with QEMU's own MADV_HUGEPAGE on guest RAM, eligible.
+   `shmem_enabled=advise` (the kernel aligns a new shmem mapping only while shmem huge pages
+   are possible; QEMU maps the memfd itself, so it does not help there); for shmfile and the
+   kernel's contenders `hugepages-2048kB/shmem_enabled=advise`: an unlinked file of the
+   /dev/shm mount (no huge= option) is PMD-eligible for the kernel through that per-size knob
+   and QEMU's MADV_HUGEPAGE alone (its global orders come from the mount's huge=, not from
+   shmem_enabled). hugepaged's contenders leave the shmem knobs as they are (the kernel then
+   neither allocates nor collapses shmem huge pages) and get `--set shmem_enabled=advise`.
 2. Guest A (--a-mib, anonymous) boots and touches its RAM while memory is free: its RAM is
    backed by huge pages.
 3. scenarios/filler.py fragments the rest of the host's memory (one pinned 4 KiB page in every
@@ -26,13 +34,17 @@ and per contender, one phase under the machine lock:
    B's coverage (PMD-mapped bytes of its RAM mapping, PAGEMAP_SCAN PAGE_IS_HUGE, over the
    windows of it that hold a page just before the exit: what the guest never touched no
    collapser can make huge; cross-checked with smaps at the end) is polled until 99% or
-   --limit.
+   --limit. For the shared backends also B's shmem huge pages (/proc/meminfo ShmemHugePages
+   gained since before B started, over the same windows): the kernel's khugepaged collapses a shmem
+   range in the page cache and drops the page tables mapping it, and the PMD appears only
+   when the guest touches the range again (MADV_COLLAPSE installs it at once).
 Figures: seconds from A's exit to 50/90/95/99% coverage, the collapser's CPU (the
 [khugepaged] thread's or the daemon's /proc/PID/stat) from time zero to 99%, the coverage at
 the limit.
 
 Contenders: kernel-defaults (4096 pages / 10 s), kernel-tuned (65536 pages / 0 ms),
-hugepaged-defaults (`hugepaged run --pid B`, `--set shmem_enabled=advise` for memfd),
+hugepaged-defaults (`hugepaged run --pid B`, `--set shmem_enabled=advise` for memfd and
+shmfile),
 hugepaged-target (a [[target]] `comm = "^qemu-system"`, `enabled = "always"`,
 `shmem_enabled = "always"`, at the daemon's defaults), hugepaged-tuned-target (the same with
 --set pages_to_scan=65536, scan_sleep_millisecs=0, max_cpu_percent=0). Every --set is passed
@@ -48,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -57,7 +70,7 @@ from scenarios.comeback import Filler
 from scenarios.contenders import KERNEL_DEFAULTS
 from scenarios.coverage import HugeProbe
 from scenarios.cpu import find_khugepaged
-from scenarios.guest import Guest, guest_files, stop_and_wait_freed
+from scenarios.guest import BACKENDS, SHM_ROOT, Guest, guest_files, stop_and_wait_freed
 from scenarios.knobs import free_huge_blocks
 from scenarios.realapps import (
     describe_machine,
@@ -81,6 +94,25 @@ LEVELS = (0.5, 0.9, 0.95, 0.99)
 FAST = {"pages_to_scan": 65536, "scan_sleep_millisecs": 0}
 CONTENDERS = ["kernel-defaults", "kernel-tuned", "hugepaged-defaults", "hugepaged-target",
               "hugepaged-tuned-target"]
+SHARED = ("memfd", "shmfile")
+
+
+def shmem_huge_bytes() -> int:
+    """Every shmem huge page of the machine (/proc/meminfo ShmemHugePages): the shared
+    backend's guest RAM is the only shmem here that grows after A's exit."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("ShmemHugePages:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def khugepaged_collapsed() -> int:
+    """The kernel's khugepaged/pages_collapsed counter (-1 if unreadable)."""
+    try:
+        return int((H.KHUGEPAGED_DIR / "pages_collapsed").read_text())
+    except (OSError, ValueError):
+        return -1
 
 
 class VmCollapser:
@@ -98,6 +130,11 @@ class VmCollapser:
         if self.backend == "memfd":
             H.write_knob("hugepages-2048kB/shmem_enabled", "inherit")
             H.write_knob("shmem_enabled", "advise")
+        if self.backend == "shmfile" and self.kernel:
+            # An unlinked /dev/shm file: shmem_anon_vm_ops, whose global orders are the
+            # mount's huge= (none: never); the per-size knob at advise with QEMU's
+            # MADV_HUGEPAGE is what lets the kernel fault and collapse it huge.
+            H.write_knob("hugepages-2048kB/shmem_enabled", "advise")
         if self.key == "kernel-tuned":
             for k, v in FAST.items():
                 H.write_knob(k, v)
@@ -113,7 +150,7 @@ class VmCollapser:
                 raise RuntimeError("no [khugepaged] thread at enabled=madvise")
             return
         sets = {"enabled": "madvise", **self.sets}
-        if self.backend == "memfd":
+        if self.backend in SHARED:
             sets.setdefault("shmem_enabled", "advise")
         if self.key == "hugepaged-tuned-target":
             sets = {**FAST, "max_cpu_percent": 0, **sets}
@@ -152,12 +189,16 @@ def vm_run(key: str, backend: str, args, sets: dict, files, work: str) -> dict:
     res: dict = {"contender": key, "backend": backend}
     kernel, initrd = files
     col = VmCollapser(key, backend, sets, work)
-    a = Guest("A", args.a_mib, kernel, initrd, work, memfd=False)
-    b = Guest("B", args.b_mib, kernel, initrd, work, memfd=backend == "memfd")
+    a = Guest("A", args.a_mib, kernel, initrd, work)
+    b = None
     filler = None
     probe = None
+    shared = backend in SHARED
     try:
+        b = Guest("B", args.b_mib, kernel, initrd, work, backend=backend)
         col.prepare()
+        res["knobs"] = {k: H.read_knob(k) for k in ("enabled", "shmem_enabled",
+                                                      "hugepages-2048kB/shmem_enabled")}
         a.start()
         res["a_boot_s"] = round(a.wait_touched(180), 1)
         alo, ahi = a.ram_range()
@@ -175,10 +216,16 @@ def vm_run(key: str, backend: str, args, sets: dict, files, work: str) -> dict:
                                                    "free_huge_blocks_after", "setup_seconds")}
         res["filler_s"] = round(time.monotonic() - t0, 1)
         col.before_b()
+        shm0 = shmem_huge_bytes()  # any other shmem huge pages of the machine
+        res["shmem_huge_mib_before_b"] = shm0 >> 20
         b.start()
         res["b_boot_s"] = round(b.wait_touched(240), 1)
         lo, hi = b.ram_range()
         res["b_ram_mib"] = (hi - lo) >> 20
+        vma = H.smaps_vma(b.pid, lo)
+        res["b_vma"] = {"header": vma["header"], "start_mod_2m": lo % HPAGE,
+                        "THPeligible": vma.get("THPeligible"),
+                        "VmFlags": " ".join(sorted(vma.get("VmFlags", ())))}
         probe = HugeProbe(b.pid, [(lo, hi)])
         res["b_coverage_before"] = round(probe.huge_bytes() / (hi - lo), 4)
         col.start(b.pid)
@@ -191,6 +238,8 @@ def vm_run(key: str, backend: str, args, sets: dict, files, work: str) -> dict:
         res["b_windows"], res["b_present_windows"] = (hi - lo) // HPAGE, present
         denom = max(1, present) * HPAGE
         cpu0 = col.cpu()
+        collapsed0 = khugepaged_collapsed()
+        res["shmem_huge_mib_before_exit"] = shmem_huge_bytes() >> 20
         res["a_exit_s"] = round(stop_and_wait_freed(a), 2)
         t0 = time.monotonic()
         res["free_huge_blocks_after_exit"] = free_huge_blocks()
@@ -199,18 +248,24 @@ def vm_run(key: str, backend: str, args, sets: dict, files, work: str) -> dict:
             backend == "memfd" else args.limit
         res["limit_s"] = limit
         times: dict = {}
+        cache_times: dict = {}
         samples = []
+        cc = 0.0
         while True:
             el = time.monotonic() - t0
             huge = probe.huge_bytes()
             c = min(1.0, huge / denom)
             cpu = col.cpu() - cpu0
+            if shared:  # B's shmem huge pages, mapped by a PMD or not
+                cc = min(1.0, max(0, shmem_huge_bytes() - shm0) / denom)
             if not samples or el - samples[-1][0] >= 1.0 or c >= LEVELS[-1]:
                 samples.append((round(el, 2), round(c, 4), round(cpu, 3),
-                                round(huge / (hi - lo), 4)))
+                                round(huge / (hi - lo), 4), round(cc, 4)))
             for lv in LEVELS:
                 if c >= lv and str(lv) not in times:
                     times[str(lv)] = {"s": round(el, 2), "cpu_s": round(cpu, 3)}
+                if cc >= lv and str(lv) not in cache_times:
+                    cache_times[str(lv)] = {"s": round(el, 2), "cpu_s": round(cpu, 3)}
             if c >= LEVELS[-1] or el > limit:
                 break
             time.sleep(0.1)
@@ -218,15 +273,22 @@ def vm_run(key: str, backend: str, args, sets: dict, files, work: str) -> dict:
                     "ram_coverage_end": round(huge / (hi - lo), 4),
                     "collapser_cpu_s": round(col.cpu() - cpu0, 3), "samples": samples,
                     "smaps_pmd_mib": smaps_pmd_kb(b.pid, lo) >> 10})
+        if collapsed0 >= 0:
+            res["khugepaged_pages_collapsed"] = khugepaged_collapsed() - collapsed0
+        if shared:
+            res.update({"cache_times": cache_times, "cache_coverage_end": round(cc, 4),
+                        "shmem_huge_mib_end": shmem_huge_bytes() >> 20})
         res["collapser"] = col.stop()
         log(f"    {backend} {key}: {c:.1%} after {el:.1f} s, "
             f"t99 {times.get('0.99', {}).get('s', '—')} s, CPU {res['collapser_cpu_s']} s "
-            f"(B before exit {res['b_coverage_at_exit']:.1%}, A {res['a_coverage']:.1%})")
+            f"(B before exit {res['b_coverage_at_exit']:.1%}, A {res['a_coverage']:.1%})"
+            + (f"; shmem huge {cc:.1%}" if shared else ""))
     finally:
         if probe is not None:
             probe.close()
         col.stop()
-        b.close()
+        if b is not None:
+            b.close()
         a.close()
         if filler is not None:
             with contextlib.suppress(Exception):
@@ -252,6 +314,9 @@ def figures(runs: list[dict]) -> dict:
         f["coverage_end"] = summary([r["coverage_end"] for r in rs])
         f["seconds"] = summary([r["seconds"] for r in rs])
         f["cpu_s"] = summary([r["collapser_cpu_s"] for r in rs])
+        if all("cache_times" in r for r in rs):
+            f["cache_t95_s"] = summary([r["cache_times"].get("0.95", {}).get("s") for r in rs])
+            f["cache_coverage_end"] = summary([r["cache_coverage_end"] for r in rs])
     return out
 
 
@@ -268,13 +333,18 @@ def report(doc: dict, args) -> list[str]:
              "guests' own speed is not measured.", "",
              "Median (min–max) over the runs; times from A's exit (its process gone); "
              f"bounded at {args.limit:.0f} s ({args.memfd_kernel_limit:.0f} s for the kernel "
-             "on memfd, which its khugepaged does not scan here).", "",
+             "on memfd, which QEMU maps 4 KiB-aligned).", "",
              "Coverage: PMD-mapped share of B's RAM windows that hold a page (the windows "
              "the guest never touched cannot be made huge by anyone; runs recorded before this "
-             "was counted used all of B's RAM: see each run's `b_present_windows`).", "",
+             "was counted used all of B's RAM: see each run's `b_present_windows`). "
+             "Shared backends, last two columns: B's shmem huge pages (/proc/meminfo "
+             "ShmemHugePages), PMD-mapped or not: the kernel's khugepaged collapses shmem in "
+             "the page cache and leaves the PMD to B's next fault there; an idle guest "
+             "touches little.", "",
              "| backend | contender | 50% (s) | 90% (s) | 95% (s) | 99% (s) | CPU to 99% (s) | "
-             "coverage at the end | CPU over the run (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "coverage at the end | CPU over the run (s) | shmem huge 95% (s) | "
+             "shmem huge at the end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, f in doc["figures"].items():
         be, c = k.split("/", 1)
         lines.append(f"| {be} | {c} | {fmt_range(f['t50_s'], '{:.1f}')} | "
@@ -282,7 +352,10 @@ def report(doc: dict, args) -> list[str]:
                      f"{fmt_range(f['t99_s'], '{:.2f}')} | "
                      f"{fmt_range(f['cpu_to_99_s'], '{:.2f}')} | "
                      f"{fmt_range(f['coverage_end'], '{:.1%}')} | "
-                     f"{fmt_range(f['cpu_s'], '{:.2f}')} |")
+                     f"{fmt_range(f['cpu_s'], '{:.2f}')} | "
+                     + (f"{fmt_range(f['cache_t95_s'], '{:.1f}')} | "
+                        f"{fmt_range(f['cache_coverage_end'], '{:.1%}')} |"
+                        if "cache_t95_s" in f else "| |"))
     fails = [r for r in doc["runs"] if "times" not in r]
     for r in fails:
         lines.append(f"\n{r['backend']}/{r['contender']} failed: {r.get('error', '')[:300]}")
@@ -299,15 +372,23 @@ def report(doc: dict, args) -> list[str]:
                          f"before; free huge blocks {r['free_huge_blocks_before_exit']} -> "
                          f"{r['free_huge_blocks_after_exit']}; A was {r['a_coverage']:.1%} huge;"
                          f" end {r['coverage_end']:.1%} (smaps: {r['smaps_pmd_mib']} MiB "
-                         "PMD-mapped)")
+                         "PMD-mapped)"
+                         + (f"; B's mapping start mod 2 MiB {r['b_vma']['start_mod_2m']}, "
+                            f"THPeligible {r['b_vma']['THPeligible']}; shmem huge "
+                            f"{r['shmem_huge_mib_end']} MiB"
+                            + (f"; khugepaged pages_collapsed "
+                               f"+{r['khugepaged_pages_collapsed']}"
+                               if "khugepaged_pages_collapsed" in r else "")
+                            if "cache_times" in r else ""))
     return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="B 512 MiB, A 768 MiB, anon only, "
-                    "40 s bound")
-    ap.add_argument("--backends")
+    ap.add_argument("--quick", action="store_true", help="B 512 MiB, A 768 MiB, anon unless "
+                    "--backends, 40 s bound")
+    ap.add_argument("--backends", help=f"comma-separated, of {', '.join(BACKENDS)} "
+                    "(default anon,shmfile; --quick: anon)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--b-mib", type=int)
@@ -325,13 +406,18 @@ def main(argv=None) -> int:
     require_root("bench_vm.py")
     no_swap()
     q = args.quick
-    for k, quick, full in (("backends", "anon", "anon,memfd"), ("b_mib", 512, 2048),
+    for k, quick, full in (("backends", "anon", "anon,shmfile"), ("b_mib", 512, 2048),
                            ("a_mib", 768, 3072), ("limit", 40.0, 180.0)):
         if getattr(args, k) is None:
             setattr(args, k, quick if q else full)
     bad = [c for c in args.contenders.split(",") if c not in CONTENDERS]
     if bad:
         sys.exit(f"--contenders: unknown {bad}; known: {CONTENDERS}")
+    bad = [b for b in args.backends.split(",") if b not in BACKENDS]
+    if bad:
+        sys.exit(f"--backends: unknown {bad}; known: {BACKENDS}")
+    if "shmfile" in args.backends.split(",") and not os.path.isdir(SHM_ROOT):
+        sys.exit(f"--backends shmfile: no {SHM_ROOT}")
     sets = parse_sets(args.set)
     install_signals()
     files = guest_files(log)

@@ -220,9 +220,11 @@ def main() -> int:
     info["blocks_pinned_4k"] = int(keep.size)
     info["fragment_seconds"] = round(time.monotonic() - t0, 2)
 
-    # 3. the remaining free 2 MiB blocks, as pinned THPs
+    # 3. the remaining free 2 MiB blocks, as pinned THPs (THP allowed again for the faults:
+    # step 1's PR_SET_THP_DISABLE would make every one of them fall back to 4 KiB)
     kpf = os.open("/proc/kpageflags", os.O_RDONLY)
     floor_kb = int(args.get("floor_mib", 1024)) * 1024
+    check(libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0), "THP_ENABLE")
     thps, fallbacks = take_free_blocks(pins, pm_fd, kpf, max_thp, floor_kb)
     check(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0), "THP_DISABLE")
     info.update({"thp_taken": thps, "thp_fallbacks": fallbacks,

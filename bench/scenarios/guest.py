@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -74,21 +75,39 @@ def guest_files(log=print) -> tuple[Path, Path]:
     return Path(kernels[-1]), initrd
 
 
-class Guest:
-    """One qemu-system-x86_64 under TCG with `mib` of RAM, anonymous or a memfd backend.
+BACKENDS = ("anon", "memfd", "shmfile")
+SHM_ROOT = "/dev/shm"
 
-    Killed (SIGKILL to its process group) by close(), whatever happened."""
+
+class Guest:
+    """One qemu-system-x86_64 under TCG with `mib` of RAM: `backend` anon (QEMU's own anonymous
+    mapping), memfd (`-object memory-backend-memfd`: shared memory, mapped by QEMU 7.2 at a 4
+    KiB-aligned address) or shmfile (`-object memory-backend-file` with `share=on,align=2M`
+    and mem-path a directory of our own under /dev/shm: QEMU creates its file there and
+    unlinks it at once, so it is shared memory with the memfd's rules, shmem_anon_vm_ops,
+    mapped 2 MiB-aligned).
+
+    Killed (SIGKILL to its process group) by close(), whatever happened; close() also removes
+    the /dev/shm directory (QEMU's file is gone with QEMU's last reference to it)."""
 
     def __init__(self, name: str, mib: int, kernel: Path, initrd: Path, workdir: str,
-                 memfd: bool = False, cpu: int | None = None) -> None:
-        self.name, self.mib, self.memfd = name, mib, memfd
+                 backend: str = "anon", cpu: int | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: one of {BACKENDS}")
+        self.name, self.mib, self.backend = name, mib, backend
+        self.shm_dir: str | None = None
         self.console = os.path.join(workdir, f"guest-{name}.log")
         cmd = [QEMU, "-accel", "tcg", "-m", f"{mib}M", "-smp", "1", "-nographic",
                "-nodefaults", "-no-reboot", "-serial", f"file:{self.console}",
                "-kernel", str(kernel), "-initrd", str(initrd),
                "-append", "console=ttyS0 panic=-1 quiet loglevel=3 touch_margin_mib=24"]
-        if memfd:
+        if backend == "memfd":
             cmd += ["-object", f"memory-backend-memfd,id=ram,size={mib}M",
+                    "-machine", "pc,memory-backend=ram"]
+        elif backend == "shmfile":
+            self.shm_dir = tempfile.mkdtemp(prefix=f"hugepaged-vm-{name}-", dir=SHM_ROOT)
+            cmd += ["-object", f"memory-backend-file,id=ram,size={mib}M,"
+                    f"mem-path={self.shm_dir},share=on,align=2M",
                     "-machine", "pc,memory-backend=ram"]
         else:
             cmd += ["-machine", "pc"]
@@ -133,8 +152,8 @@ class Guest:
                            f"console: {self.console_text()[-800:]}")
 
     def ram_range(self) -> tuple[int, int]:
-        """The host mapping of the guest's RAM: the one VMA of exactly `mib` MiB (anonymous), or
-        the memfd's mapping."""
+        """The host mapping of the guest's RAM: the smallest VMA of at least `mib` MiB
+        (anonymous), or the memfd's or the /dev/shm file's mapping."""
         want = self.mib << 20
         best = None
         with open(f"/proc/{self.pid}/maps") as f:
@@ -142,8 +161,10 @@ class Guest:
                 parts = line.split()
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 path = parts[5] if len(parts) > 5 else ""
-                if self.memfd and "/memfd:" not in path:  # "/memfd:memory-backend-memfd"
-                    continue
+                if self.backend == "memfd" and "/memfd:" not in path:
+                    continue  # "/memfd:memory-backend-memfd"
+                if self.backend == "shmfile" and not path.startswith(self.shm_dir + "/"):
+                    continue  # "/dev/shm/hugepaged-vm-B-.../qemu_back_mem.ram.XXXXXX (deleted)"
                 if hi - lo >= want and (best is None or hi - lo < best[1] - best[0]):
                     best = (lo, hi)
         if best is None:
@@ -151,6 +172,13 @@ class Guest:
         return best
 
     def close(self) -> None:
+        try:
+            self._kill()
+        finally:
+            if self.shm_dir is not None:
+                shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+    def _kill(self) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
