@@ -118,6 +118,8 @@ def test_a_map_fixed_mmap_and_a_moving_mremap_are_seen():
         assert any(e.value == 0x32 for e in mine)  # MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED
         assert [e.value for e in got if e.what == "mremap"] == [1]  # MREMAP_MAYMOVE
         assert all(e.value & 0x10 for e in got if e.what == "mmap")  # the filter: FIXED only
+        assert all(e.start and e.length for e in mine)  # the range replaced
+        assert any(e.length == 1 << 21 for e in mine if e.value == 0x32)
     finally:
         t.close()
 

@@ -66,6 +66,12 @@ def on_syscall(members: Membership, ev: SyscallEvent, now: float) -> float | Non
         # A mapping moved (its flags go with it, to addresses a kept map gives to another) or
         # was replaced in place by one without them: the map kept for the visit is stale.
         forget_layout(slot)
+        if ev.what == "mmap" and ev.length:
+            # Memory mapped anew over windows the daemon collapsed is no split of theirs,
+            # whatever frames the kernel hands out again (daemon/churn.py tells by frames).
+            end = ev.start + ev.length
+            for address in [a for a in slot.collapsed if ev.start <= a < end]:
+                del slot.collapsed[address]
         return None
     if ev.what == "prctl" and ev.value == PR_SET_THP_DISABLE:
         # /proc shows PR_THP_DISABLE_EXCEPT_ADVISED only where THPeligible can (the kernel's

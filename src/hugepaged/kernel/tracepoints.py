@@ -206,6 +206,9 @@ class _Ring:
         os.close(self.fd)
 
 
+RANGES = {"madvise": ("start", "len_in"), "mmap": ("addr", "len")}
+
+
 class SyscallTracer:
     """madvise(MADV_HUGEPAGE), prctl(PR_SET_THP_DISABLE), a moving mremap and a MAP_FIXED
     mmap in every process, per CPU.
@@ -262,11 +265,13 @@ class SyscallTracer:
             records, lost = ring.records()
             self.lost += lost
             field = self.SOURCES[what][1]
-            ranged = what == "madvise" and {"start", "len_in"} <= ring.tp.fields.keys()
+            # The range, where the call has one: madvise's (start, len_in), mmap's (addr, len).
+            names = RANGES.get(what)
+            ranged = names is not None and set(names) <= ring.tp.fields.keys()
             flagged = what == "prctl" and "arg3" in ring.tp.fields
             for pid, tid, raw in records:
                 arg = ring.tp.field(raw, "arg2") if what == "prctl" else 0
-                start, length = (ring.tp.field(raw, "start"), ring.tp.field(raw, "len_in")) \
+                start, length = (ring.tp.field(raw, names[0]), ring.tp.field(raw, names[1])) \
                     if ranged else (0, 0)
                 flags = ring.tp.field(raw, "arg3") if flagged else 0
                 out.append(SyscallEvent(what, pid, tid, ring.tp.field(raw, field) & 0xFFFFFFFF,
