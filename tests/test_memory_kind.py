@@ -24,7 +24,7 @@ import tempfile
 import pytest
 
 from kit.daemon_runner import hugepaged_cli
-from kit.helpers import HPAGE, pmd_mapped_windows, saved_thp, smaps_vma
+from kit.helpers import HPAGE, KHUGEPAGED_PAUSED, pmd_mapped_windows, saved_thp, smaps_vma
 
 from .marks import KERNEL
 
@@ -112,7 +112,8 @@ def test_each_kind_from_what_backs_it(tmpfs):
             "memfd": ["memfd", True], "tmpfs_always": [f"{always}/seg", True],
             "tmpfs_never": [f"{never}/seg", True]}
     # The kernel's shmem modes at never, hugepaged's too: only the mounts' own huge= differ.
-    with saved_thp(enabled="madvise", shmem_enabled="never"):
+    # The kernel's khugepaged paused: it would collapse the advised private mapping itself.
+    with saved_thp(enabled="madvise", shmem_enabled="never", **KHUGEPAGED_PAUSED):
         m = Mapper(maps)
         try:
             vmas = scan_vmas(m.pid, "--set", "shmem_enabled=never")
@@ -125,7 +126,9 @@ def test_each_kind_from_what_backs_it(tmpfs):
             assert why == {"zero_private": None, "zero_shared": "SHMEM_NEVER",
                            "memfd": "SHMEM_NEVER", "tmpfs_always": None,
                            "tmpfs_never": "SHMEM_NEVER"}
-            assert vmas[m.maps["zero_private"]]["results"] == {"SUCCEED": 2}
+            # (A fault of the advised mapping may have been given a huge page already.)
+            got = vmas[m.maps["zero_private"]]["results"]
+            assert set(got) <= {"SUCCEED", "PMD_MAPPED"} and sum(got.values()) == 2, got
             eligible = {n: smaps_vma(m.pid, m.maps[n])["THPeligible"]
                         for n in ("tmpfs_always", "tmpfs_never", "zero_private")}
             assert eligible == {"tmpfs_always": "1", "tmpfs_never": "0", "zero_private": "1"}
