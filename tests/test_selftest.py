@@ -351,8 +351,12 @@ def daemon_policy() -> dict:
     """The selftest's settings as hugepaged's tunables: the khugepaged limits as the
     scenario has them now (some change them), its pace, its modes."""
     out = {k: read_knob(k) for k in ("max_ptes_none", "max_ptes_swap", "max_ptes_shared")}
+    # max_memory_pressure off: the kernel's khugepaged has no such pause, and the swap cases'
+    # own pageouts (or a test before them that thrashed) can hold PSI above the default 10%
+    # for longer than the selftest waits.
     return {**out, "enabled": "madvise", "shmem_enabled": "advise", "pages_to_scan": NR * 8,
-            "scan_sleep_millisecs": 10, "alloc_sleep_millisecs": 10, "defrag": 1}
+            "scan_sleep_millisecs": 10, "alloc_sleep_millisecs": 10, "defrag": 1,
+            "max_memory_pressure": 0}
 
 
 # ---------------------------------------------------------------------------------------------
