@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from scenarios import ROOT, write_results
+from scenarios.cpu import stat_cpu_seconds
 from scenarios.realapps import (
     BUILD,
     anon_coverage,
@@ -63,9 +64,9 @@ from scenarios.realapps import (
     parse_target_sets,
     phase,
     pin,
+    quick_or_full,
     require_root,
     rotated,
-    stat_cpu,
     summary,
     target_daemon,
     taskset,
@@ -150,11 +151,11 @@ class RedisApp:
 
     def measure(self, key: str, seconds: float) -> dict:
         r = self.copies[key]
-        c0 = stat_cpu(r.pid)
+        c0 = stat_cpu_seconds(r.pid)
         out = subprocess.run(taskset(CLIENT_CPU, [self.probe, "bench", str(r.port),
                                                   str(seconds), str(self.keys), "16"]),
                              capture_output=True, text=True, timeout=seconds + 60, check=True)
-        cpu = stat_cpu(r.pid) - c0
+        cpu = stat_cpu_seconds(r.pid) - c0
         doc = json.loads(out.stdout)
         return {"ops_per_s": doc["gets_per_s"], "ops": doc["gets"],
                 "server_cpu_s": round(cpu, 3),
@@ -219,9 +220,9 @@ class JavaApp:
 
     def measure(self, key: str, seconds: float) -> dict:
         p = self.copies[key]
-        c0 = stat_cpu(p.pid)
+        c0 = stat_cpu_seconds(p.pid)
         reply = self._ask(key, f"run {seconds}")
-        cpu = stat_cpu(p.pid) - c0
+        cpu = stat_cpu_seconds(p.pid) - c0
         rate = float(reply.split()[1])
         return {"ops_per_s": rate, "ops": rate * seconds, "server_cpu_s": round(cpu, 3),
                 "cpu_us_per_op": 1e6 * cpu / (rate * seconds) if rate else None}
@@ -351,7 +352,7 @@ def run_app(app_cls, args, sets: dict, work: str, locks: list) -> dict:
                 res["setup"]["target"]["daemon_sets"] = sets
         if "target" in keys:
             t0 = time.monotonic()
-            cpu0 = stat_cpu(daemon.pid)
+            cpu0 = stat_cpu_seconds(daemon.pid)
             for _ in range(2):  # at most two phases of waiting
                 with phase(f"{app.name}: target coverage", locks):
                     w = wait_covered([(pids["target"], app.coverage)], daemon, 0.95,
@@ -360,7 +361,7 @@ def run_app(app_cls, args, sets: dict, work: str, locks: list) -> dict:
                     break
             res["setup"]["target"]["coverage_wait"] = {
                 **w, "seconds": round(time.monotonic() - t0, 1),
-                "daemon_cpu_s": round(stat_cpu(daemon.pid) - cpu0, 2)}
+                "daemon_cpu_s": round(stat_cpu_seconds(daemon.pid) - cpu0, 2)}
             log(f"  target: {res['setup']['target']['coverage_wait']}")
         for rnd in range(args.rounds):
             order = rotated(keys, rnd)
@@ -378,7 +379,7 @@ def run_app(app_cls, args, sets: dict, work: str, locks: list) -> dict:
         if daemon is not None:
             with contextlib.suppress(Exception):
                 st = daemon.status()
-                res["daemon"] = {"cpu_s": round(stat_cpu(daemon.pid), 2),
+                res["daemon"] = {"cpu_s": round(stat_cpu_seconds(daemon.pid), 2),
                                  "counters": st.get("counters"), "tunables": st.get("tunables")}
     finally:
         if daemon is not None:
@@ -475,11 +476,9 @@ def main(argv=None) -> int:
     require_root("bench_apps.py")
     no_swap()
     q = args.quick
-    for k, quick, full in (("rounds", 2, 5), ("seconds", 3.0, 8.0), ("redis_mb", 512, 3072),
-                           ("java_mb", 512, 2560), ("pg_buffers", "256MB", "2GB"),
-                           ("pg_scale", 10, 100)):
-        if getattr(args, k) is None:
-            setattr(args, k, quick if q else full)
+    quick_or_full(args, (("rounds", 2, 5), ("seconds", 3.0, 8.0), ("redis_mb", 512, 3072),
+                        ("java_mb", 512, 2560), ("pg_buffers", "256MB", "2GB"),
+                        ("pg_scale", 10, 100)))
     bad = [a for a in args.apps.split(",") if a not in APPS]
     if bad:
         sys.exit(f"--apps: unknown {bad}; known: {sorted(APPS)}")

@@ -51,7 +51,7 @@ import tempfile
 import time
 
 from scenarios import write_results
-from scenarios.cpu import find_khugepaged
+from scenarios.cpu import find_khugepaged, stat_cpu_seconds
 from scenarios.realapps import (
     anon_coverage,
     build_c,
@@ -63,8 +63,8 @@ from scenarios.realapps import (
     parse_sets,
     parse_target_sets,
     phase,
+    quick_or_full,
     require_root,
-    stat_cpu,
     summary,
     target_daemon,
     taskset,
@@ -153,16 +153,16 @@ class Collapser:
                                         name="redis")
             self.daemon.start(timeout=60)
             self.pid = self.daemon.pid
-            self.cpu0 = stat_cpu(self.pid)
+            self.cpu0 = stat_cpu_seconds(self.pid)
         else:
             self.pid = find_khugepaged()
             if self.pid is None:
                 raise RuntimeError("no [khugepaged] thread at enabled=always")
-            self.cpu0 = stat_cpu(self.pid)
+            self.cpu0 = stat_cpu_seconds(self.pid)
             H.write_knob("scan_sleep_millisecs", self.pace[1])  # wakes the thread
 
     def cpu(self) -> float:
-        return stat_cpu(self.pid) - self.cpu0
+        return stat_cpu_seconds(self.pid) - self.cpu0
 
     def status(self) -> dict:
         if self.daemon is None:
@@ -419,10 +419,8 @@ def main(argv=None) -> int:
     require_root("bench_stall.py")
     no_swap()
     q = args.quick
-    for k, quick, full in (("rounds", 1, 3), ("redis_mb", 512, 3072), ("baseline", 5.0, 15.0),
-                           ("churn_seconds", 20.0, 120.0)):
-        if getattr(args, k) is None:
-            setattr(args, k, quick if q else full)
+    quick_or_full(args, (("rounds", 1, 3), ("redis_mb", 512, 3072), ("baseline", 5.0, 15.0),
+                        ("churn_seconds", 20.0, 120.0)))
     if q:
         args.bystander_mb = min(args.bystander_mb, 256)
     sets = parse_sets(args.set)

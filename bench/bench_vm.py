@@ -69,7 +69,7 @@ from scenarios import write_results
 from scenarios.comeback import Filler
 from scenarios.contenders import KERNEL_DEFAULTS
 from scenarios.coverage import HugeProbe
-from scenarios.cpu import find_khugepaged
+from scenarios.cpu import find_khugepaged, stat_cpu_seconds
 from scenarios.guest import BACKENDS, SHM_ROOT, Guest, guest_files, stop_and_wait_freed
 from scenarios.knobs import free_huge_blocks
 from scenarios.realapps import (
@@ -80,8 +80,8 @@ from scenarios.realapps import (
     no_swap,
     parse_sets,
     phase,
+    quick_or_full,
     require_root,
-    stat_cpu,
     summary,
     target_daemon,
 )
@@ -166,7 +166,7 @@ class VmCollapser:
 
     def cpu(self) -> float:
         try:
-            return stat_cpu(self.pid)
+            return stat_cpu_seconds(self.pid)
         except OSError:
             return 0.0
 
@@ -406,10 +406,8 @@ def main(argv=None) -> int:
     require_root("bench_vm.py")
     no_swap()
     q = args.quick
-    for k, quick, full in (("backends", "anon", "anon,shmfile"), ("b_mib", 512, 2048),
-                           ("a_mib", 768, 3072), ("limit", 40.0, 180.0)):
-        if getattr(args, k) is None:
-            setattr(args, k, quick if q else full)
+    quick_or_full(args, (("backends", "anon", "anon,shmfile"), ("b_mib", 512, 2048),
+                        ("a_mib", 768, 3072), ("limit", 40.0, 180.0)))
     bad = [c for c in args.contenders.split(",") if c not in CONTENDERS]
     if bad:
         sys.exit(f"--contenders: unknown {bad}; known: {CONTENDERS}")

@@ -24,6 +24,7 @@ from kit import helpers as H
 from kit.daemon_runner import Daemon
 
 from . import ROOT
+from .cpu import stat_cpu_seconds
 
 APPS = ROOT / "bench" / "apps"
 BUILD = Path("/var/tmp/hugepaged-bench-build")
@@ -113,15 +114,8 @@ def pin(pid: int, cpus: str | int) -> None:
                    capture_output=True)
 
 
-def stat_cpu(pid: int) -> float:
-    """utime + stime of every thread, exited ones included (/proc/PID/stat), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu(pid: int) -> float:
-    """stat_cpu of pid and its live children (PostgreSQL's backends)."""
+    """stat_cpu_seconds of pid and its live children (PostgreSQL's backends)."""
     total = 0.0
     pids = [pid]
     with contextlib.suppress(OSError):
@@ -130,7 +124,7 @@ def tree_cpu(pid: int) -> float:
                 pids += [int(x) for x in f.read().split()]
     for p in pids:
         with contextlib.suppress(OSError):
-            total += stat_cpu(p)
+            total += stat_cpu_seconds(p)
     return total
 
 
@@ -172,6 +166,14 @@ def target_daemon(workdir: str, pids: list[int], target: dict, sets: dict,
     cfg = Path(workdir) / f"target-{name}.toml"
     cfg.write_text("\n".join(lines) + "\n")
     return Daemon(pids, sets, str(cfg), workdir=workdir, log_level="info")
+
+
+def quick_or_full(args, table: tuple) -> None:
+    """Each (option, quick value, full value) of `table` not given on the command line takes
+    the value of the run's kind (`args.quick`)."""
+    for k, quick, full in table:
+        if getattr(args, k) is None:
+            setattr(args, k, quick if args.quick else full)
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

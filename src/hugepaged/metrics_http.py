@@ -17,7 +17,6 @@ asks.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import logging
 import os
@@ -28,6 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hugepaged.control.accept import ACCEPT_RETRY, accept_one
+
 log = logging.getLogger("hugepaged")
 MAX_CONNECTIONS = 128  # open at once; each costs an fd and a buffer
 BACKLOG = 128
@@ -36,7 +37,6 @@ REPLY_TIMEOUT = 10.0  # and the reply taken within this of the accept
 MAX_REQUEST = 8192  # a scrape's request is a few hundred bytes
 CACHE_SECONDS = 1.0
 NICE = 19  # the daemon's own (set_user_nice(current, 19)); a thread's nice is its own
-ACCEPT_RETRY = 0.1  # after EMFILE: let fds come back before accepting again
 # Connections accepted per second after a burst of MAX_BURST: a scraper needs one per scrape;
 # a flood waits in the kernel's backlog instead of costing the daemon most of a core (each
 # request ~0.1 ms: 8,000 a second from 3 curls took 65% of a core before this limit).
@@ -140,17 +140,11 @@ class MetricsHTTPServer:
             if self._tokens < 1:  # over the rate: the next ones wait in the backlog
                 self._pause(now + (1 - self._tokens) / MAX_RATE)
                 return
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            conn, exhausted = accept_one(self.sock)
+            if conn is None:
+                if exhausted:
                     self._pause(time.monotonic() + ACCEPT_RETRY)
-                    return
-                if err.errno == errno.ECONNABORTED:
-                    continue
-                raise
+                return
             self._tokens -= 1
             if victim is not None:  # the table is full: the oldest silent one makes room
                 self._drop(victim)

@@ -7,7 +7,6 @@ instead of taking the path over and unlinking it when it exits.
 """
 
 import contextlib
-import errno
 import grp
 import logging
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hugepaged.config import check_socket_path
+from hugepaged.control.accept import ACCEPT_RETRY, accept_one
 from hugepaged.control.protocol import MAX_MESSAGE, ProtocolError, decode_request, encode
 from hugepaged.errors import AlreadyRunning, HugepagedError, InvalidTunable, UsageError
 from hugepaged.kernel.limits import LockHeld, check_private_dir, try_lock
@@ -29,7 +29,6 @@ CLIENT_TIMEOUT = 1.0  # a request must have arrived whole this long after connec
 REPLY_TIMEOUT = 2.0  # and the reply must have been taken this long after connect
 BACKLOG = max(1024, socket.SOMAXCONN)  # bursts of clients wait in the kernel's queue
 MAX_CONNECTIONS = 64  # served at once; more stay in the backlog (each costs an fd)
-ACCEPT_RETRY = 0.1  # after EMFILE: let fds come back before accepting again
 
 
 class Controlled(Protocol):
@@ -157,17 +156,11 @@ class ControlServer:
 
     def _accept(self) -> None:
         while len(self._conns) < MAX_CONNECTIONS:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            conn, exhausted = accept_one(self.sock)
+            if conn is None:
+                if exhausted:
                     self._pause_accepting(time.monotonic() + ACCEPT_RETRY)
-                    return
-                if err.errno == errno.ECONNABORTED:
-                    continue
-                raise
+                return
             conn.setblocking(False)
             state = _Conn(conn, time.monotonic() + CLIENT_TIMEOUT)
             self._conns[conn.fileno()] = state
